@@ -1,0 +1,3 @@
+from storage_initializer.cli import main
+
+main()

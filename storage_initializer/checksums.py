@@ -1,0 +1,105 @@
+"""Checksum algorithms: computed while bytes stream, compared against what the source announced.
+
+Values are always lowercase hex in our data model, whatever the source's encoding (providers
+convert base64 MD5s and CRCs before building a :class:`RemoteFile`). The marker keeps them, so
+``storage-initializer verify`` can re-check a tree long after the download.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from collections.abc import Mapping
+from typing import Protocol
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+class _Crc32c:
+    def __init__(self) -> None:
+        import google_crc32c
+
+        self._checksum = google_crc32c.Checksum()
+
+    def update(self, data: bytes) -> None:
+        self._checksum.update(data)
+
+    def hexdigest(self) -> str:
+        return self._checksum.digest().hex()
+
+
+class _Crc64Nvme:
+    def __init__(self) -> None:
+        from awscrt import checksums  # optional: shipped with boto3[crt]
+
+        self._fn = checksums.crc64nvme
+        self._value = 0
+
+    def update(self, data: bytes) -> None:
+        self._value = self._fn(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:016x}"
+
+
+#: Preference order when a source offers several: cheapest first, all of them strong enough to
+#: catch transfer corruption.
+PREFERENCE = ("crc32c", "crc32", "md5", "sha256", "sha1", "crc64nvme")
+#: Algorithm we compute when the source gives none, so that ``verify`` can still detect rot.
+LOCAL_DEFAULT = "sha256"
+
+
+def new_hasher(algorithm: str) -> Hasher:
+    if algorithm in ("md5", "sha1", "sha256"):
+        return hashlib.new(algorithm)
+    if algorithm == "crc32":
+        return _Crc32()
+    if algorithm == "crc32c":
+        return _Crc32c()
+    if algorithm == "crc64nvme":
+        return _Crc64Nvme()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def available(algorithm: str) -> bool:
+    try:
+        new_hasher(algorithm)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def choose(checksums: Mapping[str, str]) -> str | None:
+    """The algorithm to verify with: the first of :data:`PREFERENCE` the source gave us."""
+    for algorithm in PREFERENCE:
+        if algorithm in checksums and available(algorithm):
+            return algorithm
+    return None
+
+
+def b64_to_hex(value: str) -> str:
+    return base64.b64decode(value).hex()
+
+
+def file_digest(path: str, algorithm: str, block: int = 1 << 20) -> str:
+    hasher = new_hasher(algorithm)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            hasher.update(chunk)
+    return hasher.hexdigest()

@@ -1,0 +1,80 @@
+"""The provider interface: what a storage backend must offer to the engine and the store.
+
+A provider knows one kind of URI. It lists what the URI names, as :class:`RemoteFile` items with
+relative paths, sizes and whatever checksums the backend keeps, and it streams byte ranges of
+those files. It knows nothing of locks, staging or markers (the store) and nothing of threads
+and retries (the engine): it raises :class:`~storage_initializer.errors.TransientError` for
+failures worth retrying and another :class:`~storage_initializer.errors.InitializerError` for
+the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of the model as the source describes it."""
+
+    #: Relative POSIX path inside the model directory ("config.json", "shards/00001.bin").
+    path: str
+    #: Size in bytes; ``None`` only when the source cannot tell (then no ranged/parallel reads).
+    size: int | None
+    #: Algorithm -> lowercase hex digest, as announced by the source (see checksums.PREFERENCE).
+    checksums: Mapping[str, str] = field(default_factory=dict)
+    #: What changes when the content changes: ETag, generation, LFS oid, Last-Modified.
+    version: str = ""
+    #: Provider-private reference (object key, blob name, URL); never logged.
+    handle: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: list[RemoteFile]
+    #: The version of the whole source: a commit, or a digest over the files' versions.
+    fingerprint: str
+
+
+def fingerprint_of(files: list[RemoteFile]) -> str:
+    """A stable digest of a listing: changes when any path, size or version changes."""
+    digest = hashlib.sha256()
+    for item in sorted(files, key=lambda f: f.path):
+        digest.update(f"{item.path}\0{item.size}\0{item.version}\n".encode())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+class Source(ABC):
+    """A model source for one URI."""
+
+    #: Parallel requests that suit this backend when the user does not say (--workers).
+    default_workers: ClassVar[int] = 8
+    #: Whether :meth:`read` honours ``start``/``end`` (enables chunked parallel reads and resume).
+    supports_ranges: ClassVar[bool] = True
+
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
+        self.uri = uri
+        self.settings = settings
+
+    @abstractmethod
+    def list(self) -> Listing:
+        """Everything the URI names, with paths relative to the model directory."""
+
+    @abstractmethod
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Stream bytes ``[start, end)`` of ``file`` (``end=None``: to the end)."""
+
+    def local_path(self) -> str | None:
+        """For sources already on a mounted volume: the path to link instead of copying."""
+        return None
+
+    def close(self) -> None:
+        """Release connections; called once when the pull is over."""

@@ -1,0 +1,212 @@
+"""Settings: one typed object built from flags, environment and the global config file.
+
+Precedence, highest first: command-line flag, environment variable, config file (a mounted
+ConfigMap holding the cluster-wide defaults), built-in default. The KServe entrypoint has no
+flags, so there the environment and the config file decide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from storage_initializer.errors import UsageError
+
+CONFIG_ENV = "STORAGE_INITIALIZER_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/storage-initializer/config.yaml"
+LINK_MODES = ("symlink", "hardlink", "copy")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dirs: tuple[str, ...] = ()
+    link_mode: str = "symlink"
+    read_only: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    stale_after: float = 30.0
+    lock_timeout: float = 0.0
+    workers: int = 0
+    chunk_size: int = 32 * 1024 * 1024
+    retries: int = 5
+    progress_interval: float = 10.0
+    log_format: str = "text"
+    replace: bool = False
+    revalidate: bool = False
+    #: Where each value came from (for `storage-initializer config` and debugging).
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, min(5.0, self.stale_after / 4))
+
+    @property
+    def poll_interval(self) -> float:
+        return max(0.05, min(1.0, self.stale_after / 10))
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on", "y"):
+        return True
+    if text in ("0", "false", "no", "off", "n", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    text = str(value).strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        loaded = json.loads(text)
+        if not isinstance(loaded, list):
+            raise ValueError("expected a JSON list of patterns")
+        return _patterns(loaded)
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value if str(v))
+    return tuple(p for p in str(value).replace(",", os.pathsep).split(os.pathsep) if p)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return text
+
+    return convert
+
+
+def _positive(convert: Callable[[Any], Any], allow_zero: bool = True) -> Callable[[Any], Any]:
+    def checked(value: Any) -> Any:
+        number = convert(value)
+        if number < 0 or (number == 0 and not allow_zero):
+            raise ValueError(f"must be {'≥' if allow_zero else '>'} 0, got {value!r}")
+        return number
+
+    return checked
+
+
+def _size(value: Any) -> int:
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+#: name -> (converter, environment variables in priority order)
+SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
+    "cache_dirs": (_paths, ("STORAGE_INITIALIZER_CACHE_DIR",)),
+    "link_mode": (_choice(LINK_MODES), ("STORAGE_INITIALIZER_LINK_MODE",)),
+    "read_only": (_bool, ("STORAGE_READONLY", "STORAGE_INITIALIZER_READ_ONLY")),
+    "include": (_patterns, ("STORAGE_INITIALIZER_INCLUDE", "STORAGE_ALLOW_PATTERNS")),
+    "exclude": (_patterns, ("STORAGE_INITIALIZER_EXCLUDE", "STORAGE_IGNORE_PATTERNS")),
+    "stale_after": (_positive(float, allow_zero=False), ("STORAGE_INITIALIZER_STALE_AFTER",)),
+    "lock_timeout": (_positive(float), ("STORAGE_INITIALIZER_LOCK_TIMEOUT",)),
+    "workers": (_positive(int), ("STORAGE_INITIALIZER_WORKERS",)),
+    "chunk_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_CHUNK_SIZE",)),
+    "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
+    "progress_interval": (
+        _positive(float, allow_zero=False),
+        ("STORAGE_INITIALIZER_PROGRESS_INTERVAL",),
+    ),
+    "log_format": (_choice(LOG_FORMATS), ("STORAGE_INITIALIZER_LOG_FORMAT",)),
+    "replace": (_bool, ("STORAGE_INITIALIZER_REPLACE",)),
+    "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
+}
+#: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
+ALIASES = {"cache_dir": "cache_dirs", "readonly": "read_only", "writable": "!read_only"}
+
+
+def _read_config_file(environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
+    path = environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+    explicit = CONFIG_ENV in environ and bool(environ[CONFIG_ENV])
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(
+                f"config file {path} (from {CONFIG_ENV}) does not exist",
+                "Mount the ConfigMap there or unset the variable",
+            ) from None
+        return {}, path
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml  # YAML is a superset of JSON: one parser for both
+
+            data = yaml.safe_load(text) or {}
+    except ValueError as exc:  # yaml.YAMLError derives from Exception; caught below
+        raise UsageError(f"config file {path} is not valid JSON: {exc}") from exc
+    except Exception as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option: value")
+    return data, path
+
+
+def _normalise_config(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).strip().replace("-", "_").lower()
+        key = ALIASES.get(key, key)
+        negate = key.startswith("!")
+        key = key.lstrip("!")
+        if key not in SPEC:
+            raise UsageError(
+                f"config file {path}: unknown option {raw_key!r}",
+                f"Known options: {', '.join(sorted(SPEC))}",
+            )
+        result[key] = (not _bool(value)) if negate else value
+    return result
+
+
+def load(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings; ``flags`` holds only the options given on the command line."""
+    environ = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    config, config_path = _read_config_file(environ)
+    config = _normalise_config(config, config_path)
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, (convert, env_names) in SPEC.items():
+        candidates: list[tuple[str, Any]] = []
+        if name in flags:
+            candidates.append(("flag", flags[name]))
+        candidates.extend((f"env {env}", environ[env]) for env in env_names if env in environ)
+        if name in config:
+            candidates.append((f"config {config_path}", config[name]))
+        if not candidates:
+            continue
+        origin, raw = candidates[0]
+        try:
+            values[name] = convert(raw)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"invalid value for {name} ({origin}): {exc}") from None
+        origins[name] = origin
+    settings = Settings(**values)
+    return replace(settings, origins=origins)
+
+
+def names() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name != "origins"]
