@@ -34,7 +34,9 @@ class SourceError(InitializerError):
 
 
 class NotFoundError(SourceError):
-    hint = "Check that the URI is spelled correctly and that the object, bucket or repository exists"
+    hint = (
+        "Check that the URI is spelled correctly and that the object, bucket or repository exists"
+    )
 
 
 class AccessDeniedError(SourceError):
@@ -66,4 +68,7 @@ class LeaseLostError(InitializerError):
 
 
 class LockTimeoutError(InitializerError):
-    hint = "Raise --lock-timeout, or check the replica that holds the download with `storage-initializer status`"
+    hint = (
+        "Raise --lock-timeout, or check the replica that holds the download with "
+        "`storage-initializer status`"
+    )

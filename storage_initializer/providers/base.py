@@ -76,5 +76,5 @@ class Source(ABC):
         """For sources already on a mounted volume: the path to link instead of copying."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release connections; called once when the pull is over."""

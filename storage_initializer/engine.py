@@ -1,0 +1,276 @@
+"""The transfer engine: moves bytes from a source into staging, verified, with bounded memory.
+
+Many files run in parallel and large files in concurrent ranged chunks on one bounded pool.
+Each worker streams blocks straight to the file with ``pwrite``; memory is about
+``workers × block``, whatever the model's size. Checksums are computed while bytes arrive: a
+file read in one stream is hashed block by block, a chunked file is hashed in order as soon as
+the chunks before it are complete (reading back from the page cache). Failures worth retrying
+resume the chunk at the last byte written, with exponential backoff and jitter (honouring
+Retry-After); a file whose checksum does not match is fetched once more, then reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage_initializer import checksums
+from storage_initializer.errors import InitializerError, IntegrityError, TransientError
+from storage_initializer.progress import Progress
+from storage_initializer.providers.base import RemoteFile, Source
+from storage_initializer.settings import Settings
+from storage_initializer.store.staging import Staging
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20
+RETRYABLE = (TransientError, ConnectionError, TimeoutError)
+#: Verification failures of one file that we retry from scratch before giving up.
+INTEGRITY_ATTEMPTS = 2
+
+
+class Cancelled(Exception):
+    """Another task failed, or the lease was lost: stop quietly."""
+
+
+def backoff(attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After is a floor."""
+    ceiling = min(30.0, 0.25 * (2**attempt))
+    delay = random.uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 120.0))
+    return delay
+
+
+@dataclass
+class _FileJob:
+    file: RemoteFile
+    path: Path
+    algorithm: str
+    expected: str | None
+    chunks: list[tuple[int, int | None]]
+    attempt: int = 1
+    fd: int = -1
+    hasher: checksums.Hasher | None = None
+    hashed_to: int = 0
+    finished: dict[int, int] = field(default_factory=dict)
+    remaining: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def inline_hash(self) -> bool:
+        return len(self.chunks) == 1
+
+
+class Engine:
+    def __init__(
+        self, source: Source, settings: Settings, progress: Progress, cancel: threading.Event
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.progress = progress
+        self.cancel = cancel
+        self.workers = settings.workers or source.default_workers
+        self.ranged = source.supports_ranges
+        self.results: dict[str, dict[str, str]] = {}
+        self._results_lock = threading.Lock()
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _job(self, file: RemoteFile, staging: Staging) -> _FileJob:
+        algorithm = checksums.choose(file.checksums) or checksums.LOCAL_DEFAULT
+        expected = file.checksums.get(algorithm)
+        size = file.size
+        chunk = self.settings.chunk_size
+        if size is None or not self.ranged or size <= chunk:
+            spans: list[tuple[int, int | None]] = [(0, size)]
+        else:
+            spans = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+        path = staging.data / file.path
+        return _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
+
+    def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
+        for job in jobs:
+            for start, end in job.chunks:
+                yield job, start, end
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, files: list[RemoteFile], staging: Staging) -> dict[str, dict[str, str]]:
+        """Download ``files`` into ``staging``; returns path -> verified checksums."""
+        jobs = [self._job(f, staging) for f in files]
+        queue = self._tasks(jobs)
+        in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
+        window = self.workers * 2
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="transfer") as pool:
+            try:
+                while True:
+                    while len(in_flight) < window:
+                        task = next(queue, None)
+                        if task is None:
+                            break
+                        in_flight[pool.submit(self._chunk, *task, staging)] = task
+                    if not in_flight:
+                        break
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        in_flight.pop(future)
+                        again = future.result()
+                        if again is not None:  # failed verification: fetch the file again
+                            queue = _chain(self._tasks([again]), queue)
+            except BaseException:
+                self.cancel.set()
+                for future in in_flight:
+                    future.cancel()
+                raise
+            finally:
+                for job in jobs:
+                    if job.fd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(job.fd)
+        return self.results
+
+    def _open(self, job: _FileJob) -> None:
+        with job.lock:
+            if job.fd >= 0:
+                return
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+            job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            job.hasher = checksums.new_hasher(job.algorithm)
+            job.hashed_to = 0
+            if job.file.size and not job.inline_hash:
+                os.ftruncate(job.fd, job.file.size)
+
+    def _chunk(
+        self, job: _FileJob, start: int, end: int | None, staging: Staging
+    ) -> _FileJob | None:
+        if self.cancel.is_set():
+            raise Cancelled()
+        self._open(job)
+        if end is not None and end > start:
+            self._fetch(job, start, end)
+        elif end is None:
+            self._fetch(job, start, None)
+        with job.lock:
+            job.finished[start] = job.hashed_to if end is None else end
+            if not job.inline_hash:
+                self._hash_in_order(job)
+            job.remaining -= 1
+            if job.remaining:
+                return None
+        return self._complete(job, staging)
+
+    def _fetch(self, job: _FileJob, start: int, end: int | None) -> None:
+        offset = start
+        attempt = 0
+        source = self.source
+        while True:
+            try:
+                for block in source.read(job.file, offset, end):
+                    if self.cancel.is_set():
+                        raise Cancelled()
+                    size = len(block)
+                    limit = end if end is not None else job.file.size
+                    if limit is not None and offset + size > limit:
+                        raise IntegrityError(
+                            f"{job.file.path}: the source sent more bytes than the "
+                            f"{limit} it announced"
+                        )
+                    os.pwrite(job.fd, block, offset)
+                    if job.inline_hash and job.hasher is not None:
+                        job.hasher.update(block)
+                        job.hashed_to = offset + size
+                    offset += size
+                    self.progress.transferred(size)
+                expected_end = end if end is not None else job.file.size
+                if expected_end is not None and offset < expected_end:
+                    raise TransientError(
+                        f"{job.file.path}: the connection closed after {offset} of "
+                        f"{expected_end} bytes"
+                    )
+                return
+            except RETRYABLE as exc:
+                attempt += 1
+                self.progress.retried()
+                if attempt > self.settings.retries:
+                    message = exc.describe() if isinstance(exc, InitializerError) else str(exc)
+                    raise TransientError(
+                        f"{job.file.path}: gave up after {attempt} attempts: {message}",
+                        "The source kept failing; check its health or raise "
+                        "STORAGE_INITIALIZER_RETRIES",
+                    ) from exc
+                if not self.ranged and offset > start:
+                    self.progress.rewound(offset - start)
+                    offset = start
+                    job.hasher = checksums.new_hasher(job.algorithm)
+                    job.hashed_to = 0
+                    os.ftruncate(job.fd, 0)
+                delay = backoff(attempt, getattr(exc, "retry_after", None))
+                log.info(
+                    "retrying %s at byte %d in %.1fs (attempt %d/%d): %s",
+                    job.file.path,
+                    offset,
+                    delay,
+                    attempt + 1,
+                    self.settings.retries + 1,
+                    exc,
+                )
+                if self.cancel.wait(delay):
+                    raise Cancelled() from exc
+
+    def _hash_in_order(self, job: _FileJob) -> None:
+        """Hash every chunk that is now contiguous with what was hashed (job.lock held)."""
+        assert job.hasher is not None
+        while job.hashed_to in job.finished:
+            end = job.finished.pop(job.hashed_to)
+            position = job.hashed_to
+            while position < end:
+                block = os.pread(job.fd, min(BLOCK, end - position), position)
+                if not block:
+                    break
+                job.hasher.update(block)
+                position += len(block)
+            job.hashed_to = end
+
+    def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
+        assert job.hasher is not None
+        size = os.fstat(job.fd).st_size
+        digest = job.hasher.hexdigest()
+        problem = None
+        if job.file.size is not None and size != job.file.size:
+            problem = f"size {size}, expected {job.file.size}"
+        elif job.expected is not None and digest != job.expected.lower():
+            problem = f"{job.algorithm} {digest}, expected {job.expected.lower()}"
+        if problem is None:
+            os.fsync(job.fd)
+        os.close(job.fd)
+        job.fd = -1
+        if problem is not None:
+            if job.attempt < INTEGRITY_ATTEMPTS:
+                log.warning(
+                    "%s failed verification (%s); fetching it again", job.file.path, problem
+                )
+                self.progress.rewound(size)
+                job.attempt += 1
+                job.finished.clear()
+                job.remaining = len(job.chunks)
+                return job
+            raise IntegrityError(f"{job.file.path} failed verification: {problem}")
+        verified = {job.algorithm: digest}
+        staging.record(job.file.path, size, verified)
+        with self._results_lock:
+            self.results[job.file.path] = verified
+        self.progress.file_done()
+        return None
+
+
+def _chain(first: Iterator, second: Iterator) -> Iterator:  # type: ignore[type-arg]
+    yield from first
+    yield from second

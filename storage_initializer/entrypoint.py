@@ -1,0 +1,59 @@
+"""The KServe entrypoint: ``initializer-entrypoint src_uri_0 dest_path_0 [src_uri_1 dest_path_1]``.
+
+Bit for bit KServe's contract: the usage line on stdout and exit 1 for a wrong argument count,
+every destination created, pairs processed in order, exit 0 on success and 1 on any failure, and
+a last log line that says which URI failed and why (KServe copies the log tail into the
+InferenceService status). It has no flags: settings come from the environment and the config
+file. This module imports nothing heavy, so that a replica finding its model complete starts
+at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
+
+log = logging.getLogger("storage_initializer")
+
+
+def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
+    from storage_initializer import settings as settings_mod
+    from storage_initializer.errors import InitializerError
+    from storage_initializer.pull import describe_failure, pull
+    from storage_initializer.report import setup_logging, summary
+
+    try:
+        settings = settings_mod.load(flags)
+    except InitializerError as exc:
+        setup_logging("text")
+        log.error("invalid configuration: %s", exc.describe())
+        return 1
+    setup_logging(settings.log_format)
+    for source, dest in pairs:
+        log.info("Initializing, args: src_uri [%s] dest_path [%s]", source, dest)
+        try:
+            result = pull(source, dest, settings)
+        except KeyboardInterrupt:
+            log.error("interrupted while downloading %s", source)
+            return 1
+        except Exception as exc:  # every failure ends in one explanatory line
+            log.debug("failure details", exc_info=True)
+            log.error("%s", describe_failure(source, exc))
+            return 1
+        summary(result.fields(), settings.log_format)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or len(args) % 2:
+        print(USAGE)
+        sys.exit(1)
+    pairs = [(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+    sys.exit(run_pairs(pairs))
+
+
+if __name__ == "__main__":
+    main()

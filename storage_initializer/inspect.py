@@ -1,0 +1,116 @@
+"""Reading an entry without changing it: ``status`` and ``verify``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from storage_initializer import checksums
+from storage_initializer.paths import STATE_DIR_NAME
+from storage_initializer.store import layout
+from storage_initializer.store import marker as marker_io
+
+
+def find_entry(path: Path) -> layout.Entry | None:
+    """The entry behind ``path``: the path itself (direct mode or a cache entry), or, for a
+    destination populated from a cache, the entry its links point into."""
+    path = path.absolute()
+    if (path / STATE_DIR_NAME).is_dir():
+        data = marker_io.read(layout.Entry(path, "", "direct"))
+        return layout.Entry(path, data.key if data else "", "direct")
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    for name in names:
+        item = path / name
+        if item.is_symlink():
+            root = Path(os.path.realpath(item)).parent
+            if (root / STATE_DIR_NAME).is_dir():
+                data = marker_io.read(layout.Entry(root, "", "cache"))
+                return layout.Entry(root, data.key if data else root.name, "cache")
+    return None
+
+
+def status(path: Path, stale_after: float) -> dict[str, Any]:
+    from storage_initializer.store.lease import current, process_is_dead
+
+    entry = find_entry(path)
+    if entry is None:
+        return {"path": str(path), "state": "absent"}
+    marker = marker_io.read(entry)
+    info: dict[str, Any] = {"path": str(path), "entry": str(entry.root), "mode": entry.mode}
+    if marker is not None:
+        bad = marker_io.problems(entry, marker)
+        info.update(
+            state="complete" if not bad else "damaged",
+            problems=bad,
+            source=marker.source,
+            key=marker.key,
+            fingerprint=marker.fingerprint,
+            files=len(marker.files),
+            size=marker.total_size,
+            completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(marker.completed_at)),
+            downloaded_by=marker.downloaded_by,
+            read_only=marker.read_only,
+        )
+    else:
+        info["state"] = "incomplete"
+    generation, lease = current(entry)
+    if lease is not None and not lease.get("released"):
+        age = time.time() - float(lease.get("heartbeat", 0))
+        dead = process_is_dead(
+            str(lease.get("host_id", "")), int(lease.get("pid", 0)), str(lease.get("pid_start", ""))
+        )
+        stale = dead or age > stale_after
+        info["lease"] = {
+            "generation": generation,
+            "holder": lease.get("pod") or lease.get("host"),
+            "host": lease.get("host"),
+            "pid": lease.get("pid"),
+            "phase": lease.get("phase"),
+            "heartbeat_age": round(age, 1),
+            "stale": stale,
+            "bytes_done": lease.get("bytes_done", 0),
+            "bytes_total": lease.get("bytes_total", 0),
+            "files_done": lease.get("files_done", 0),
+            "files_total": lease.get("files_total", 0),
+        }
+        if marker is None:
+            info["state"] = "stale lease" if stale else "downloading"
+    elif lease is not None:
+        info["last_outcome"] = lease.get("outcome")
+    staging = entry.staging_root
+    if staging.is_dir():
+        info["staging_areas"] = sorted(p.name for p in staging.iterdir() if p.is_dir())
+    return info
+
+
+def verify(path: Path) -> tuple[layout.Entry | None, list[str], int]:
+    """Re-hash every file against the marker: (entry, problems, files checked)."""
+    entry = find_entry(path)
+    if entry is None:
+        return None, [f"{path}: no storage-initializer entry here"], 0
+    marker = marker_io.read(entry)
+    if marker is None:
+        return entry, [f"{entry.root}: no completion marker (incomplete download?)"], 0
+    bad: list[str] = []
+    for item in marker.files:
+        full = entry.root / item.path
+        try:
+            size = full.stat().st_size
+        except OSError:
+            bad.append(f"{item.path}: missing")
+            continue
+        if size != item.size:
+            bad.append(f"{item.path}: size {size}, expected {item.size}")
+            continue
+        algorithm = checksums.choose(item.checksums)
+        if algorithm is None:
+            continue
+        digest = checksums.file_digest(str(full), algorithm)
+        if digest != item.checksums[algorithm].lower():
+            bad.append(f"{item.path}: {algorithm} {digest}, expected {item.checksums[algorithm]}")
+    return entry, bad, len(marker.files)

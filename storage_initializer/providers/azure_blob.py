@@ -1,0 +1,175 @@
+"""Azure Blob Storage: ``https://<acct>.blob.core.windows.net/<container>/<prefix>[?sas]``.
+
+Layout (the stock initializer's, with kserve#3776 fixed): a prefix that is the name of one blob
+downloads that blob under its basename; otherwise the prefix is a directory and only blobs below
+``<prefix>/`` are taken, keeping their paths relative to it (``model`` never pulls
+``model-v2/…``). An empty prefix takes the whole container. Zero-byte blobs are files too (the
+stock initializer drops them), but directory placeholders are skipped: names ending in "/" and
+the ``hdi_isfolder`` entries of accounts with a hierarchical namespace (ADLS Gen2).
+
+``AZURE_STORAGE_BLOB_ENDPOINT`` replaces the endpoint (Azurite, a private endpoint, a proxy)
+while the account, container and prefix still come from the URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from storage_initializer.errors import NotFoundError, SourceError
+from storage_initializer.providers.azure_common import (
+    check_layout,
+    client_options,
+    md5_hex,
+    parse_location,
+    safe_relative_path,
+    select_credential,
+    translate,
+)
+from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.redact import redact
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "AZURE_STORAGE_BLOB_ENDPOINT"
+
+
+def _is_folder_marker(blob: Any) -> bool:
+    """Whether a listed blob only stands for a directory (ADLS Gen2, or tools that write "a/")."""
+    metadata = getattr(blob, "metadata", None) or {}
+    if str(metadata.get("hdi_isfolder", "")).lower() == "true":
+        return True
+    return blob.name.endswith("/") and not blob.size
+
+
+class AzureBlobSource(Source):
+    """Blobs of one container below one prefix, read with ranged GETs."""
+
+    #: Blob storage serves many parallel range reads well; per-request latency dominates.
+    default_workers: ClassVar[int] = 16
+
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
+        super().__init__(uri, settings)
+        from azure.storage.blob import ContainerClient, ExponentialRetry
+
+        self.location = parse_location(uri, ENDPOINT_ENV, "container")
+        credential, mode = select_credential(self.location)
+        log.info(
+            "Azure Blob: account %s, container %s, prefix %r, endpoint %s, credentials: %s",
+            self.location.account,
+            self.location.container,
+            self.location.prefix,
+            redact(self.location.endpoint),
+            mode,
+        )
+        # One client for all threads: SDK clients are thread-safe and share a connection pool.
+        self._client = ContainerClient(
+            account_url=self.location.endpoint,
+            container_name=self.location.container,
+            credential=credential,
+            **client_options(ExponentialRetry),
+        )
+
+    def _where(self) -> str:
+        return self.uri.redacted
+
+    def list(self) -> Listing:
+        from azure.core.exceptions import AzureError
+
+        try:
+            files = self._list()
+        except AzureError as exc:
+            raise translate(exc, self._where(), self.location, reading=False) from None
+        if not files:
+            location = self.location
+            below = f"below {location.prefix!r} " if location.prefix else ""
+            raise NotFoundError(
+                redact(
+                    f"{self._where()}: no blobs {below}in container {location.container!r} "
+                    f"of account {location.account!r}"
+                ),
+                "Check the path after the container name; a directory prefix must hold at least "
+                "one blob below '<prefix>/'",
+            )
+        check_layout((item.path for item in files), self._where())
+        return Listing(files=files, fingerprint=fingerprint_of(files))
+
+    def _list(self) -> list[RemoteFile]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        prefix = self.location.prefix
+        if prefix and not self.location.directory_only:
+            # One HEAD tells a single blob from a directory without listing siblings such as
+            # "model-v2/…", and works where only read (not list) is allowed.
+            try:
+                properties = self._client.get_blob_client(prefix).get_blob_properties()
+            except ResourceNotFoundError:
+                properties = None
+            if properties is not None and not _is_folder_marker(properties):
+                properties.name = prefix
+                return [self._remote(properties, posixpath.basename(prefix))]
+        directory = f"{prefix}/" if prefix else ""
+        files = []
+        for blob in self._client.list_blobs(
+            name_starts_with=directory or None, include=["metadata"]
+        ):
+            if _is_folder_marker(blob):
+                continue
+            path = safe_relative_path(blob.name[len(directory) :], "blob")
+            files.append(self._remote(blob, path))
+        return files
+
+    def _remote(self, blob: Any, path: str) -> RemoteFile:
+        tier = str(getattr(blob, "blob_tier", "") or "")
+        if tier.lower() == "archive":
+            raise SourceError(
+                redact(f"{self._where()}: blob {blob.name!r} is in the Archive tier"),
+                "Rehydrate it to the Hot or Cool tier first; archived blobs cannot be read",
+            )
+        md5 = md5_hex(getattr(blob.content_settings, "content_md5", None))
+        return RemoteFile(
+            path=path,
+            size=int(blob.size or 0),
+            checksums={"md5": md5} if md5 else {},
+            # Listings give 0x…, HEAD gives "0x…": one form, or the fingerprint would flap.
+            version=str(blob.etag or "").strip('"'),
+            handle=blob.name,
+        )
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import AzureError
+
+        if (end is not None and end <= start) or file.size == 0:
+            return
+        length = None if end is None else end - start
+        conditions: dict[str, Any] = {}
+        if file.version:
+            # Every range from the same blob version, or a clear error instead of mixed bytes.
+            conditions = {
+                "etag": f'"{file.version}"',
+                "match_condition": MatchConditions.IfNotModified,
+            }
+        what = f"{self._where()} (blob {file.handle!r})"
+        try:
+            downloader = self._client.download_blob(
+                file.handle,
+                offset=start,
+                length=length,
+                max_concurrency=1,  # the engine runs ranges in parallel; one stream per range
+                decompress=False,  # bytes as stored, so sizes and Content-MD5 match
+                retry_total=0,  # the engine retries (and resumes) ranges itself
+                **conditions,
+            )
+            yield from downloader.chunks()
+        except AzureError as exc:
+            raise translate(exc, redact(what), self.location, reading=True) from None
+
+    def close(self) -> None:
+        self._client.close()

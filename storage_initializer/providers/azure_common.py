@@ -1,0 +1,321 @@
+"""What Azure Blob and Azure File share sources have in common: URI parts, credentials, the HTTP
+pipeline, path rules and the translation of SDK exceptions into our errors.
+
+The credential order and the environment variables are the stock KServe initializer's, so a pod
+spec written for it keeps working: a SAS token in the URI, then a service principal or workload
+identity (``AZURE_CLIENT_ID`` …, with the legacy ``AZ_*`` names copied over) through
+``DefaultAzureCredential``, then the account key ``AZURE_STORAGE_ACCESS_KEY``, then anonymous.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from storage_initializer.errors import (
+    AccessDeniedError,
+    InitializerError,
+    NotFoundError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.redact import redact, register_secret
+from storage_initializer.uri import SourceUri
+
+log = logging.getLogger(__name__)
+
+#: Legacy names the stock initializer accepts; copied to the names azure-identity reads.
+LEGACY_ENV = ("CLIENT_ID", "TENANT_ID", "CLIENT_SECRET", "SUBSCRIPTION_ID")
+#: Size of one GET inside a range. The SDK buffers one such piece per request, so with N workers
+#: the SDK holds at most N x this in memory, whatever the engine's chunk size.
+GET_PIECE = 4 * 1024 * 1024
+#: Connection pool per client: enough for the engine's workers plus listing.
+POOL_SIZE = 64
+CONNECT_TIMEOUT = 20
+READ_TIMEOUT = 120
+#: Error codes that mean "try again later" even when the status is not 5xx/429.
+TRANSIENT_CODES = frozenset(
+    {"ServerBusy", "OperationTimedOut", "InternalError", "ServiceUnavailable", "IncrementalCopy"}
+)
+
+
+_URL_IN_MESSAGE = re.compile(r"url: \S+")
+
+
+@dataclass(frozen=True)
+class AzureLocation:
+    """The parts of an Azure storage URI."""
+
+    account: str
+    #: Container (blob) or share (file).
+    container: str
+    #: Blob-name prefix or directory path, without leading or trailing slashes, URL-decoded.
+    prefix: str
+    #: Whether the URI ended with "/": then the prefix can only be a directory.
+    directory_only: bool
+    #: The SAS query string (without "?"), or "" when the URI carries none.
+    sas: str
+    #: Where requests go: ``https://<host>`` or the override from the environment.
+    endpoint: str
+    #: Whether ``endpoint`` came from the environment (named in error messages).
+    endpoint_overridden: bool
+
+
+def parse_location(uri: SourceUri, endpoint_env: str, what: str) -> AzureLocation:
+    """Split ``https://<acct>.<host>/<container>/<prefix>[?sas]`` and register the SAS as secret.
+
+    The path is URL-decoded: ``my%20model`` names the blob ``my model``, as a browser would read
+    it (the stock initializer passes the escaped text through, which never matches).
+    """
+    parts = urlsplit(uri.raw)
+    host = parts.netloc.rpartition("@")[2]
+    account = host.split(".", 1)[0]
+    segments = parts.path.lstrip("/").split("/", 1)
+    container = unquote(segments[0])
+    if not container:
+        raise UsageError(
+            f"{uri.redacted} names no {what}",
+            f"Write it as https://{host}/<{what}>/<path>",
+        )
+    raw_prefix = unquote(segments[1]) if len(segments) > 1 else ""
+    prefix = raw_prefix.strip("/")
+    sas = parts.query
+    if sas:
+        register_sas(sas)
+    override = os.environ.get(endpoint_env, "").strip()
+    endpoint = override.replace("{account}", account).rstrip("/") if override else f"https://{host}"
+    return AzureLocation(
+        account=account,
+        container=container,
+        prefix=prefix,
+        directory_only=bool(prefix) and raw_prefix.endswith("/"),
+        sas=sas,
+        endpoint=endpoint,
+        endpoint_overridden=bool(override),
+    )
+
+
+def register_sas(sas: str) -> None:
+    """Mask a SAS token wherever it may show up: whole, and its signature in both encodings."""
+    register_secret(sas)
+    register_secret(unquote(sas))
+    for key, value in parse_qsl(sas, keep_blank_values=True):
+        if key == "sig":
+            register_secret(value)
+            register_secret(quote(value, safe=""))
+
+
+def copy_legacy_env() -> None:
+    """Copy ``AZ_CLIENT_ID`` & co. to ``AZURE_*`` where those are unset (azure-identity reads
+    only the latter). Unlike the stock initializer we never overwrite a value the user set."""
+    for name in LEGACY_ENV:
+        legacy = os.environ.get(f"AZ_{name}")
+        if legacy and not os.environ.get(f"AZURE_{name}"):
+            os.environ[f"AZURE_{name}"] = legacy
+
+
+def select_credential(location: AzureLocation) -> tuple[Any, str]:
+    """The credential for a client and a name for the log: ``(credential, mode)``.
+
+    Order: SAS in the URI; service principal / workload identity when ``AZURE_CLIENT_ID`` is set
+    (after copying the legacy names); account key; anonymous.
+    """
+    if location.sas:
+        return location.sas, "SAS token from the URI"
+    copy_legacy_env()
+    if os.environ.get("AZURE_CLIENT_ID"):
+        register_secret(os.environ.get("AZURE_CLIENT_SECRET"))
+        from azure.identity import DefaultAzureCredential
+
+        return DefaultAzureCredential(), "DefaultAzureCredential (AZURE_CLIENT_ID)"
+    key = os.environ.get("AZURE_STORAGE_ACCESS_KEY")
+    if key:
+        register_secret(key)
+        return (
+            {"account_name": location.account, "account_key": key},
+            "account key (AZURE_STORAGE_ACCESS_KEY)",
+        )
+    return None, "anonymous (no SAS, AZURE_CLIENT_ID or AZURE_STORAGE_ACCESS_KEY)"
+
+
+def client_options(retry_class: Any) -> dict[str, Any]:
+    """Keyword arguments for every SDK client: our transport, timeouts, TLS trust, retries.
+
+    The SDK's own retries are kept short (the engine retries byte ranges itself, and a pod that
+    cannot reach its endpoint should say so in seconds, not after the SDK's minutes of backoff).
+    """
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
+    from storage_initializer.tls import combined_bundle
+
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    options: dict[str, Any] = {
+        "transport": RequestsTransport(
+            session=session,
+            session_owner=True,
+            connection_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+        ),
+        "retry_policy": retry_class(
+            initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=1
+        ),
+        "max_single_get_size": GET_PIECE,
+        "max_chunk_get_size": GET_PIECE,
+        "connection_timeout": CONNECT_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+    }
+    bundle = combined_bundle()
+    if bundle:
+        options["connection_verify"] = bundle
+    return options
+
+
+def safe_relative_path(name: str, what: str) -> str:
+    """A path relative to the model directory, or SourceError if it could escape it.
+
+    Empty segments are dropped ("a//b" is "a/b"); "." and ".." are refused rather than guessed at.
+    """
+    segments = [segment for segment in name.split("/") if segment]
+    if not segments or any(segment in (".", "..") for segment in segments):
+        raise SourceError(
+            f"{what} {redact(name)!r} cannot be stored as a file below the model directory",
+            "Rename the object: its name must not be empty or contain '.' or '..' segments",
+        )
+    return "/".join(segments)
+
+
+def check_layout(paths: Iterable[str], where: str) -> None:
+    """Refuse listings that no directory can hold: one path twice, or a file that is also a
+    directory ("a" and "a/b", possible in flat blob namespaces)."""
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            raise SourceError(f"{where}: two objects map to the same file {path!r}")
+        seen.add(path)
+    for path in seen:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in seen:
+                raise SourceError(
+                    f"{where}: {parent!r} is both a file and a directory",
+                    "Remove or rename one of them, or point the URI at a narrower prefix",
+                )
+            parent = parent.rpartition("/")[0]
+
+
+def md5_hex(value: Any) -> str | None:
+    """Content-MD5 as the SDK returns it (bytearray, bytes or base64 text) to lowercase hex."""
+    if not value:
+        return None
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        import base64
+
+        try:
+            data = base64.b64decode(str(value), validate=True)
+        except ValueError:
+            return None
+    return data.hex() if len(data) == 16 else None
+
+
+def _status(exc: Any) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if status is None and getattr(exc, "response", None) is not None:
+        status = getattr(exc.response, "status_code", None)
+    return status
+
+
+def _retry_after(exc: Any) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate(
+    exc: BaseException, what: str, location: AzureLocation, *, reading: bool
+) -> InitializerError:
+    """Our error for an SDK exception. ``what`` is already redacted and names the object.
+
+    ``reading``: whether this happened while streaming data (after a successful listing). Then an
+    unreachable endpoint is a blip worth retrying; during listing it is a configuration error.
+    """
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        IncompleteReadError,
+        ResourceExistsError,
+        ResourceModifiedError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    if isinstance(exc, InitializerError):
+        return exc
+    status = _status(exc)
+    code = getattr(exc, "error_code", None) or ""
+    detail = f"HTTP {status} {code}".strip() if status else type(exc).__name__
+    if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+        return AccessDeniedError(
+            redact(f"{what}: access denied ({detail})"),
+            "Check the SAS token (permissions r and l, expiry), AZURE_STORAGE_ACCESS_KEY, or the "
+            "role assignment (Storage Blob Data Reader / Storage File Data Privileged Reader) of "
+            "AZURE_CLIENT_ID",
+        )
+    if isinstance(exc, ResourceNotFoundError) or status == 404:
+        return NotFoundError(redact(f"{what}: not found ({detail})"))
+    if isinstance(exc, ResourceModifiedError) or status == 412:
+        return SourceError(
+            redact(f"{what}: the object changed while it was being downloaded ({detail})"),
+            "Run again once the upload to the source is complete",
+        )
+    if isinstance(exc, ServiceRequestError):
+        endpoint = location.endpoint + (
+            " (from the endpoint override)" if location.endpoint_overridden else ""
+        )
+        message = redact(f"{what}: cannot reach {endpoint}: {_short(exc)}")
+        if reading:
+            return TransientError(message)
+        return SourceError(
+            message,
+            "Check the network policy, DNS or private endpoint, and AZURE_STORAGE_BLOB_ENDPOINT / "
+            "AZURE_STORAGE_FILE_ENDPOINT if set",
+        )
+    if isinstance(exc, ServiceResponseError | IncompleteReadError):
+        return TransientError(redact(f"{what}: connection failed mid-response: {_short(exc)}"))
+    if isinstance(exc, HttpResponseError):
+        if status is None or status >= 500 or status in (408, 429) or code in TRANSIENT_CODES:
+            return TransientError(
+                redact(f"{what}: the service is busy or failing ({detail})"),
+                retry_after=_retry_after(exc),
+            )
+        if isinstance(exc, ResourceExistsError) or status in (400, 409, 416):
+            return SourceError(redact(f"{what}: request refused ({detail})"))
+        return SourceError(redact(f"{what}: request failed ({detail})"))
+    if isinstance(exc, OSError | TimeoutError):
+        return TransientError(redact(f"{what}: {_short(exc)}"))
+    return SourceError(redact(f"{what}: {type(exc).__name__}: {_short(exc)}"))
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an SDK message, redacted: the rest repeats headers and XML bodies."""
+    text = str(exc).strip().splitlines()
+    if not text:
+        return type(exc).__name__
+    # requests names the full request URL (query included) in connection errors: drop it.
+    return redact(_URL_IN_MESSAGE.sub("url: …", text[0])[:300])

@@ -1,0 +1,225 @@
+"""Plain ``http(s)://`` URLs: one file, streamed with ranged requests when the server allows.
+
+Extra request headers come from the environment variable ``<hostname>-headers`` (a JSON object),
+as in the stock initializer; their values are secrets and are redacted. A fragment such as
+``#sha256=<hex>`` (or ``md5=``) pins the file's checksum. Archives (.zip, .tar, .tar.gz, .tgz)
+are extracted by the pipeline. An HTML page where a model was expected (a login page, a wrong
+link) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import requests
+
+from storage_initializer import tls
+from storage_initializer.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.providers.base import Listing, RemoteFile, Source
+from storage_initializer.redact import register_secret
+
+BLOCK = 1 << 20
+TIMEOUT = (15, 60)
+PIN_RE = re.compile(r"^(sha256|md5|sha1)[=:]([0-9a-fA-F]+)$")
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def raise_for_status(response: requests.Response, what: str) -> None:
+    """Turn an HTTP error status into the error a user can act on."""
+    code = response.status_code
+    if code < 400:
+        return
+    if code in (401, 403):
+        raise AccessDeniedError(
+            f"{what}: the server answered {code} {response.reason}",
+            "Provide credentials with the <hostname>-headers environment variable, or check them",
+        )
+    if code in (404, 410):
+        raise NotFoundError(f"{what}: the server answered {code} {response.reason}")
+    if code == 429 or code >= 500:
+        raise TransientError(
+            f"{what}: the server answered {code} {response.reason}",
+            retry_after=_retry_after(response),
+        )
+    raise SourceError(f"{what}: the server answered {code} {response.reason}")
+
+
+class HttpSource(Source):
+    default_workers: ClassVar[int] = 8
+
+    def __init__(self, uri: Any, settings: Any) -> None:
+        super().__init__(uri, settings)
+        parts = urlsplit(uri.raw)
+        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+        self.name = posixpath.basename(unquote(parts.path))
+        if not self.name:
+            raise UsageError(
+                f"{uri.redacted} names no file",
+                "Point the URI at a file (a model file or an archive such as model.tar.gz)",
+            )
+        self.pin: dict[str, str] = {}
+        if parts.fragment:
+            match = PIN_RE.match(parts.fragment)
+            if not match:
+                raise UsageError(
+                    f"{uri.redacted}: unknown fragment #{parts.fragment}",
+                    "Use #sha256=<hex> (or #md5=<hex>) to pin the file's checksum",
+                )
+            self.pin[match.group(1).lower()] = match.group(2).lower()
+        self.headers = self._headers(parts.hostname or "")
+        self.headers["Accept-Encoding"] = "identity"
+        self.verify = tls.requests_verify()
+        self._local = threading.local()
+        self.supports_ranges = False  # decided by list()
+
+    def _headers(self, host: str) -> dict[str, str]:
+        raw = os.environ.get(f"{host}-headers")
+        if not raw:
+            return {}
+        try:
+            headers = json.loads(raw)
+        except ValueError:
+            raise UsageError(f"the environment variable {host}-headers is not valid JSON") from None
+        if not isinstance(headers, dict):
+            raise UsageError(f"the environment variable {host}-headers must be a JSON object")
+        for value in headers.values():
+            register_secret(str(value))
+        return {str(k): str(v) for k, v in headers.items()}
+
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update(self.headers)
+            session.verify = self.verify
+            self._local.session = session
+        return session
+
+    def _request(self, method: str, headers: dict[str, str] | None = None) -> requests.Response:
+        what = self.uri.redacted
+        try:
+            return self.session.request(
+                method,
+                self.url,
+                headers=headers,
+                stream=True,
+                timeout=TIMEOUT,
+                allow_redirects=True,
+            )
+        except requests.exceptions.SSLError as exc:
+            raise SourceError(
+                f"{what}: TLS verification failed ({_reason(exc)})",
+                "Trust the server's CA with the global CA bundle (CA_BUNDLE_CONFIGMAP_NAME) or "
+                "REQUESTS_CA_BUNDLE",
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            if _is_refused_or_dns(exc):
+                raise SourceError(
+                    f"{what}: cannot connect to {urlsplit(self.url).netloc} ({_reason(exc)})",
+                    "Check the host name, the port and the network policy of the namespace",
+                ) from None
+            raise TransientError(f"{what}: connection failed ({_reason(exc)})") from None
+        except requests.exceptions.Timeout:
+            raise TransientError(f"{what}: the server did not answer in time") from None
+        except requests.exceptions.RequestException as exc:
+            raise SourceError(f"{what}: request failed ({_reason(exc)})") from None
+
+    def list(self) -> Listing:
+        response = self._request("HEAD")
+        if response.status_code in (405, 501):
+            response.close()
+            response = self._request("GET")
+        with response:
+            raise_for_status(response, self.uri.redacted)
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type in HTML_TYPES and not self.name.lower().endswith((".html", ".htm")):
+                raise SourceError(
+                    f"{self.uri.redacted} returned an HTML page instead of a model file",
+                    "The URL may lead to a login or error page; check it, and the "
+                    "<hostname>-headers credentials",
+                )
+            length = response.headers.get("Content-Length")
+            encoded = response.headers.get("Content-Encoding", "identity") not in ("identity", "")
+            size = int(length) if length and length.isdigit() and not encoded else None
+            self.supports_ranges = (
+                size is not None and response.headers.get("Accept-Ranges", "") == "bytes"
+            )
+            version = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+        file = RemoteFile(self.name, size, dict(self.pin), version, self.url)
+        fingerprint = f"{version}:{size}" if version else f"unversioned:{size}"
+        return Listing([file], fingerprint)
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        headers = {}
+        if start or (end is not None and end != file.size):
+            if not self.supports_ranges:
+                raise SourceError(f"{self.uri.redacted}: the server does not support ranges")
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        response = self._request("GET", headers)
+        with response:
+            raise_for_status(response, self.uri.redacted)
+            if headers and response.status_code != 206:
+                raise TransientError(f"{self.uri.redacted}: the server ignored a range request")
+            try:
+                while True:
+                    block = response.raw.read(BLOCK, decode_content=False)
+                    if not block:
+                        return
+                    yield block
+            except (requests.exceptions.RequestException, OSError, _protocol_errors()) as exc:
+                raise TransientError(
+                    f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
+                ) from None
+
+
+def _protocol_errors() -> tuple[type[BaseException], ...]:
+    import urllib3.exceptions
+
+    return (urllib3.exceptions.HTTPError,)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    for inner in (getattr(exc, "args", None) or [])[:1]:
+        reason = getattr(inner, "reason", None)
+        if reason is not None:
+            text = str(reason)
+    return text.split(": ", 1)[-1][:200] if len(text) > 200 else text
+
+
+def _is_refused_or_dns(exc: BaseException) -> bool:
+    text = repr(exc)
+    return any(
+        marker in text
+        for marker in (
+            "Connection refused",
+            "Name or service not known",
+            "NameResolutionError",
+            "nodename nor servname",
+            "No route to host",
+            "Errno 111",
+            "Errno -2",
+        )
+    )

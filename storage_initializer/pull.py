@@ -1,0 +1,581 @@
+"""One pull: source URI → destination directory, downloaded at most once per shared volume.
+
+1. Fast path, no lock, no cloud SDK import: a valid marker for this source → done.
+2. Otherwise wait for, or claim, the entry's lease (store.lease). Waiters log the holder's
+   progress and re-check the marker.
+3. The holder lists the source, downloads into private staging (resuming a dead owner's),
+   extracts a single archive, verifies, commits (marker last) and releases the lease.
+4. In cache mode the destination is then populated from the entry (store.links).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from storage_initializer import __version__
+from storage_initializer.errors import (
+    DestinationError,
+    InitializerError,
+    LockTimeoutError,
+    NotFoundError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.paths import safe_relpath, selected
+from storage_initializer.settings import Settings
+from storage_initializer.store import layout
+from storage_initializer.store import marker as marker_io
+from storage_initializer.uri import SourceUri, parse
+
+if TYPE_CHECKING:
+    from storage_initializer.providers.base import RemoteFile
+    from storage_initializer.store.lease import Lease, Owner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    source: str
+    dest: str
+    outcome: str
+    bytes_from_origin: int = 0
+    bytes_reused: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    key: str = ""
+    fingerprint: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def entry_for(uri: SourceUri, dest: Path, settings: Settings) -> layout.Entry:
+    key = uri.key(settings.include, settings.exclude)
+    if settings.cache_dirs:
+        return layout.cached(Path(settings.cache_dirs[0]).absolute(), key)
+    return layout.direct(dest, key)
+
+
+def _prepare_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DestinationError(
+            f"cannot create the {what} {path}: {exc.strerror}",
+            "Check that the volume is mounted and writable by this UID",
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DestinationError(
+            f"the {what} {path} is not writable by UID {os.getuid()}",
+            "Mount it writable, or set the pod's fsGroup so this UID may write",
+        )
+
+
+def _valid(entry: layout.Entry, marker: marker_io.Marker | None) -> bool:
+    return marker is not None and marker.key == entry.key and not marker_io.problems(entry, marker)
+
+
+def _finish(entry: layout.Entry, dest: Path, marker: marker_io.Marker, settings: Settings) -> None:
+    if entry.mode == "cache":
+        from storage_initializer.store import links
+        from storage_initializer.store.commit import top_level
+
+        _prepare_dir(dest, "destination")
+        links.populate(
+            entry,
+            dest,
+            top_level([f.path for f in marker.files]),
+            settings.link_mode,
+            settings.replace,
+        )
+
+
+def pull(source: str, dest: str | Path, settings: Settings) -> Result:
+    started = time.monotonic()
+    uri = parse(source)
+    dest = Path(dest).absolute()
+    if uri.kind == "model-mount":
+        _prepare_dir(dest, "destination")
+        log.info("%s is the model mount directory: nothing to download", uri.redacted)
+        return Result(uri.redacted, str(dest), "no-op")
+    if uri.kind == "pvc":
+        return _link_pvc(uri, dest, settings, started)
+    entry = entry_for(uri, dest, settings)
+    if entry.mode == "direct":
+        _prepare_dir(dest, "destination")
+    else:
+        _prepare_dir(entry.root, "cache entry")
+    current = marker_io.read(entry)
+    if _valid(entry, current) and not settings.revalidate:
+        assert current is not None
+        _finish(entry, dest, current, settings)
+        return Result(
+            uri.redacted,
+            str(dest),
+            "complete",
+            0,
+            current.total_size,
+            len(current.files),
+            time.monotonic() - started,
+            entry.key,
+            current.fingerprint,
+        )
+    return _locked_pull(uri, entry, dest, settings, started)
+
+
+# -- waiting for, or claiming, the lease -------------------------------------------------------
+
+
+def _try_flock(flock: Any, timeout: float) -> tuple[bool, bool]:
+    """(held, usable). A filesystem without working flock leaves only the lease in charge."""
+    from filelock import Timeout
+
+    try:
+        flock.acquire(timeout=timeout, poll_interval=min(0.05, timeout))
+        return True, True
+    except Timeout:
+        return False, True
+    except (OSError, NotImplementedError) as exc:
+        log.debug("file lock unavailable on this filesystem (%s); relying on the lease", exc)
+        return False, False
+
+
+def _describe_holder(data: dict[str, Any] | None) -> str:
+    if not data:
+        return "another replica"
+    return f"{data.get('pod') or data.get('host')} (pid {data.get('pid')})"
+
+
+def _locked_pull(
+    uri: SourceUri, entry: layout.Entry, dest: Path, settings: Settings, started: float
+) -> Result:
+    from filelock import FileLock
+
+    from storage_initializer.report import describe_progress
+    from storage_initializer.store.lease import Observer, Owner, current, try_claim
+
+    layout.ensure_state_dir(entry)
+    owner = Owner.this_process()
+    observer = Observer(settings.stale_after)
+    flock = FileLock(str(entry.lock), mode=0o666)
+    flock_held, flock_usable = False, True
+    waited = False
+    free_since: float | None = None
+    last_report = 0.0
+    poll = settings.poll_interval
+    try:
+        while True:
+            existing = marker_io.read(entry)
+            if _valid(entry, existing) and not (settings.revalidate and not waited):
+                assert existing is not None
+                _finish(entry, dest, existing, settings)
+                return Result(
+                    uri.redacted,
+                    str(dest),
+                    "waited" if waited else "complete",
+                    0,
+                    existing.total_size,
+                    len(existing.files),
+                    time.monotonic() - started,
+                    entry.key,
+                    existing.fingerprint,
+                )
+            if not flock_held and flock_usable:
+                flock_held, flock_usable = _try_flock(flock, poll)
+                # Timing out on the flock means another replica was at work.
+                waited = waited or (flock_usable and not flock_held)
+            generation, data = current(entry)
+            state = observer.classify(generation, data)
+            now = time.monotonic()
+            if state == "free" and not flock_held and flock_usable:
+                # Someone local holds the flock and is about to lease, or its flock is stuck.
+                free_since = free_since or now
+                proceed = now - free_since > settings.stale_after
+            else:
+                free_since = None
+                proceed = state == "stale" or (state == "free")
+            if proceed:
+                if state == "stale":
+                    log.warning(
+                        "the download lease of %s held by %s is stale; taking over",
+                        entry.root,
+                        _describe_holder(data),
+                    )
+                lease = try_claim(
+                    entry, owner, generation, {"source": uri.redacted, "phase": "starting"}
+                )
+                if lease is not None:
+                    return _as_holder(uri, entry, dest, settings, started, lease, waited, owner)
+                continue
+            waited = True
+            if now - last_report >= settings.progress_interval:
+                last_report = now
+                progress = describe_progress(data or {})
+                log.info(
+                    "waiting for %s to finish downloading %s: %s, phase %s",
+                    _describe_holder(data),
+                    uri.redacted,
+                    progress,
+                    (data or {}).get("phase", "?"),
+                )
+            if settings.lock_timeout and now - started > settings.lock_timeout:
+                raise LockTimeoutError(
+                    f"gave up after {settings.lock_timeout:g}s waiting for "
+                    f"{_describe_holder(data)} to finish downloading {uri.redacted}"
+                )
+            if flock_held or not flock_usable:
+                time.sleep(poll)
+    finally:
+        if flock_held:
+            with contextlib.suppress(Exception):
+                flock.release()
+
+
+# -- the holder --------------------------------------------------------------------------------
+
+
+def _select(uri: SourceUri, files: list[RemoteFile], settings: Settings) -> list[RemoteFile]:
+    from dataclasses import replace
+
+    chosen: list[RemoteFile] = []
+    seen: dict[str, str] = {}
+    for item in files:
+        path = safe_relpath(item.path, "file")
+        if not selected(path, settings.include, settings.exclude):
+            continue
+        if path.lower() in seen:
+            raise UsageError(
+                f"{uri.redacted} holds two files that map to {path!r}",
+                "Rename one of them at the source",
+            )
+        seen[path.lower()] = path
+        chosen.append(replace(item, path=path) if path != item.path else item)
+    dirs = {p.rsplit("/", 1)[0] for p in seen.values() if "/" in p}
+    prefixes = {d.split("/")[0] for d in dirs} | {d for d in dirs}
+    clash = [p for p in seen.values() if p in prefixes]
+    if clash:
+        raise UsageError(f"{uri.redacted}: {clash[0]!r} is both a file and a directory")
+    if not chosen:
+        filters = ""
+        if settings.include or settings.exclude:
+            filters = (
+                f" after the filters include={list(settings.include)}"
+                f" exclude={list(settings.exclude)}"
+            )
+        raise NotFoundError(f"nothing to download from {uri.redacted}{filters}")
+    return chosen
+
+
+def _check_destination(
+    uri: SourceUri, entry: layout.Entry, existing: marker_io.Marker | None, settings: Settings
+) -> None:
+    from storage_initializer.store.commit import describe_foreign, is_ours
+
+    names = [n for n in entry.model_items() if n != "lost+found"]
+    if not names or settings.replace:
+        return
+    if existing is not None and existing.key != entry.key:
+        raise DestinationError(
+            f"{entry.root} holds a model from {existing.source}, not {uri.redacted}",
+            "Use another destination, or pass --replace (STORAGE_INITIALIZER_REPLACE=true) to "
+            "replace it",
+        )
+    if not is_ours(entry, names, existing):
+        raise DestinationError(
+            describe_foreign(entry, names),
+            "Use an empty destination, or pass --replace (STORAGE_INITIALIZER_REPLACE=true)",
+        )
+
+
+def _as_holder(
+    uri: SourceUri,
+    entry: layout.Entry,
+    dest: Path,
+    settings: Settings,
+    started: float,
+    lease: Lease,
+    waited: bool,
+    owner: Owner,
+) -> Result:
+    from storage_initializer.progress import Progress
+
+    progress = Progress()
+    lease.start_heartbeat(settings.heartbeat_interval, progress.snapshot)
+    outcome = "failed"
+    staging = None
+    try:
+        result, staging = _download(uri, entry, dest, settings, lease, progress, owner)
+        outcome = result.outcome
+        result.seconds = time.monotonic() - started
+        if waited and result.outcome == "complete":
+            result.outcome = "waited"
+        return result
+    except BaseException as exc:
+        keep = isinstance(exc, TransientError | KeyboardInterrupt) or lease.lost.is_set()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            keep = False
+        if staging is not None and not keep:
+            with contextlib.suppress(OSError):
+                staging.discard()
+        raise
+    finally:
+        lease.release(outcome)
+
+
+def _download(
+    uri: SourceUri,
+    entry: layout.Entry,
+    dest: Path,
+    settings: Settings,
+    lease: Lease,
+    progress: Any,
+    owner: Owner,
+) -> tuple[Result, Any]:
+    from storage_initializer import storage_config, tls
+    from storage_initializer.engine import Engine
+    from storage_initializer.providers import open_source
+    from storage_initializer.report import ProgressReporter
+    from storage_initializer.store.commit import commit, recover_interrupted
+    from storage_initializer.store.staging import Staging
+
+    existing = marker_io.read(entry)
+    if _valid(entry, existing) and not settings.revalidate:
+        assert existing is not None
+        _finish(entry, dest, existing, settings)
+        return Result(
+            uri.redacted,
+            str(dest),
+            "complete",
+            0,
+            existing.total_size,
+            len(existing.files),
+            0.0,
+            entry.key,
+            existing.fingerprint,
+        ), None
+    storage_config.apply()
+    tls.configure_process()
+    source = open_source(uri, settings)
+    try:
+        progress.phase = "listing"
+        lease.update(phase="listing")
+        log.info("listing %s", uri.redacted)
+        listing = source.list()
+        files = _select(uri, listing.files, settings)
+        if (
+            settings.revalidate
+            and _valid(entry, existing)
+            and existing is not None
+            and existing.fingerprint == listing.fingerprint
+        ):
+            log.info("%s has not changed since it was downloaded", uri.redacted)
+            _finish(entry, dest, existing, settings)
+            return Result(
+                uri.redacted,
+                str(dest),
+                "complete",
+                0,
+                existing.total_size,
+                len(existing.files),
+                0.0,
+                entry.key,
+                existing.fingerprint,
+            ), None
+        _check_destination(uri, entry, existing, settings)
+        total = sum(f.size or 0 for f in files)
+        progress.set_totals(len(files), total)
+        staging = Staging.prepare(entry, owner.id, entry.key, listing.fingerprint)
+        recover_interrupted(entry, staging)
+        todo = _reuse_staged(files, staging, progress)
+        results = {r.path: r.checksums for r in staging.verified().values()}
+        log.info(
+            "downloading %s: %d files, %s%s",
+            uri.redacted,
+            len(files),
+            _human(total),
+            f" ({len(files) - len(todo)} already staged)" if len(todo) < len(files) else "",
+        )
+        progress.phase = "transfer"
+        lease.update(phase="transfer")
+        engine = Engine(source, settings, progress, _cancel_on_loss(lease))
+        with ProgressReporter(uri.redacted, settings.progress_interval, progress.snapshot):
+            results.update(engine.run(todo, staging))
+    finally:
+        source.close()
+    final = [
+        marker_io.MarkerFile(
+            f.path,
+            int(f.size if f.size is not None else (staging.data / f.path).stat().st_size),
+            dict(results[f.path]),
+        )
+        for f in files
+    ]
+    if len(files) == 1 and _is_archive(files[0].path):
+        progress.phase = "extract"
+        lease.update(phase="extract")
+        final = _extract_single(staging, files[0].path)
+    progress.phase = "commit"
+    lease.update(phase="commit")
+    lease.ensure_held()
+    new_marker = marker_io.Marker(
+        key=entry.key,
+        source=uri.redacted,
+        fingerprint=listing.fingerprint,
+        files=final,
+        include=list(settings.include),
+        exclude=list(settings.exclude),
+        downloaded_by={"host": owner.host, "pod": owner.pod, "pid": owner.pid},
+        read_only=settings.read_only,
+        tool_version=__version__,
+    )
+    commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
+    _finish(entry, dest, new_marker, settings)
+    snap = progress.snapshot()
+    log.info("committed %s into %s", uri.redacted, entry.root)
+    return Result(
+        uri.redacted,
+        str(dest),
+        "downloaded",
+        snap["bytes_from_origin"],
+        snap["bytes_reused"],
+        len(final),
+        0.0,
+        entry.key,
+        listing.fingerprint,
+    ), staging
+
+
+def _cancel_on_loss(lease: Lease) -> Any:
+    """The engine stops when the lease is lost; its own failures must not look like a loss."""
+    import threading
+
+    cancel = threading.Event()
+    original = lease.lost.set
+
+    def lost_and_cancel() -> None:
+        original()
+        cancel.set()
+
+    lease.lost.set = lost_and_cancel  # type: ignore[method-assign]
+    if lease.lost.is_set():
+        cancel.set()
+    return cancel
+
+
+def _reuse_staged(files: list[RemoteFile], staging: Any, progress: Any) -> list[RemoteFile]:
+    verified = staging.verified()
+    todo = []
+    for item in files:
+        record = verified.get(item.path)
+        staged = staging.data / item.path
+        ok = (
+            record is not None
+            and (item.size is None or record.size == item.size)
+            and staged.is_file()
+            and staged.stat().st_size == record.size
+            and all(item.checksums.get(a, v) == v for a, v in record.checksums.items())
+        )
+        if ok:
+            assert record is not None
+            progress.reused(record.size)
+        else:
+            if record is not None:
+                staging.forget(item.path)
+            todo.append(item)
+    return todo
+
+
+def _is_archive(path: str) -> bool:
+    from storage_initializer.archive import is_archive
+
+    return is_archive(path)
+
+
+def _extract_single(staging: Any, name: str) -> list[marker_io.MarkerFile]:
+    from storage_initializer.archive import extract
+
+    log.info("extracting %s", name)
+    target = staging.dir / "extracted"
+    if target.exists():
+        from storage_initializer.store.fsutil import remove_tree
+
+        remove_tree(target)
+    extracted = extract(staging.data / name, target)
+    old = staging.dir / "archive-data"
+    os.rename(staging.data, old)
+    os.rename(target, staging.data)
+    shutil.rmtree(old, ignore_errors=True)
+    return [marker_io.MarkerFile(e.path, e.size, {"sha256": e.sha256}) for e in extracted]
+
+
+def _human(count: int) -> str:
+    from storage_initializer.report import human_bytes
+
+    return human_bytes(count)
+
+
+# -- legacy PVC sources ------------------------------------------------------------------------
+
+
+def _link_pvc(uri: SourceUri, dest: Path, settings: Settings, started: float) -> Result:
+    """``/mnt/pvc/...``: the model is already on a mounted volume; link it, as KServe does."""
+    source = Path(uri.raw)
+    if not source.exists():
+        raise NotFoundError(
+            f"cannot locate source {uri.redacted} on the PVC",
+            "Check the PVC name and the path inside it (pvc://<claim>/<path>)",
+        )
+    _prepare_dir(dest, "destination")
+    names = [source.name] if source.is_file() else sorted(os.listdir(source))
+    base = source.parent if source.is_file() else source
+    linked = 0
+    for name in names:
+        if not selected(name, settings.include, settings.exclude):
+            continue
+        target = dest / name
+        if target.is_symlink() and os.readlink(target) == str(base / name):
+            linked += 1
+            continue
+        if target.exists() or target.is_symlink():
+            if not settings.replace:
+                raise DestinationError(
+                    f"{target} already exists", "Use an empty destination, or pass --replace"
+                )
+            from storage_initializer.store.fsutil import remove_path
+
+            remove_path(target)
+        os.symlink(base / name, target)
+        linked += 1
+    if not linked:
+        raise NotFoundError(f"no model found in {uri.redacted}")
+    return Result(
+        uri.redacted, str(dest), "linked", files=linked, seconds=time.monotonic() - started
+    )
+
+
+def describe_failure(uri_text: str, exc: BaseException) -> str:
+    """The last log line of a failed pull: which URI, what went wrong, what to do."""
+    from storage_initializer.redact import redact, redact_url
+
+    shown = redact_url(uri_text)
+    if isinstance(exc, InitializerError):
+        detail = exc.describe()
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        detail = (
+            f"the volume is full ({exc.filename or 'destination'}): "
+            "free space or use a larger volume"
+        )
+    elif isinstance(exc, OSError):
+        detail = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+    else:
+        detail = f"unexpected {type(exc).__name__}: {exc}"
+    return redact(f"failed to download {shown}: {detail}")
