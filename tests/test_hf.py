@@ -383,6 +383,18 @@ def test_server_errors_on_read_are_transient_with_retry_after(
     src.close()
 
 
+@pytest.mark.parametrize("ranged", [False, True])
+def test_short_body_is_transient(hub: Hub, hf_env: dict[str, str], ranged: bool) -> None:
+    src = source("hf://acme/tiny:v1")
+    weights = next(f for f in src.list().files if f.path == "model.safetensors")
+    assert weights.size is not None
+    hub.server.truncate("/cdn/", after=100_000)
+    with pytest.raises(TransientError) as caught:
+        b"".join(src.read(weights, 0, weights.size) if ranged else src.read(weights))
+    assert "hf://acme/tiny:v1" in str(caught.value)
+    src.close()
+
+
 def test_listing_retries_transient_hub_errors(hub: Hub, hf_env: dict[str, str]) -> None:
     hub.server.inject("/revision/", 429, headers={"Retry-After": "0"})
     hub.server.inject("/tree/", 502, headers={"Retry-After": "0"})
@@ -518,6 +530,24 @@ def _tree(root: Path) -> dict[str, bytes]:
 @needs_pull
 def test_cli_pull(hub: Hub, hf_env: dict[str, str], tmp_path: Path) -> None:
     dest = tmp_path / "model"
+    command = [sys.executable, "-m", "storage_initializer", "pull", "hf://acme/tiny:v1", str(dest)]
+    env = {**os.environ, **hf_env, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert _tree(dest) == contents(V1_FILES)
+    # A replica that finds the model complete asks the Hub nothing.
+    hub.server.reset_counts()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert hub.server.requests() == []
+
+
+@needs_pull
+def test_cli_pull_resumes_a_cut_download(hub: Hub, hf_env: dict[str, str], tmp_path: Path) -> None:
+    """A body cut short is retried from the last byte received, with a Range request."""
+    dest = tmp_path / "model"
+    hub.server.reset_counts()
+    hub.server.truncate("/cdn/", after=1_500_000)
     result = subprocess.run(
         [sys.executable, "-m", "storage_initializer", "pull", "hf://acme/tiny:v1", str(dest)],
         env={**os.environ, **hf_env, "PYTHONPATH": str(REPO_ROOT)},
@@ -527,6 +557,8 @@ def test_cli_pull(hub: Hub, hf_env: dict[str, str], tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert _tree(dest) == contents(V1_FILES)
+    resumed = [r for path, r in hub.server.ranges if path.startswith("/cdn/")]
+    assert any(not r.startswith("bytes=0-") for r in resumed), hub.server.ranges
 
 
 @needs_pull

@@ -272,7 +272,7 @@ class Lease:
     def update(self, **changes: Any) -> None:
         """Publish a phase change right away (waiters show it)."""
         with contextlib.suppress(OSError):
-            self._write(**changes)
+            self._write(**{**self._progress(), **changes})
 
     def release(self, outcome: str) -> None:
         self._stop.set()

@@ -25,7 +25,8 @@ Endpoints (``{kind}`` is ``models``, ``datasets`` or ``spaces``; revisions are U
 Access: a private repo answers 401 (``X-Error-Code: RepoNotFound``) without a token, as the Hub
 does, 404 with a valid token of an account without access, and an unknown token gets 401
 ``Invalid credentials in Authorization header``. Errors carry ``X-Error-Code``/``X-Error-Message``
-as the Hub's do. Faults can be injected (:meth:`HubServer.inject`) and every request is counted
+as the Hub's do. Faults can be injected (:meth:`HubServer.inject`, bodies cut short with
+:meth:`HubServer.truncate`) and every request is counted
 (:meth:`HubServer.count`), thread-safely, for the download-once tests.
 """
 
@@ -131,6 +132,8 @@ class Fault:
     count: int
     headers: dict[str, str]
     method: str | None
+    #: Instead of an error: send the headers of the full answer, then only this many bytes.
+    truncate_after: int | None = None
 
 
 class _Error(Exception):
@@ -150,6 +153,8 @@ class HubServer:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._faults: list[Fault] = []
         self.cdn_authorization_seen = 0
+        #: (path, Range header) of every ranged download, in arrival order.
+        self.ranges: list[tuple[str, str]] = []
         self._httpd = ThreadingHTTPServer((host, 0), self._handler_class())
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
@@ -189,6 +194,11 @@ class HubServer:
         with self._lock:
             self._faults.append(Fault(match, status, count, dict(headers or {}), method))
 
+    def truncate(self, match: str, after: int, count: int = 1) -> None:
+        """Cut the body of the next ``count`` matching downloads after ``after`` bytes."""
+        with self._lock:
+            self._faults.append(Fault(match, 200, count, {}, "GET", truncate_after=after))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -211,6 +221,7 @@ class HubServer:
         with self._lock:
             self._counts.clear()
             self.cdn_authorization_seen = 0
+            self.ranges.clear()
 
     def _record(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -289,6 +300,12 @@ class HubServer:
             def _dispatch(self, head: bool) -> None:
                 parts = urlsplit(self.path)
                 fault = server._record(self.command, parts.path)
+                self.truncate_after = None
+                if fault is not None and fault.truncate_after is not None:
+                    self.truncate_after, fault = fault.truncate_after, None
+                if self.headers.get("Range") and self.command == "GET":
+                    with server._lock:
+                        server.ranges.append((parts.path, self.headers["Range"]))
                 try:
                     if fault is not None:
                         raise _Error(fault.status, "", "injected fault")
@@ -470,6 +487,9 @@ class HubServer:
                     self.send_header(key, value)
                 self.end_headers()
                 if not head:
+                    if self.truncate_after is not None:
+                        end = min(end, start + self.truncate_after)
+                        self.close_connection = True  # the client sees a short body
                     self.wfile.write(data[start:end])
 
         return Handler

@@ -155,7 +155,9 @@ def start_moto(attempts: int = 3) -> S3Server:
         endpoint = f"http://127.0.0.1:{port}"
         server = S3Server(endpoint, process)
         try:
-            wait_until_http_ready(endpoint + "/moto-api/", process, time.monotonic() + STARTUP_DEADLINE)
+            wait_until_http_ready(
+                endpoint + "/moto-api/", process, time.monotonic() + STARTUP_DEADLINE
+            )
         except RuntimeError as exc:
             error = exc
             server.stop()
