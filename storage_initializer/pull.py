@@ -168,7 +168,8 @@ def _locked_pull(
     observer = Observer(settings.stale_after)
     flock = FileLock(str(entry.lock), mode=0o666)
     flock_held, flock_usable = False, True
-    waited = False
+    # The fast path found no complete model: if one appears now, another replica made it.
+    waited = not settings.revalidate
     free_since: float | None = None
     last_report = 0.0
     poll = settings.poll_interval
@@ -191,8 +192,6 @@ def _locked_pull(
                 )
             if not flock_held and flock_usable:
                 flock_held, flock_usable = _try_flock(flock, poll)
-                # Timing out on the flock means another replica was at work.
-                waited = waited or (flock_usable and not flock_held)
             generation, data = current(entry)
             state = observer.classify(generation, data)
             now = time.monotonic()

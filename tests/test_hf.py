@@ -13,7 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -423,8 +423,10 @@ def test_unreachable_endpoint_is_transient(
 # -- environment --------------------------------------------------------------------------------
 
 
-def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}
+def _run(code: str, env: Mapping[str, str | None]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter; ``None`` in ``env`` unsets a variable."""
+    merged = {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}
+    full = {name: value for name, value in merged.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=60
     )
@@ -443,6 +445,29 @@ def test_env_set_before_the_process_starts(hub: Hub, hf_env: dict[str, str]) -> 
     result = _run(code, hf_env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == hub.v1
+
+
+def test_token_file_of_hf_home_is_used(hub: Hub, hf_env: dict[str, str], tmp_path: Path) -> None:
+    """Without HF_TOKEN, huggingface_hub's token file (`hf auth login`) is used, unless
+    HF_HUB_DISABLE_IMPLICIT_TOKEN forbids it."""
+    home = tmp_path / "login-home"
+    home.mkdir()
+    (home / "token").write_text(PRIVATE_TOKEN + "\n")
+    env: dict[str, str | None] = {**hf_env, "HF_HOME": str(home)}
+    env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = None
+    code = (
+        "from storage_initializer import uri\n"
+        "from storage_initializer.providers import open_source\n"
+        "from storage_initializer.settings import Settings\n"
+        "print(open_source(uri.parse('hf://acme/private'), Settings()).list().fingerprint)\n"
+    )
+    allowed = _run(code, env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.strip() == hub.private
+    refused = _run(code, {**env, "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"})
+    assert refused.returncode != 0
+    assert "AccessDeniedError" in refused.stderr
+    assert PRIVATE_TOKEN not in refused.stderr
 
 
 def test_hf_home_moves_to_tmp_when_home_is_not_writable(tmp_path: Path) -> None:
@@ -547,7 +572,9 @@ def test_cli_pull_resumes_a_cut_download(hub: Hub, hf_env: dict[str, str], tmp_p
     """A body cut short is retried from the last byte received, with a Range request."""
     dest = tmp_path / "model"
     hub.server.reset_counts()
-    hub.server.truncate("/cdn/", after=1_500_000)
+    weights = V1_FILES["model.safetensors"]
+    assert isinstance(weights, HubFile)
+    hub.server.truncate(f"/cdn/{weights.sha256}", after=1_500_000)
     result = subprocess.run(
         [sys.executable, "-m", "storage_initializer", "pull", "hf://acme/tiny:v1", str(dest)],
         env={**os.environ, **hf_env, "PYTHONPATH": str(REPO_ROOT)},
@@ -557,8 +584,8 @@ def test_cli_pull_resumes_a_cut_download(hub: Hub, hf_env: dict[str, str], tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert _tree(dest) == contents(V1_FILES)
-    resumed = [r for path, r in hub.server.ranges if path.startswith("/cdn/")]
-    assert any(not r.startswith("bytes=0-") for r in resumed), hub.server.ranges
+    resumed = [r for path, r in hub.server.ranges if path == f"/cdn/{weights.sha256}"]
+    assert any(not r.startswith("bytes=0-") for r in resumed), resumed
 
 
 @needs_pull

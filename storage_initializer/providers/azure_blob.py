@@ -60,6 +60,7 @@ class AzureBlobSource(Source):
 
         self.location = parse_location(uri, ENDPOINT_ENV, "container")
         credential, mode = select_credential(self.location)
+        self.credential_mode = mode
         log.info(
             "Azure Blob: account %s, container %s, prefix %r, endpoint %s, credentials: %s",
             self.location.account,
@@ -85,7 +86,9 @@ class AzureBlobSource(Source):
         try:
             files = self._list()
         except AzureError as exc:
-            raise translate(exc, self._where(), self.location, reading=False) from None
+            raise translate(
+                exc, self._where(), self.location, reading=False, credentials=self.credential_mode
+            ) from None
         if not files:
             location = self.location
             below = f"below {location.prefix!r} " if location.prefix else ""
@@ -169,7 +172,9 @@ class AzureBlobSource(Source):
             )
             yield from downloader.chunks()
         except AzureError as exc:
-            raise translate(exc, redact(what), self.location, reading=True) from None
+            raise translate(
+                exc, redact(what), self.location, reading=True, credentials=self.credential_mode
+            ) from None
 
     def close(self) -> None:
         self._client.close()

@@ -247,12 +247,18 @@ def _retry_after(exc: Any) -> float | None:
 
 
 def translate(
-    exc: BaseException, what: str, location: AzureLocation, *, reading: bool
+    exc: BaseException,
+    what: str,
+    location: AzureLocation,
+    *,
+    reading: bool,
+    credentials: str = "",
 ) -> InitializerError:
     """Our error for an SDK exception. ``what`` is already redacted and names the object.
 
     ``reading``: whether this happened while streaming data (after a successful listing). Then an
     unreachable endpoint is a blip worth retrying; during listing it is a configuration error.
+    ``credentials`` names the credential mode, so an access error says what was tried.
     """
     from azure.core.exceptions import (
         ClientAuthenticationError,
@@ -269,10 +275,12 @@ def translate(
         return exc
     status = _status(exc)
     code = getattr(exc, "error_code", None) or ""
+    code = str(getattr(code, "value", code))  # the SDK gives StorageErrorCode enums or text
     detail = f"HTTP {status} {code}".strip() if status else type(exc).__name__
     if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+        using = f" with {credentials}" if credentials else ""
         return AccessDeniedError(
-            redact(f"{what}: access denied ({detail})"),
+            redact(f"{what}: access denied ({detail}){using}"),
             "Check the SAS token (permissions r and l, expiry), AZURE_STORAGE_ACCESS_KEY, or the "
             "role assignment (Storage Blob Data Reader / Storage File Data Privileged Reader) of "
             "AZURE_CLIENT_ID",

@@ -55,6 +55,7 @@ class AzureFileSource(Source):
 
         self.location = parse_location(uri, ENDPOINT_ENV, "share")
         credential, mode = select_credential(self.location)
+        self.credential_mode = mode
         extra: dict[str, Any] = {}
         if hasattr(credential, "get_token"):
             extra["token_intent"] = "backup"  # required by Azure Files for OAuth tokens
@@ -80,7 +81,13 @@ class AzureFileSource(Source):
         try:
             files = self._list()
         except AzureError as exc:
-            raise translate(exc, self.uri.redacted, self.location, reading=False) from None
+            raise translate(
+                exc,
+                self.uri.redacted,
+                self.location,
+                reading=False,
+                credentials=self.credential_mode,
+            ) from None
         if not files:
             location = self.location
             below = f"below {location.prefix!r} " if location.prefix else ""
@@ -154,7 +161,9 @@ class AzureFileSource(Source):
             )
             yield from downloader.chunks()
         except AzureError as exc:
-            raise translate(exc, what, self.location, reading=True) from None
+            raise translate(
+                exc, what, self.location, reading=True, credentials=self.credential_mode
+            ) from None
 
     def close(self) -> None:
         self._share.close()

@@ -128,7 +128,7 @@ def parse_hf_uri(raw: str, redacted: str) -> HubRef:
     if not rest.lower().startswith("hf://"):
         raise UsageError(f"{redacted} is not an hf:// URI")
     rest = rest[len("hf://") :].split("?", 1)[0].split("#", 1)[0]
-    parts = [part for part in rest.split("/")]
+    parts = rest.split("/")
     repo_type = "model"
     if parts and parts[0] in REPO_TYPES and len(parts) >= 3:
         repo_type = REPO_TYPES[parts.pop(0)]

@@ -92,7 +92,8 @@ class FileShareServer:
         self._sas.add(sig)
         from urllib.parse import quote
 
-        return f"sv={API_VERSION}&ss=f&srt=sco&sp=rl&se=2099-01-01T00%3A00%3A00Z&sig={quote(sig, safe='')}"
+        expiry = "2099-01-01T00%3A00%3A00Z"
+        return f"sv={API_VERSION}&ss=f&srt=sco&sp=rl&se={expiry}&sig={quote(sig, safe='')}"
 
     def count(self, method: str, path_contains: str = "") -> int:
         with self._lock:
@@ -242,7 +243,7 @@ class FileShareServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 return
 
             def _respond(self) -> None:

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -82,8 +83,8 @@ class Azurite:
     def service(self):  # -> azure.storage.blob.BlobServiceClient
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient(self.endpoint, credential={"account_name": ACCOUNT,
-                                                             "account_key": ACCOUNT_KEY})  # fmt: skip
+        credential = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
+        return BlobServiceClient(self.endpoint, credential=credential)
 
     def uri(self, container: str, prefix: str = "", sas: str | None = None) -> str:
         """The public-looking URI a user would write; requests go to Azurite through env()."""
@@ -111,6 +112,7 @@ class Azurite:
         content_md5: bool = True,
         public: bool = False,
         create: bool = True,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Create ``container`` and upload ``{blob name: bytes}``, with or without Content-MD5."""
         from azure.core.exceptions import ResourceExistsError
@@ -119,14 +121,16 @@ class Azurite:
         service = self.service()
         client = service.get_container_client(container)
         if create:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 client.create_container(public_access="container" if public else None)
-            except ResourceExistsError:
-                pass
         for name, data in files.items():
             if content_md5:
                 settings = ContentSettings(content_md5=bytearray(hashlib.md5(data).digest()))
-                client.upload_blob(name, data, overwrite=True, content_settings=settings)
+                client.upload_blob(
+                    name, data, overwrite=True, content_settings=settings, metadata=metadata
+                )
+            elif not data:
+                client.get_blob_client(name).commit_block_list([])
             else:
                 # Put Blob makes the service compute an MD5; a block list (how large blobs are
                 # uploaded) leaves Content-MD5 unset, which is the case to test.
@@ -176,18 +180,23 @@ def start_azurite(location: str) -> Azurite:
     last_error: Exception | None = None
     for _attempt in range(3):  # a free port can be taken between probing and binding
         port = free_port()
+        # A file, not a pipe: nobody reads Azurite's output during the session.
+        log = open(os.path.join(location, f"azurite-{port}.log"), "wb")  # noqa: SIM115
         process = subprocess.Popen(
             [str(launcher), "--blobHost", "127.0.0.1", "--blobPort", str(port),
              "--location", location, "--silent", "--skipApiVersionCheck", "--loose"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
         )  # fmt: skip
         try:
             _wait_ready(process, port, time.monotonic() + START_TIMEOUT)
         except RuntimeError as exc:
             stop(process)
-            last_error = exc
+            log.close()
+            with open(log.name, errors="replace") as handle:
+                last_error = RuntimeError(f"{exc}; log: {handle.read()[-2000:]}")
             continue
+        log.close()  # the child keeps its own descriptor
         return Azurite(port, process, location)
     raise RuntimeError(f"could not start Azurite: {last_error}")
 
@@ -200,13 +209,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if process.stderr:
-        process.stderr.close()
 
 
-@pytest.fixture(scope="session")
-def azurite() -> Iterator[Azurite]:
-    """A real Azurite blob service for the whole session on a free loopback port."""
+def serve() -> Iterator[Azurite]:
+    """Generator behind the fixture (``yield from serve()`` in a test module's own fixture)."""
     location = tempfile.mkdtemp(prefix="azurite-")
     server = start_azurite(location)
     try:
@@ -214,3 +220,9 @@ def azurite() -> Iterator[Azurite]:
     finally:
         stop(server.process)
         shutil.rmtree(location, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """A real Azurite blob service for the whole session on a free loopback port."""
+    yield from serve()
