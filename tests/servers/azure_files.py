@@ -62,6 +62,8 @@ class FileShareServer:
         self.md5: dict[tuple[str, str], bool] = {}
         self.page_size = page_size
         self.requests: list[tuple[str, str]] = []
+        #: path from the share root -> bytes sent in file bodies (to prove a download happened once)
+        self.bytes_served: dict[str, int] = {}
         self._sas: set[str] = set()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -225,6 +227,9 @@ class FileShareServer:
             if has_md5:
                 headers["Content-MD5"] = md5
             headers["Content-Length"] = str(len(data))
+            if handler.command == "GET":
+                with self._lock:
+                    self.bytes_served[path] = self.bytes_served.get(path, 0) + len(data)
             return 200, headers, data
         first_text, _, last_text = spec.removeprefix("bytes=").partition("-")
         first = int(first_text)
@@ -234,6 +239,8 @@ class FileShareServer:
         if has_md5:
             headers["x-ms-content-md5"] = md5  # whole-file MD5 on ranged reads
         headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+        with self._lock:
+            self.bytes_served[path] = self.bytes_served.get(path, 0) + last - first + 1
         headers["Content-Length"] = str(last - first + 1)
         return 206, headers, data[first : last + 1]
 
