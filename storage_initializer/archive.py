@@ -199,7 +199,7 @@ def _extract_zip(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracte
             elif stat.S_ISLNK(mode):
                 link_target = zf.read(info).decode("utf-8", "replace")
                 links.append((rel, _inside(out_dir, rel, link_target), False))
-            elif mode and not stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # many zips set no type bits
                 raise UnsafePathError(f"archive member {rel!r} is a special file")
             else:
                 with zf.open(info) as stream:

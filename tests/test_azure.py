@@ -36,6 +36,7 @@ from storage_initializer.errors import (
     NotFoundError,
     SourceError,
     TransientError,
+    UsageError,
 )
 from storage_initializer.providers import azure_common, open_source
 from storage_initializer.providers.azure_blob import AzureBlobSource
@@ -312,7 +313,7 @@ def test_bad_account_key_is_access_denied(
     azure_env: azurite_server.Azurite, models: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AZURE_STORAGE_ACCESS_KEY", azure_env.key[:-8] + "AAAAAAA=")
-    with pytest.raises(AccessDeniedError, match="AuthorizationFailure|AuthenticationFailed"):
+    with pytest.raises(AccessDeniedError, match=r"AuthorizationFailure|AuthenticationFailed"):
         blob_source(azure_env.uri(models, "model")).list()
 
 
@@ -576,6 +577,9 @@ def test_file_share_identity_uses_the_backup_token_intent(
     """The SDK refuses a token credential without token_intent; building the source proves we
     pass it (no token is requested until the first call)."""
     monkeypatch.setenv("AZURE_CLIENT_ID", "client")
+    with pytest.raises(UsageError, match="https"):  # the SDK sends tokens over TLS only
+        file_source("share/m")
+    monkeypatch.setenv("AZURE_STORAGE_FILE_ENDPOINT", f"https://127.0.0.1:{free_port()}/acct")
     source = file_source("share/m")
     assert "DefaultAzureCredential" in source.credential_mode
 
@@ -592,7 +596,7 @@ def test_file_share_errors(files_server: FileShareServer, monkeypatch: pytest.Mo
     assert not isinstance(caught.value, TransientError)
 
 
-# -- end to end: python -m storage_initializer pull -------------------------------------------------
+# -- end to end: python -m storage_initializer pull ----------------------------------------------
 def _pull(uri: str, dest: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in AZURE_ENV}
     full_env.update(env)

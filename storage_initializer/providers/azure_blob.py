@@ -22,6 +22,7 @@ from storage_initializer.errors import NotFoundError, SourceError
 from storage_initializer.providers.azure_common import (
     check_layout,
     client_options,
+    client_refused,
     md5_hex,
     parse_location,
     safe_relative_path,
@@ -70,12 +71,15 @@ class AzureBlobSource(Source):
             mode,
         )
         # One client for all threads: SDK clients are thread-safe and share a connection pool.
-        self._client = ContainerClient(
-            account_url=self.location.endpoint,
-            container_name=self.location.container,
-            credential=credential,
-            **client_options(ExponentialRetry),
-        )
+        try:
+            self._client = ContainerClient(
+                account_url=self.location.endpoint,
+                container_name=self.location.container,
+                credential=credential,
+                **client_options(ExponentialRetry),
+            )
+        except ValueError as exc:  # the SDK validates endpoint and credential together
+            raise client_refused(exc, uri.redacted, self.location, mode) from None
 
     def _where(self) -> str:
         return self.uri.redacted

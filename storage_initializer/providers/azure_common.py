@@ -180,6 +180,15 @@ def client_options(retry_class: Any) -> dict[str, Any]:
     return options
 
 
+def client_refused(exc: ValueError, where: str, location: AzureLocation, mode: str) -> UsageError:
+    """The SDK refuses some combinations before any request, e.g. a token over plain HTTP."""
+    return UsageError(
+        redact(f"{where}: cannot use endpoint {location.endpoint} with {mode}: {exc}"),
+        "Token credentials (AZURE_CLIENT_ID) need an https:// endpoint; check the endpoint "
+        "override variables, or use a SAS token or AZURE_STORAGE_ACCESS_KEY",
+    )
+
+
 def safe_relative_path(name: str, what: str) -> str:
     """A path relative to the model directory, or SourceError if it could escape it.
 

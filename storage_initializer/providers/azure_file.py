@@ -6,8 +6,8 @@ the whole share. The listing API gives names and sizes only, so each file's prop
 (one HEAD per file, a few at a time) for its Content-MD5 and ETag.
 
 Credentials: SAS in the URI, then ``AZURE_CLIENT_ID`` & co. through DefaultAzureCredential (with
-the "backup" token intent Azure Files requires for OAuth), then ``AZURE_STORAGE_ACCESS_KEY``,
-then anonymous (which Azure Files refuses; the error then says which credential to set).
+the "backup" token intent Azure Files requires for OAuth), then ``AZURE_STORAGE_ACCESS_KEY``.
+Azure Files has no anonymous access; without credentials we fail at once saying what to set.
 ``AZURE_STORAGE_FILE_ENDPOINT`` replaces the endpoint while account, share and path still come
 from the URI.
 """
@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from storage_initializer.errors import NotFoundError
+from storage_initializer.errors import AccessDeniedError, NotFoundError
 from storage_initializer.providers.azure_common import (
     check_layout,
     client_options,
+    client_refused,
     md5_hex,
     parse_location,
     safe_relative_path,
@@ -56,6 +57,14 @@ class AzureFileSource(Source):
         self.location = parse_location(uri, ENDPOINT_ENV, "share")
         credential, mode = select_credential(self.location)
         self.credential_mode = mode
+        if credential is None:
+            # The SDK refuses to build an unauthenticated client: say what to set instead.
+            raise AccessDeniedError(
+                f"{uri.redacted}: Azure file shares cannot be read anonymously, and no "
+                "credentials were found",
+                "Add a SAS token to the URI, or set AZURE_STORAGE_ACCESS_KEY, or AZURE_CLIENT_ID "
+                "(with AZURE_TENANT_ID and AZURE_CLIENT_SECRET or workload identity)",
+            )
         extra: dict[str, Any] = {}
         if hasattr(credential, "get_token"):
             extra["token_intent"] = "backup"  # required by Azure Files for OAuth tokens
@@ -67,13 +76,16 @@ class AzureFileSource(Source):
             redact(self.location.endpoint),
             mode,
         )
-        self._share = ShareClient(
-            account_url=self.location.endpoint,
-            share_name=self.location.container,
-            credential=credential,
-            **extra,
-            **client_options(ExponentialRetry),
-        )
+        try:
+            self._share = ShareClient(
+                account_url=self.location.endpoint,
+                share_name=self.location.container,
+                credential=credential,
+                **extra,
+                **client_options(ExponentialRetry),
+            )
+        except ValueError as exc:  # the SDK validates endpoint and credential together
+            raise client_refused(exc, uri.redacted, self.location, mode) from None
 
     def list(self) -> Listing:
         from azure.core.exceptions import AzureError

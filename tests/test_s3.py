@@ -1,0 +1,800 @@
+"""The S3 provider against a real S3 server (moto) on 127.0.0.1, with a counting proxy for
+faults and request counts, and end to end through ``python -m storage_initializer pull``."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage_initializer import storage_config
+from storage_initializer.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.paths import UnsafePathError
+from storage_initializer.providers import open_source
+from storage_initializer.providers import s3 as s3mod
+from storage_initializer.providers.base import Listing, RemoteFile
+from storage_initializer.settings import Settings
+from storage_initializer.uri import parse
+from tests.servers.proxy import CountingProxy, Fault, s3_error
+from tests.servers.s3 import SECRET_KEY, S3Server, free_port, s3_server
+
+__all__ = ["s3_server"]  # the fixture, imported so that pytest finds it
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+#: Variables that would leak from the developer's shell into the provider under test.
+_CLEARED_PREFIXES = ("AWS_", "S3_", "STORAGE_", "CA_BUNDLE_")
+_CLEARED = ("awsAnonymousCredential", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> S3Server:
+    """A clean process environment pointing at the test server."""
+    for name in list(os.environ):
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
+    with CountingProxy(s3_server.endpoint) as running:
+        yield running
+
+
+@pytest.fixture
+def via_proxy(s3_env: S3Server, proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The provider talks to the server through the counting proxy."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    return proxy
+
+
+def source_for(uri: str, **settings: Any) -> s3mod.S3Source:
+    source = open_source(parse(uri), Settings(**settings))
+    assert isinstance(source, s3mod.S3Source)
+    return source
+
+
+def listing(uri: str) -> Listing:
+    source = source_for(uri)
+    try:
+        return source.list()
+    finally:
+        source.close()
+
+
+def paths(uri: str) -> dict[str, int | None]:
+    return {f.path: f.size for f in listing(uri).files}
+
+
+def read_all(source: s3mod.S3Source, file: RemoteFile, start: int = 0, end: int | None = None):
+    return b"".join(source.read(file, start, end))
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_key_naming_one_object_is_saved_under_its_basename(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"models/iris/model.joblib": b"joblib", "models/iris/other": b"o"})
+    assert paths(f"s3://{bucket}/models/iris/model.joblib") == {"model.joblib": 6}
+
+
+def test_prefix_is_a_directory_and_excludes_siblings(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket(
+        {
+            "model/config.json": b"{}",
+            "model/shards/00001.bin": b"a" * 10,
+            "model/shards/deep/er/x": b"xyz",
+            "model-v2/config.json": b"v2",
+            "model.txt": b"not me",
+            "modelling/x": b"nor me",
+        }
+    )
+    assert paths(f"s3://{bucket}/model") == {
+        "config.json": 2,
+        "shards/00001.bin": 10,
+        "shards/deep/er/x": 3,
+    }
+
+
+def test_trailing_slash_lists_the_directory(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"1", "m/b/c": b"22", "m2/a": b"no"})
+    assert paths(f"s3://{bucket}/m/") == {"a": 1, "b/c": 2}
+
+
+def test_exact_object_wins_over_a_directory_of_the_same_name(s3_env: S3Server) -> None:
+    # The stock initializer downloads only the object in this case; so do we.
+    bucket = s3_env.new_bucket({"m": b"object", "m/inner": b"dir content"})
+    assert paths(f"s3://{bucket}/m") == {"m": 6}
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_bucket_root(s3_env: S3Server, suffix: str) -> None:
+    bucket = s3_env.new_bucket({"a.txt": b"a", "dir/b.txt": b"bb"})
+    assert paths(f"s3://{bucket}{suffix}") == {"a.txt": 1, "dir/b.txt": 2}
+
+
+def test_unicode_and_spaces_in_keys(s3_env: S3Server) -> None:
+    files = {
+        "m/ünïcödé/naïve file.txt": b"u",
+        "m/with space/and+plus&amp.bin": b"sp",
+        "m/日本語.json": b"{}",
+        "m/percent%20literal": b"%",
+    }
+    bucket = s3_env.new_bucket(files)
+    source = source_for(f"s3://{bucket}/m")
+    found = {f.path: f for f in source.list().files}
+    assert set(found) == {key[2:] for key in files}
+    for key, data in files.items():
+        assert read_all(source, found[key[2:]]) == data
+
+
+def test_zero_byte_objects_are_kept_and_directory_markers_skipped(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket(
+        {"m/": b"", "m/sub/": b"", "m/empty.txt": b"", "m/sub/file": b"f", "m/__init__.py": b""}
+    )
+    assert paths(f"s3://{bucket}/m") == {"empty.txt": 0, "sub/file": 1, "__init__.py": 0}
+
+
+def test_only_directory_markers_is_not_found(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/": b"", "m/sub/": b""})
+    with pytest.raises(NotFoundError, match="no objects under"):
+        listing(f"s3://{bucket}/m")
+
+
+def test_listing_spans_several_pages(s3_env: S3Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket = s3_env.new_bucket()
+    client = s3_env.client()
+    keys = [f"big/{i:05d}" for i in range(1105)]  # ListObjectsV2 pages hold 1000 keys
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+    found = paths(f"s3://{bucket}/big")
+    assert len(found) == 1105
+    assert found["01104"] == len("big/01104")
+
+
+def test_keys_that_climb_out_are_refused(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/ok": b"1", "m/../escape": b"2"})
+    with pytest.raises(UnsafePathError, match="leaves the model directory"):
+        listing(f"s3://{bucket}/m")
+
+
+def test_keys_mapping_to_the_same_path_are_refused(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/a/b": b"1", "m/a//b": b"2"})
+    with pytest.raises(SourceError, match="both map to 'a/b'"):
+        listing(f"s3://{bucket}/m")
+
+
+def test_object_that_is_also_a_directory_is_refused(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"file", "m/a/b": b"below"})
+    with pytest.raises(SourceError, match="both an object and a directory"):
+        listing(f"s3://{bucket}/m")
+
+
+def test_fingerprint_is_stable_and_follows_content(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"one", "m/b": b"two"})
+    first = listing(f"s3://{bucket}/m")
+    assert listing(f"s3://{bucket}/m").fingerprint == first.fingerprint
+    s3_env.upload(bucket, {"m/b": b"TWO"})
+    changed = listing(f"s3://{bucket}/m")
+    assert changed.fingerprint != first.fingerprint
+    versions = {f.path: f.version for f in changed.files}
+    assert versions["b"] == hashlib.md5(b"TWO").hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, MiB - 1, MiB, MiB + 1, 3 * MiB + 17])
+def test_ranged_reads_reassemble_exactly(s3_env: S3Server, size: int) -> None:
+    data = payload(size, seed=size)
+    bucket = s3_env.new_bucket({"m/blob": data})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    assert file.size == size
+    assert read_all(source, file) == data
+    # Split at awkward points, including around the 1 MiB block boundary.
+    cuts = sorted({0, size, *(c for c in (1, MiB - 1, MiB, MiB + 1, size // 3) if 0 < c < size)})
+    pieces = [read_all(source, file, a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert b"".join(pieces) == data
+    if size:
+        assert read_all(source, file, size - 1) == data[-1:]  # open-ended tail
+    assert all(len(block) <= MiB for block in source.read(file))
+
+
+def test_read_sends_range_only_when_needed(s3_env: S3Server, via_proxy: CountingProxy) -> None:
+    data = payload(5000)
+    bucket = s3_env.new_bucket({"m/f": data})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.reset()
+    assert read_all(source, file) == data
+    assert read_all(source, file, 0, 5000) == data
+    assert read_all(source, file, 100, 200) == data[100:200]
+    assert read_all(source, file, 4000) == data[4000:]
+    assert list(source.read(file, 300, 300)) == []  # empty range: no request at all
+    gets = via_proxy.select(method="GET", path_contains="/m/f")
+    assert [g.range for g in gets] == [None, None, "bytes=100-199", "bytes=4000-"]
+    assert via_proxy.bytes_served(method="GET") == 5000 + 5000 + 100 + 1000
+
+
+def test_read_cuts_out_the_range_when_the_server_ignores_it(
+    s3_env: S3Server, via_proxy: CountingProxy
+) -> None:
+    data = payload(3 * MiB)
+    bucket = s3_env.new_bucket({"m/f": data})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+
+    def strip_range(record: Any) -> bool:
+        return False
+
+    # Emulate a server without Range support: the proxy drops the header before forwarding.
+    via_proxy.set_faults(Fault(kind="delay", delay=0.0, predicate=strip_range))
+    # (no such server mode in moto; the provider still must not trust a 200 blindly)
+    whole = read_all(source, file)
+    assert whole == data
+    assert read_all(source, file, MiB + 5, 2 * MiB + 9) == data[MiB + 5 : 2 * MiB + 9]
+
+
+def test_object_deleted_after_listing_is_not_found(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"soon gone"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    s3_env.client().delete_object(Bucket=bucket, Key="m/a")
+    with pytest.raises(NotFoundError, match="disappeared"):
+        read_all(source, file)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def test_md5_from_a_plain_etag_matches_content(s3_env: S3Server) -> None:
+    files = {"m/a": b"alpha", "m/b": payload(70000), "m/empty": b""}
+    bucket = s3_env.new_bucket(files)
+    for file in listing(f"s3://{bucket}/m").files:
+        assert file.checksums["md5"] == hashlib.md5(files["m/" + file.path]).hexdigest()
+
+
+def test_multipart_etag_is_not_taken_for_an_md5(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket()
+    parts = [payload(5 * MiB, 1), payload(1000, 2)]
+    s3_env.upload_multipart(bucket, "m/big.bin", parts)
+    (file,) = listing(f"s3://{bucket}/m").files
+    assert file.size == 5 * MiB + 1000
+    assert "md5" not in file.checksums
+    assert file.version.endswith("-2")  # the ETag still identifies the version
+
+
+def test_additional_checksums_are_announced_in_hex(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket()
+    client = s3_env.client()
+    sha_data, crc_data = payload(1234, 7), payload(4321, 8)
+    client.put_object(Bucket=bucket, Key="m/sha", Body=sha_data, ChecksumAlgorithm="SHA256")
+    client.put_object(Bucket=bucket, Key="m/crc", Body=crc_data, ChecksumAlgorithm="CRC32")
+    # Without a trustworthy ETag, the additional checksums are what protects the files.
+    os.environ[s3mod.TRUST_ETAG_ENV] = "false"
+    try:
+        found = {f.path: f.checksums for f in listing(f"s3://{bucket}/m").files}
+    finally:
+        del os.environ[s3mod.TRUST_ETAG_ENV]
+    assert found["sha"] == {"sha256": hashlib.sha256(sha_data).hexdigest()}
+    assert found["crc"] == {"crc32": f"{zlib.crc32(crc_data):08x}"}
+
+
+def test_kms_encrypted_objects_do_not_announce_an_etag_md5(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket()
+    s3_env.upload(bucket, {"m/a": b"secret weights", "m/b": b"more"}, ServerSideEncryption="aws:kms")
+    files = listing(f"s3://{bucket}/m").files
+    assert len(files) == 2
+    assert all("md5" not in f.checksums for f in files)
+
+
+def test_checksum_heads_are_few(s3_env: S3Server, via_proxy: CountingProxy) -> None:
+    bucket = s3_env.new_bucket({f"m/{i}": b"x" * i for i in range(40)})
+    assert len(listing(f"s3://{bucket}/m").files) == 40
+    # One sample HEAD (to detect KMS), not one per object.
+    assert via_proxy.count(method="HEAD") == 1
+
+
+def test_announced_checksums_verify_what_read_returns(s3_env: S3Server) -> None:
+    from storage_initializer import checksums
+
+    files = {"m/x": payload(MiB + 3, 3), "m/y": b"y"}
+    bucket = s3_env.new_bucket(files)
+    source = source_for(f"s3://{bucket}/m")
+    for file in source.list().files:
+        algorithm = checksums.choose(file.checksums)
+        assert algorithm is not None
+        hasher = checksums.new_hasher(algorithm)
+        for block in source.read(file):
+            hasher.update(block)
+        assert hasher.hexdigest() == file.checksums[algorithm]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_no_such_bucket(s3_env: S3Server) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        listing("s3://no-such-bucket-here/model")
+    assert "s3://no-such-bucket-here/model" in str(caught.value)
+    assert "does not exist" in str(caught.value)
+
+
+def test_no_objects_under_the_prefix(s3_env: S3Server) -> None:
+    bucket = s3_env.new_bucket({"model-v2/x": b"1"})
+    with pytest.raises(NotFoundError) as caught:
+        listing(f"s3://{bucket}/model")
+    assert f"no objects under s3://{bucket}/model/" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "hint_word"),
+    [
+        ("AccessDenied", "credentials"),
+        ("InvalidAccessKeyId", "AWS_ACCESS_KEY_ID"),
+        ("SignatureDoesNotMatch", "AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+def test_access_denied_maps_and_never_shows_the_secret(
+    s3_env: S3Server, via_proxy: CountingProxy, code: str, hint_word: str
+) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"1"})
+    # A server that echoes what it got, secret included, must not make us print it.
+    via_proxy.set_faults(s3_error(code, f"denied for {SECRET_KEY}", status=403))
+    with pytest.raises(AccessDeniedError) as caught:
+        listing(f"s3://{bucket}/m")
+    text = caught.value.describe()
+    assert code in text
+    assert hint_word in text
+    assert SECRET_KEY not in text
+    assert f"s3://{bucket}/m" in text
+
+
+def test_access_denied_on_read_with_empty_body(s3_env: S3Server, via_proxy: CountingProxy) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"1"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(Fault(status=403, method="GET"))
+    with pytest.raises(AccessDeniedError, match="403"):
+        read_all(source, file)
+
+
+def test_endpoint_unreachable(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+    with pytest.raises(SourceError) as caught:
+        listing("s3://bucket/model")
+    assert not isinstance(caught.value, TransientError)
+    assert endpoint in str(caught.value)
+    assert "AWS_ENDPOINT_URL" in caught.value.describe()
+
+
+def test_tls_failure_names_the_ca_settings(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Speaking TLS to a plain-HTTP server fails the handshake, as a wrong CA would.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint.replace("http://", "https://"))
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+    with pytest.raises(SourceError) as caught:
+        listing("s3://bucket/model")
+    text = caught.value.describe()
+    assert "AWS_CA_BUNDLE" in text
+    assert "S3_VERIFY_SSL" in text
+
+
+def test_throttling_is_transient_after_the_client_retries(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "2")
+    bucket = s3_env.new_bucket({"m/a": b"payload"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(s3_error("SlowDown", "Please reduce your request rate.", status=503))
+    with pytest.raises(TransientError, match="SlowDown"):
+        read_all(source, file)
+    assert via_proxy.count(method="GET", status=503) == 2  # S3_MAX_ATTEMPTS honoured
+    via_proxy.clear_faults()
+    assert read_all(source, file) == b"payload"
+
+
+def test_throttled_listing_is_transient(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+    bucket = s3_env.new_bucket({"m/a": b"1"})
+    via_proxy.set_faults(Fault(status=500))
+    with pytest.raises(TransientError):
+        listing(f"s3://{bucket}/m")
+
+
+def test_retry_after_is_passed_on(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+    bucket = s3_env.new_bucket({"m/a": b"1"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(s3_error("TooManyRequests", "slow down", status=429, **{"Retry-After": "7"}))
+    with pytest.raises(TransientError) as caught:
+        read_all(source, file)
+    assert caught.value.retry_after == 7.0
+
+
+def test_client_retries_hide_a_short_outage(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "3")
+    bucket = s3_env.new_bucket({"m/a": b"survives"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(Fault(status=503, times=2, method="GET"))
+    assert read_all(source, file) == b"survives"
+    assert via_proxy.count(method="GET") == 3
+
+
+def test_body_cut_off_mid_stream_is_transient(
+    s3_env: S3Server, via_proxy: CountingProxy
+) -> None:
+    data = payload(3 * MiB)
+    bucket = s3_env.new_bucket({"m/a": data})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(Fault(kind="truncate", truncate_fraction=0.5, method="GET", times=1))
+    received = bytearray()
+    with pytest.raises(TransientError, match="broke off"):
+        for block in source.read(file):
+            received += block
+    assert 0 < len(received) < len(data)
+    assert bytes(received) == data[: len(received)]
+    # The engine resumes with a range from where the stream broke.
+    assert read_all(source, file, len(received)) == data[len(received) :]
+
+
+def test_dropped_connection_is_transient(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+    bucket = s3_env.new_bucket({"m/a": b"1"})
+    source = source_for(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(Fault(kind="drop", method="GET"))
+    with pytest.raises(TransientError):
+        read_all(source, file)
+
+
+def test_missing_credentials_are_access_denied(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(AccessDeniedError, match="no usable AWS credentials") as caught:
+        listing("s3://bucket/model")
+    assert "awsAnonymousCredential" in caught.value.describe()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_anonymous_requests_are_unsigned(
+    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_env.new_bucket({"pub/a": b"public"})
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("awsAnonymousCredential", "True")
+    via_proxy.reset()
+    source = source_for(f"s3://{bucket}/pub")
+    (file,) = source.list().files
+    assert read_all(source, file) == b"public"
+    assert via_proxy.requests
+    assert all("Authorization" not in r.headers for r in via_proxy.requests)
+
+
+def test_signed_requests_carry_authorization(s3_env: S3Server, via_proxy: CountingProxy) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"x"})
+    via_proxy.reset()
+    listing(f"s3://{bucket}/m")
+    assert all("Authorization" in r.headers for r in via_proxy.requests)
+
+
+def test_storage_config_secret_drives_the_provider(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"via storage-config"})
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    environ: dict[str, str] = {
+        "STORAGE_CONFIG": (
+            '{"type": "s3", "access_key_id": "AKIASTORAGECONFIG", "secret_access_key": '
+            '"cfg-secret-value-123", "endpoint_url": "http://nowhere.invalid", '
+            '"region": "eu-west-1", "verify_ssl": "0"}'
+        ),
+        "STORAGE_OVERRIDE_CONFIG": f'{{"endpoint_url": "{s3_env.endpoint}", "anonymous": false}}',
+    }
+    storage_config.apply(environ)
+    assert environ["AWS_ENDPOINT_URL"] == s3_env.endpoint  # override wins
+    assert environ["AWS_ACCESS_KEY_ID"] == "AKIASTORAGECONFIG"
+    assert environ["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert environ["S3_VERIFY_SSL"] == "0"
+    assert environ["awsAnonymousCredential"] == "false"
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    source = source_for(f"s3://{bucket}/m")
+    assert source.client.meta.region_name == "eu-west-1"
+    assert s3mod.verify_setting() is False
+    (file,) = source.list().files
+    assert read_all(source, file) == b"via storage-config"
+
+
+def test_timeouts_and_attempts_come_from_the_environment(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = s3mod.s3_config()
+    assert (default.connect_timeout, default.read_timeout) == (15, 30)
+    assert default.retries == {"max_attempts": 3, "mode": "standard"}
+    monkeypatch.setenv("S3_CONNECT_TIMEOUT", "2")
+    monkeypatch.setenv("S3_READ_TIMEOUT", "4.5")
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "7")
+    config = s3mod.s3_config()
+    assert (config.connect_timeout, config.read_timeout) == (2, 4.5)
+    assert config.retries["max_attempts"] == 7
+    monkeypatch.setenv("S3_READ_TIMEOUT", "soon")
+    with pytest.raises(UsageError, match="S3_READ_TIMEOUT"):
+        s3mod.s3_config()
+
+
+def test_addressing_and_acceleration_flags(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (s3mod.s3_config().s3 or {}).get("addressing_style") is None
+    monkeypatch.setenv("S3_USER_VIRTUAL_BUCKET", "true")
+    monkeypatch.setenv("S3_USE_ACCELERATE", "TRUE")
+    config = s3mod.s3_config()
+    assert config.s3["addressing_style"] == "virtual"
+    assert config.s3["use_accelerate_endpoint"] is True
+    monkeypatch.setenv("S3_USER_VIRTUAL_BUCKET", "yes")  # the stock one accepts only "true"
+    monkeypatch.delenv("S3_USE_ACCELERATE")
+    assert (s3mod.s3_config().s3 or {}).get("addressing_style") is None
+
+
+@pytest.mark.parametrize(
+    ("region_env", "virtual"),
+    [("eu-west-1", True), ("us-east-1", False), (None, False)],
+)
+def test_legacy_global_endpoint_forces_virtual_addressing(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, region_env: str | None, virtual: bool
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.amazonaws.com")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    if region_env:
+        monkeypatch.setenv("AWS_DEFAULT_REGION", region_env)
+    style = (s3mod.s3_config().s3 or {}).get("addressing_style")
+    assert (style == "virtual") is virtual
+
+
+def test_aws_region_is_used_when_default_region_is_unset(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert source_for("s3://b/m").client.meta.region_name == "ap-south-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    assert source_for("s3://b/m").client.meta.region_name == "eu-central-1"
+
+
+@pytest.mark.parametrize(
+    ("value", "verified"),
+    [("0", False), ("false", False), ("False", False), ("1", True), ("true", True), ("no", True)],
+)
+def test_verify_ssl_is_off_only_for_0_or_false(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, value: str, verified: bool
+) -> None:
+    monkeypatch.setenv("S3_VERIFY_SSL", value)
+    assert (s3mod.verify_setting() is not False) is verified
+
+
+def test_ca_bundle_precedence(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from storage_initializer import tls
+
+    bundle = tmp_path / "ca.crt"
+    bundle.write_text("not checked here")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    assert s3mod.verify_setting() == str(bundle)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "missing.crt"))
+    with pytest.raises(UsageError, match="AWS_CA_BUNDLE"):
+        source_for("s3://b/m")
+    # Without AWS_CA_BUNDLE the global bundle (CA_BUNDLE_CONFIGMAP_NAME) is used.
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    import certifi
+
+    mount = tmp_path / "certs"
+    mount.mkdir()
+    (mount / "cabundle.crt").write_bytes(Path(certifi.where()).read_bytes())
+    monkeypatch.setenv("CA_BUNDLE_CONFIGMAP_NAME", "cabundle")
+    monkeypatch.setenv("CA_BUNDLE_VOLUME_MOUNT_POINT", str(mount))
+    tls.combined_bundle.cache_clear()
+    try:
+        chosen = s3mod.verify_setting()
+        assert isinstance(chosen, str)
+        assert Path(chosen).read_bytes().endswith((mount / "cabundle.crt").read_bytes() + b"\n")
+    finally:
+        tls.combined_bundle.cache_clear()
+
+
+def test_secrets_are_registered_for_redaction(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage_initializer.redact import redact
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-value-xyz")
+    source_for("s3://b/m")
+    monkeypatch.delenv("AWS_SESSION_TOKEN")  # registered values stay masked afterwards
+    assert "session-token-value-xyz" not in redact("token=session-token-value-xyz here")
+
+
+def test_malformed_endpoint_is_a_usage_error(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio:9000")
+    with pytest.raises(UsageError, match="AWS_ENDPOINT_URL"):
+        source_for("s3://b/m")
+
+
+def test_default_workers_suits_s3() -> None:
+    assert s3mod.S3Source.default_workers >= 8
+    assert s3mod.S3Source.supports_ranges
+
+
+def test_etag_parsing() -> None:
+    assert s3mod._etag_md5('"5d41402abc4b2a76b9719d911017c592"') == (
+        "5d41402abc4b2a76b9719d911017c592"
+    )
+    assert s3mod._etag_md5('"5D41402ABC4B2A76B9719D911017C592"').islower()
+    assert s3mod._etag_md5('"298c9a5c8205ea8eeef29652993678aa-2"') is None
+    assert s3mod._etag_md5('W/"5d41402abc4b2a76b9719d911017c592"') is None
+    assert s3mod._etag_md5("") is None
+    b64 = base64.b64encode(hashlib.sha256(b"x").digest()).decode()
+    assert s3mod._additional_checksums({"ChecksumSHA256": b64}) == {
+        "sha256": hashlib.sha256(b"x").hexdigest()
+    }
+    assert s3mod._additional_checksums({"ChecksumCRC32": "AAAAAA==-3"}) == {}
+    assert s3mod._additional_checksums({"ChecksumCRC32": "NhCmhg==", "ChecksumType": "COMPOSITE"}) == {}
+
+
+# --------------------------------------------------------------------------- end to end
+
+HAVE_CLI = (REPO / "storage_initializer" / "pull.py").exists() and (
+    REPO / "storage_initializer" / "cli.py"
+).exists()
+needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="pull/cli not written yet")
+
+
+def cli_env(server: S3Server, endpoint: str | None = None) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_CLEARED_PREFIXES) and k not in _CLEARED
+    }
+    env.update(server.env(endpoint))
+    env["PYTHONPATH"] = str(REPO)
+    env["AWS_CONFIG_FILE"] = os.devnull
+    env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env
+
+
+def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "storage_initializer", "pull", uri, str(dest), *extra]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".storage-initializer" not in p.parts
+    }
+
+
+@needs_cli
+def test_cli_pull_downloads_the_tree(s3_server: S3Server, tmp_path: Path) -> None:
+    files = {
+        "model/config.json": b'{"a": 1}',
+        "model/weights/part-0.bin": payload(2 * MiB + 5, 1),
+        "model/empty": b"",
+        "model/ünï cödé.txt": b"u",
+        "model-v2/not-me": b"no",
+    }
+    bucket = s3_server.new_bucket(files)
+    dest = tmp_path / "out"
+    result = subprocess.run(
+        pull_command(f"s3://{bucket}/model", dest),
+        env=cli_env(s3_server),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items() if k.startswith("model/")}
+
+
+@needs_cli
+def test_cli_pull_failure_names_the_uri_without_secrets(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = s3_server.new_bucket({"other/x": b"1"})
+    result = subprocess.run(
+        pull_command(f"s3://{bucket}/model", tmp_path / "out"),
+        env=cli_env(s3_server),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert f"s3://{bucket}/model" in output.splitlines()[-1]
+    assert SECRET_KEY not in output
+
+
+@needs_cli
+def test_eight_replicas_download_each_object_once(s3_server: S3Server, tmp_path: Path) -> None:
+    files = {f"model/shard-{i}.bin": payload(MiB + i * 1000, i) for i in range(6)}
+    files["model/config.json"] = b"{}"
+    bucket = s3_server.new_bucket(files)
+    dest = tmp_path / "shared"
+    with CountingProxy(s3_server.endpoint) as proxy:
+        env = cli_env(s3_server, proxy.url)
+        processes = [
+            subprocess.Popen(
+                pull_command(f"s3://{bucket}/model", dest),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        outputs = [p.communicate(timeout=240)[0] for p in processes]
+        codes = [p.returncode for p in processes]
+        assert codes == [0] * 8, "\n".join(outputs)
+        for key, data in files.items():
+            gets = proxy.select(method="GET", path_contains=f"/{bucket}/{key}")
+            assert len(gets) >= 1, key
+            # Ranged chunks may split a file; each byte still comes from the origin once.
+            assert sum(g.bytes for g in gets) == len(data), key
+            assert len({g.range for g in gets}) == len(gets), key
+        object_bytes = sum(len(v) for v in files.values())
+        assert proxy.bytes_served(method="GET", path_contains=f"/{bucket}/model/") == object_bytes
+    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
