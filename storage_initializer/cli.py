@@ -38,6 +38,12 @@ def main() -> None:
     "[env STORAGE_INITIALIZER_CACHE_DIR]",
 )
 @click.option(
+    "--direct",
+    is_flag=True,
+    default=None,
+    help="Download straight into DEST, ignoring a cache directory set by the config or env.",
+)
+@click.option(
     "--link-mode",
     type=click.Choice(["symlink", "hardlink", "copy"]),
     help="How DEST is populated from the cache. [symlink]",
@@ -86,6 +92,8 @@ def pull(source: str, dest: Path, **options: Any) -> None:
     """Download SOURCE into DEST once, however many replicas ask at the same time."""
     from storage_initializer.entrypoint import run_pairs
 
+    if options.pop("direct"):
+        options["cache_dirs"] = [""]  # explicitly none: beats env and config
     sys.exit(run_pairs([(source, str(dest))], _flags(**options)))
 
 

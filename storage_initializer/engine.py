@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,8 @@ class _FileJob:
     hashed_to: int = 0
     finished: dict[int, int] = field(default_factory=dict)
     remaining: int = 0
+    #: Chunks already on disk from a previous owner (kept, hashed in order with the rest).
+    resumed: set[tuple[int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -71,12 +73,21 @@ class _FileJob:
 
 class Engine:
     def __init__(
-        self, source: Source, settings: Settings, progress: Progress, cancel: threading.Event
+        self,
+        source: Source,
+        settings: Settings,
+        progress: Progress,
+        cancel: threading.Event,
+        guard: Callable[[], None] = lambda: None,
     ) -> None:
         self.source = source
         self.settings = settings
         self.progress = progress
         self.cancel = cancel
+        #: Raises when we no longer own the download; called before anything destructive,
+        #: since a new owner may have adopted our staging files.
+        self.guard = guard
+        self._resumable: dict[str, set[tuple[int, int]]] = {}
         self.workers = settings.workers or source.default_workers
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
@@ -94,17 +105,36 @@ class Engine:
         else:
             spans = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
         path = staging.data / file.path
-        return _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
+        job = _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
+        done = self._resumable.get(file.path, set())
+        if len(spans) > 1 and done and path.is_file() and path.stat().st_size == size:
+            job.resumed = {span for span in spans if span in done}  # type: ignore[misc]
+        if job.resumed:
+            # One bookkeeping task replaces the chunks we keep (see _chunk with start < 0).
+            job.remaining = len(spans) - len(job.resumed) + 1
+            kept = sum(end - start for start, end in job.resumed)
+            self.progress.reused_bytes(kept)
+            log.info(
+                "%s: resuming, %d of %d chunks already on disk",
+                file.path,
+                len(job.resumed),
+                len(spans),
+            )
+        return job
 
     def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
         for job in jobs:
+            if job.resumed:
+                yield job, -1, None
             for start, end in job.chunks:
-                yield job, start, end
+                if (start, end) not in job.resumed:
+                    yield job, start, end
 
     # -- running ----------------------------------------------------------------------------
 
     def run(self, files: list[RemoteFile], staging: Staging) -> dict[str, dict[str, str]]:
         """Download ``files`` into ``staging``; returns path -> verified checksums."""
+        self._resumable = staging.chunks()
         jobs = [self._job(f, staging) for f in files]
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
@@ -142,10 +172,16 @@ class Engine:
             if job.fd >= 0:
                 return
             job.path.parent.mkdir(parents=True, exist_ok=True)
-            job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            if job.resumed:
+                job.fd = os.open(job.path, os.O_RDWR)
+                for start, end in job.resumed:
+                    job.finished[start] = end
+            else:
+                self.guard()
+                job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             job.hasher = checksums.new_hasher(job.algorithm)
             job.hashed_to = 0
-            if job.file.size and not job.inline_hash:
+            if job.file.size and not job.inline_hash and not job.resumed:
                 os.ftruncate(job.fd, job.file.size)
 
     def _chunk(
@@ -154,12 +190,17 @@ class Engine:
         if self.cancel.is_set():
             raise Cancelled()
         self._open(job)
-        if end is not None and end > start:
+        if start < 0:
+            pass  # bookkeeping for resumed chunks: only hash what is contiguous, below
+        elif end is not None and end > start:
             self._fetch(job, start, end)
         elif end is None:
             self._fetch(job, start, None)
+        if not job.inline_hash and start >= 0 and end is not None:
+            staging.record_chunk(job.file.path, start, end)
         with job.lock:
-            job.finished[start] = job.hashed_to if end is None else end
+            if start >= 0:
+                job.finished[start] = job.hashed_to if end is None else end
             if not job.inline_hash:
                 self._hash_in_order(job)
             job.remaining -= 1
@@ -207,6 +248,7 @@ class Engine:
                         "STORAGE_INITIALIZER_RETRIES",
                     ) from exc
                 if not self.ranged and offset > start:
+                    self.guard()
                     self.progress.rewound(offset - start)
                     offset = start
                     job.hasher = checksums.new_hasher(job.algorithm)
@@ -260,6 +302,7 @@ class Engine:
                 self.progress.rewound(size)
                 job.attempt += 1
                 job.finished.clear()
+                job.resumed = set()
                 job.remaining = len(job.chunks)
                 return job
             raise IntegrityError(f"{job.file.path} failed verification: {problem}")

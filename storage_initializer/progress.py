@@ -41,6 +41,12 @@ class Progress:
             self.bytes_done += size
             self.files_done += 1
 
+    def reused_bytes(self, size: int) -> None:
+        """Part of a file kept from a previous owner's staging area."""
+        with self._lock:
+            self.bytes_reused += size
+            self.bytes_done += size
+
     def file_done(self) -> None:
         with self._lock:
             self.files_done += 1

@@ -405,7 +405,7 @@ def _download(
         )
         progress.phase = "transfer"
         lease.update(phase="transfer")
-        engine = Engine(source, settings, progress, _cancel_on_loss(lease))
+        engine = Engine(source, settings, progress, _cancel_on_loss(lease), lease.ensure_held)
         with ProgressReporter(uri.redacted, settings.progress_interval, progress.snapshot):
             results.update(engine.run(todo, staging))
     finally:

@@ -193,7 +193,10 @@ def load(
         candidates: list[tuple[str, Any]] = []
         if name in flags:
             candidates.append(("flag", flags[name]))
-        candidates.extend((f"env {env}", environ[env]) for env in env_names if env in environ)
+        # An empty variable is unset: the downward API gives "" for a missing annotation.
+        candidates.extend(
+            (f"env {env}", environ[env]) for env in env_names if environ.get(env, "").strip()
+        )
         if name in config:
             candidates.append((f"config {config_path}", config[name]))
         if not candidates:

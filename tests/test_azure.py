@@ -45,6 +45,7 @@ from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
 from tests.servers import azurite as azurite_server
 from tests.servers.azure_files import ACCOUNT_KEY, FileShareServer
+from tests.servers.proxy import CountingProxy, Fault
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILE_HOST = "https://devstoreaccount1.file.core.windows.net"
@@ -677,3 +678,61 @@ def test_pull_file_share_end_to_end_and_download_once(tmp_path: Path) -> None:
         served = {p: n for p, n in server.bytes_served.items() if p.startswith("models/m/")}
         expected = {p: len(d) for p, d in SHARE_TREE.items() if p.startswith("models/m/") and d}
         assert served == expected  # each byte from the origin once, in all eight processes
+
+
+# -- through the counting, fault-injecting proxy (tests/servers/proxy.py) -------------------------
+def azure_fault(status: int, code: str, **match: object) -> Fault:
+    """A fault answering as Azure Storage does: XML error body and x-ms-error-code."""
+    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code></Error>'.encode()
+    headers = {"x-ms-error-code": code, "Content-Type": "application/xml", "Retry-After": "0"}
+    return Fault(status=status, body=body, headers=headers, **match)  # type: ignore[arg-type]
+
+
+def test_eight_processes_download_each_blob_once(
+    azurite: azurite_server.Azurite, tmp_path: Path
+) -> None:
+    container = azurite.new_container_name("once")
+    azurite.upload(container, MODEL)
+    with CountingProxy(f"http://127.0.0.1:{azurite.port}") as proxy:
+        env = azurite.env(endpoint=f"{proxy.url}/{azurite.account}")
+        full_env = {k: v for k, v in os.environ.items() if k not in AZURE_ENV}
+        full_env.update(env, PYTHONPATH=str(REPO_ROOT))
+        dest = tmp_path / "shared"
+        command = [sys.executable, "-m", "storage_initializer", "pull"]
+        processes = [
+            subprocess.Popen(
+                [*command, azurite.uri(container, "model"), str(dest)],
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        outputs = [p.communicate(timeout=180)[0] for p in processes]
+        assert [p.returncode for p in processes] == [0] * 8, outputs
+        expected = {k.removeprefix("model/"): v for k, v in MODEL.items() if k.startswith("model/")}
+        assert _tree(dest) == expected
+        for name in ("config.json", "weights.bin", "sub/dir/deep.txt"):
+            path = f"/{container}/model/{name}"
+            served = proxy.bytes_served(method="GET", path_contains=path)
+            assert served == len(MODEL[f"model/{name}"]), name
+        assert proxy.count(method="GET", path_contains=f"/{container}/model/config.json") == 1
+        assert proxy.count(method="GET", path_contains="model-v2") == 0
+
+
+def test_pull_survives_busy_and_truncated_responses(
+    azurite: azurite_server.Azurite, models: str, tmp_path: Path
+) -> None:
+    with CountingProxy(f"http://127.0.0.1:{azurite.port}") as proxy:
+        proxy.set_faults(
+            azure_fault(503, "ServerBusy", method="GET", path_contains="weights.bin", times=2),
+            azure_fault(429, "TooManyRequests", method="GET", path_contains="config.json", times=1),
+            Fault(kind="truncate", method="GET", path_contains="deep.txt", times=1),
+        )
+        env = azurite.env(endpoint=f"{proxy.url}/{azurite.account}")
+        result = _pull(azurite.uri(models, "model"), tmp_path / "out", env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        expected = {k.removeprefix("model/"): v for k, v in MODEL.items() if k.startswith("model/")}
+        assert _tree(tmp_path / "out") == expected
+        assert proxy.count(faulted=True) == 4  # every fault was hit, and recovered from

@@ -304,11 +304,16 @@ def http_server(model: Path) -> Iterator[str]:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    }
+    """Relative path -> content of every file below ``root``, following symlinks (cache mode
+    links whole top-level directories) and skipping dot-entries (the tool's state)."""
+    found = {}
+    for directory, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = Path(directory, name)
+                found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
 
 
 def _dest(runner: _Runner, name: str = "models") -> Path:

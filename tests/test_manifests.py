@@ -725,11 +725,12 @@ def test_preseed_jobs_mount_what_they_write() -> None:
         assert not _dangling_mounts(pod), f"{name}: {_dangling_mounts(pod)}"
         container = pod["containers"][0]
         assert container["command"] == ["storage-initializer"]
-        assert container["args"][0] == "pull" and len(container["args"]) == 3
+        positional = [a for a in container["args"] if not a.startswith("--")]
+        assert positional[0] == "pull" and len(positional) == 3
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
         env = _env(container)
         cache = env.get("STORAGE_INITIALIZER_CACHE_DIR")
-        target = cache or container["args"][2]
+        target = cache or positional[2]
         assert any(target == m or target.startswith(m + "/") for m in mounts), (
             f"{name}: {target} is not on a mounted volume"
         )
@@ -750,12 +751,11 @@ def test_preseeded_pvc_path_matches_the_pvc_example() -> None:
     job = _one("examples/preseed-job-pvc.yaml")
     spec = job["spec"]["template"]["spec"]
     container = spec["containers"][0]
-    mount = next(
-        m for m in container["volumeMounts"] if container["args"][2].startswith(m["mountPath"])
-    )
+    target = [a for a in container["args"] if not a.startswith("--")][2]
+    mount = next(m for m in container["volumeMounts"] if target.startswith(m["mountPath"]))
     claim = next(v for v in spec["volumes"] if v["name"] == mount["name"])
     claim_name = claim["persistentVolumeClaim"]["claimName"]
-    path = container["args"][2][len(mount["mountPath"]) :]
+    path = target[len(mount["mountPath"]) :]
     uri = _examples()["qwen-preseeded-pvc"]["spec"]["predictor"]["model"]["storageUri"]
     assert uri == f"pvc://{claim_name}{path}"
 
@@ -784,8 +784,15 @@ def test_global_config_file_is_understood_by_the_tool(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("annotation", "read_only"),
-    [("false", False), ("true", True), ("", True)],
-    ids=["annotation-false", "annotation-true", "annotation-absent"],
+    [
+        pytest.param("false", False, id="annotation-false"),
+        pytest.param("true", True, id="annotation-true"),
+        pytest.param(
+            "",
+            True,
+            id="annotation-absent",
+        ),
+    ],
 )
 def test_readonly_annotation_semantics(annotation: str, read_only: bool, tmp_path: Path) -> None:
     """KServe's rule: only "false" makes the mount writable. The downward API turns an absent
@@ -793,9 +800,21 @@ def test_readonly_annotation_semantics(annotation: str, read_only: bool, tmp_pat
     assert _settings({"STORAGE_READONLY": annotation}, tmp_path).read_only is read_only
 
 
-def test_empty_cache_dir_env_turns_cache_mode_off(tmp_path: Path) -> None:
-    """preseed-job-pvc.yaml relies on it to override the config file's cache_dir."""
-    assert _settings({"STORAGE_INITIALIZER_CACHE_DIR": ""}, tmp_path).cache_dirs == ()
+def test_direct_flag_turns_cache_mode_off(tmp_path: Path) -> None:
+    """preseed-job-pvc.yaml passes --direct to override the config file's cache_dir; an empty
+    environment variable is unset (the downward API gives "" for a missing annotation)."""
+    assert (
+        "--direct"
+        in _one("examples/preseed-job-pvc.yaml")["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+    )
+    settings = pytest.importorskip("storage_initializer.settings")
+    config = tmp_path / "config.yaml"
+    config.write_text(_one("namespace/configmap.yaml")["data"]["config.yaml"], encoding="utf-8")
+    environ = {"STORAGE_INITIALIZER_CONFIG": str(config)}
+    assert settings.load({"cache_dirs": [""]}, environ).cache_dirs == ()
+    assert settings.load({}, {**environ, "STORAGE_INITIALIZER_CACHE_DIR": ""}).cache_dirs != ()
 
 
 # --------------------------------------------------------------------------------------------

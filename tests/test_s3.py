@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_ranged_reads_reassemble_exactly(s3_env: S3Server, size: int) -> None:
     assert read_all(source, file) == data
     # Split at awkward points, including around the 1 MiB block boundary.
     cuts = sorted({0, size, *(c for c in (1, MiB - 1, MiB, MiB + 1, size // 3) if 0 < c < size)})
-    pieces = [read_all(source, file, a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    pieces = [read_all(source, file, a, b) for a, b in itertools.pairwise(cuts)]
     assert b"".join(pieces) == data
     if size:
         assert read_all(source, file, size - 1) == data[-1:]  # open-ended tail
@@ -258,15 +259,12 @@ def test_read_cuts_out_the_range_when_the_server_ignores_it(
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
 
-    def strip_range(record: Any) -> bool:
-        return False
-
-    # Emulate a server without Range support: the proxy drops the header before forwarding.
-    via_proxy.set_faults(Fault(kind="delay", delay=0.0, predicate=strip_range))
-    # (no such server mode in moto; the provider still must not trust a 200 blindly)
-    whole = read_all(source, file)
-    assert whole == data
+    # Emulate an origin without Range support: the proxy drops the header before forwarding,
+    # so the answer is a 200 with the whole object.
+    via_proxy.set_faults(Fault(kind="strip", strip_headers=("Range",), method="GET"))
     assert read_all(source, file, MiB + 5, 2 * MiB + 9) == data[MiB + 5 : 2 * MiB + 9]
+    assert read_all(source, file, 3 * MiB - 10) == data[-10:]
+    assert via_proxy.count(method="GET", status=200, faulted=True) == 2
 
 
 def test_object_deleted_after_listing_is_not_found(s3_env: S3Server) -> None:
@@ -316,7 +314,9 @@ def test_additional_checksums_are_announced_in_hex(s3_env: S3Server) -> None:
 
 def test_kms_encrypted_objects_do_not_announce_an_etag_md5(s3_env: S3Server) -> None:
     bucket = s3_env.new_bucket()
-    s3_env.upload(bucket, {"m/a": b"secret weights", "m/b": b"more"}, ServerSideEncryption="aws:kms")
+    s3_env.upload(
+        bucket, {"m/a": b"secret weights", "m/b": b"more"}, ServerSideEncryption="aws:kms"
+    )
     files = listing(f"s3://{bucket}/m").files
     assert len(files) == 2
     assert all("md5" not in f.checksums for f in files)
@@ -404,7 +404,9 @@ def test_endpoint_unreachable(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch)
     assert "AWS_ENDPOINT_URL" in caught.value.describe()
 
 
-def test_tls_failure_names_the_ca_settings(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tls_failure_names_the_ca_settings(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Speaking TLS to a plain-HTTP server fails the handshake, as a wrong CA would.
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint.replace("http://", "https://"))
     monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
@@ -425,7 +427,8 @@ def test_throttling_is_transient_after_the_client_retries(
     via_proxy.set_faults(s3_error("SlowDown", "Please reduce your request rate.", status=503))
     with pytest.raises(TransientError, match="SlowDown"):
         read_all(source, file)
-    assert via_proxy.count(method="GET", status=503) == 2  # S3_MAX_ATTEMPTS honoured
+    # As in the stock initializer, botocore's ``max_attempts`` counts retries after the first.
+    assert via_proxy.count(method="GET", status=503) == 3
     via_proxy.clear_faults()
     assert read_all(source, file) == b"payload"
 
@@ -447,7 +450,9 @@ def test_retry_after_is_passed_on(
     bucket = s3_env.new_bucket({"m/a": b"1"})
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
-    via_proxy.set_faults(s3_error("TooManyRequests", "slow down", status=429, **{"Retry-After": "7"}))
+    via_proxy.set_faults(
+        s3_error("TooManyRequests", "slow down", status=429, **{"Retry-After": "7"})
+    )
     with pytest.raises(TransientError) as caught:
         read_all(source, file)
     assert caught.value.retry_after == 7.0
@@ -456,18 +461,16 @@ def test_retry_after_is_passed_on(
 def test_client_retries_hide_a_short_outage(
     s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("S3_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "2")
     bucket = s3_env.new_bucket({"m/a": b"survives"})
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
     via_proxy.set_faults(Fault(status=503, times=2, method="GET"))
     assert read_all(source, file) == b"survives"
-    assert via_proxy.count(method="GET") == 3
+    assert via_proxy.count(method="GET", path_contains="/m/a") == 3
 
 
-def test_body_cut_off_mid_stream_is_transient(
-    s3_env: S3Server, via_proxy: CountingProxy
-) -> None:
+def test_body_cut_off_mid_stream_is_transient(s3_env: S3Server, via_proxy: CountingProxy) -> None:
     data = payload(3 * MiB)
     bucket = s3_env.new_bucket({"m/a": data})
     source = source_for(f"s3://{bucket}/m")
@@ -511,7 +514,10 @@ def test_missing_credentials_are_access_denied(
 def test_anonymous_requests_are_unsigned(
     s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = s3_env.new_bucket({"pub/a": b"public"})
+    bucket = s3_env.new_bucket()
+    client = s3_env.client()
+    client.put_bucket_acl(Bucket=bucket, ACL="public-read")
+    client.put_object(Bucket=bucket, Key="pub/a", Body=b"public", ACL="public-read")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("awsAnonymousCredential", "True")
@@ -576,7 +582,9 @@ def test_timeouts_and_attempts_come_from_the_environment(
         s3mod.s3_config()
 
 
-def test_addressing_and_acceleration_flags(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_addressing_and_acceleration_flags(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert (s3mod.s3_config().s3 or {}).get("addressing_style") is None
     monkeypatch.setenv("S3_USER_VIRTUAL_BUCKET", "true")
     monkeypatch.setenv("S3_USE_ACCELERATE", "TRUE")
@@ -691,7 +699,10 @@ def test_etag_parsing() -> None:
         "sha256": hashlib.sha256(b"x").hexdigest()
     }
     assert s3mod._additional_checksums({"ChecksumCRC32": "AAAAAA==-3"}) == {}
-    assert s3mod._additional_checksums({"ChecksumCRC32": "NhCmhg==", "ChecksumType": "COMPOSITE"}) == {}
+    assert (
+        s3mod._additional_checksums({"ChecksumCRC32": "NhCmhg==", "ChecksumType": "COMPOSITE"})
+        == {}
+    )
 
 
 # --------------------------------------------------------------------------- end to end

@@ -85,11 +85,9 @@ class AzureBlobSource(Source):
         return self.uri.redacted
 
     def list(self) -> Listing:
-        from azure.core.exceptions import AzureError
-
         try:
             files = self._list()
-        except AzureError as exc:
+        except Exception as exc:  # SDK errors, and SDK bugs while raising them
             raise translate(
                 exc, self._where(), self.location, reading=False, credentials=self.credential_mode
             ) from None
@@ -151,7 +149,6 @@ class AzureBlobSource(Source):
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         from azure.core import MatchConditions
-        from azure.core.exceptions import AzureError
 
         if (end is not None and end <= start) or file.size == 0:
             return
@@ -175,7 +172,7 @@ class AzureBlobSource(Source):
                 **conditions,
             )
             yield from downloader.chunks()
-        except AzureError as exc:
+        except Exception as exc:  # SDK errors, and SDK bugs while raising them
             raise translate(
                 exc, redact(what), self.location, reading=True, credentials=self.credential_mode
             ) from None

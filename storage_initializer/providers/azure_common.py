@@ -270,6 +270,7 @@ def translate(
     ``credentials`` names the credential mode, so an access error says what was tried.
     """
     from azure.core.exceptions import (
+        AzureError,
         ClientAuthenticationError,
         HttpResponseError,
         IncompleteReadError,
@@ -282,6 +283,15 @@ def translate(
 
     if isinstance(exc, InitializerError):
         return exc
+    # The SDK can fail while building its own error (a TypeError on an error body without
+    # <Message>, for one): the service's answer is an exception being handled at the time.
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, AzureError):
+            break
+        cause = cause.__context__
+    if isinstance(cause, AzureError):
+        exc = cause
     status = _status(exc)
     code = getattr(exc, "error_code", None) or ""
     code = str(getattr(code, "value", code))  # the SDK gives StorageErrorCode enums or text

@@ -88,11 +88,9 @@ class AzureFileSource(Source):
             raise client_refused(exc, uri.redacted, self.location, mode) from None
 
     def list(self) -> Listing:
-        from azure.core.exceptions import AzureError
-
         try:
             files = self._list()
-        except AzureError as exc:
+        except Exception as exc:  # SDK errors, and SDK bugs while raising them
             raise translate(
                 exc,
                 self.uri.redacted,
@@ -158,8 +156,6 @@ class AzureFileSource(Source):
         )
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        from azure.core.exceptions import AzureError
-
         if (end is not None and end <= start) or file.size == 0:
             return
         length = None if end is None else end - start
@@ -172,7 +168,7 @@ class AzureFileSource(Source):
                 retry_total=0,  # the engine retries (and resumes) ranges itself
             )
             yield from downloader.chunks()
-        except AzureError as exc:
+        except Exception as exc:  # SDK errors, and SDK bugs while raising them
             raise translate(
                 exc, what, self.location, reading=True, credentials=self.credential_mode
             ) from None

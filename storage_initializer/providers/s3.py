@@ -179,16 +179,21 @@ def s3_config(max_pool_connections: int = 10) -> Config:
         config = config.merge(Config(response_checksum_validation="when_required"))
     if _is_true("awsAnonymousCredential"):
         config = config.merge(Config(signature_version=UNSIGNED))
+    # One ``s3`` dict: Config.merge replaces it whole, so merging flags one by one would drop
+    # the earlier ones (virtual addressing lost when acceleration is on).
+    s3_options: dict[str, Any] = {}
     if _is_true("S3_USER_VIRTUAL_BUCKET"):
-        config = config.merge(Config(s3={"addressing_style": "virtual"}))
+        s3_options["addressing_style"] = "virtual"
     if _is_true("S3_USE_ACCELERATE"):
-        config = config.merge(Config(s3={"use_accelerate_endpoint": True}))
+        s3_options["use_accelerate_endpoint"] = True
     # The legacy global endpoint answers PermanentRedirect for buckets outside us-east-1 when
     # addressed path-style; virtual-host style lets the SDK follow the bucket's region.
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     region = region_from_env()
     if endpoint == LEGACY_ENDPOINT and region not in (None, "us-east-1"):
-        config = config.merge(Config(s3={"addressing_style": "virtual"}))
+        s3_options["addressing_style"] = "virtual"
+    if s3_options:
+        config = config.merge(Config(s3=s3_options))
     return config
 
 

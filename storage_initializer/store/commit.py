@@ -81,6 +81,9 @@ def commit(
         os.rename(staging.data / name, target)
     set_dir_modes([entry.root / name for name in items], read_only)
     marker_io.fsync_dir(entry.root)
+    # A holder frozen mid-commit and taken over must not publish a marker over the new
+    # owner's work (its files were identical, but the new owner owns the entry now).
+    lease.ensure_held()
     marker_io.write(entry, new_marker)
     with contextlib.suppress(FileNotFoundError):
         entry.commit_journal.unlink()

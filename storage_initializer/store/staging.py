@@ -22,6 +22,7 @@ from storage_initializer.store.layout import Entry
 log = logging.getLogger(__name__)
 
 JOURNAL = "verified.jsonl"
+CHUNKS = "chunks.jsonl"
 META = "source.json"
 
 
@@ -91,6 +92,28 @@ class Staging:
         # O_APPEND writes of one short line are atomic enough; a torn last line is skipped.
         with open(self._journal, "a", encoding="utf-8") as handle:
             handle.write(line)
+
+    def record_chunk(self, path: str, start: int, end: int) -> None:
+        """A chunk of a large file is on disk; a new owner need not fetch it again."""
+        line = json.dumps({"path": path, "start": start, "end": end}) + "\n"
+        with open(self.dir / CHUNKS, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def chunks(self) -> dict[str, set[tuple[int, int]]]:
+        found: dict[str, set[tuple[int, int]]] = {}
+        try:
+            with open(self.dir / CHUNKS, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        data = json.loads(line)
+                        found.setdefault(data["path"], set()).add(
+                            (int(data["start"]), int(data["end"]))
+                        )
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return found
 
     def forget(self, path: str) -> None:
         """Drop a file whose staged copy turned out bad (rewrites the journal)."""

@@ -73,7 +73,9 @@ class Fault:
 
     ``kind``: ``"status"`` (answer ``status`` with ``body``/``headers`` instead of forwarding),
     ``"truncate"`` (forward, then close after ``truncate_fraction`` of the body), ``"delay"``
-    (sleep ``delay`` seconds, then forward), ``"drop"`` (close the connection without answering).
+    (sleep ``delay`` seconds, then forward), ``"drop"`` (close the connection without answering),
+    ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
+    to emulate an origin that ignores ranges).
     A request matches when ``method`` (if set) equals its method, ``path_contains`` (if set) is in
     its path, and ``predicate`` (if set) returns true. ``times``: only the first N matches are
     faulted (None: all); ``probability``: fault that fraction of matches (seeded, reproducible).
@@ -90,6 +92,7 @@ class Fault:
     probability: float = 1.0
     truncate_fraction: float = 0.5
     delay: float = 0.0
+    strip_headers: tuple[str, ...] = ()
     seed: int = 0
     #: How many requests this fault has hit so far.
     hits: int = 0
@@ -170,7 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif fault.kind == "status":
                 self._answer_fault(record, fault)
                 return
-        self._forward(record, body, fault if fault and fault.kind == "truncate" else None)
+        self._forward(record, body, fault)
 
     def _answer_fault(self, record: RequestRecord, fault: Fault) -> None:
         record.status = fault.status
@@ -186,14 +189,20 @@ class _Handler(BaseHTTPRequestHandler):
             proxy._add_bytes(record, len(payload))
             self.wfile.write(payload)
 
-    def _forward(self, record: RequestRecord, body: bytes, truncate: Fault | None) -> None:
+    def _forward(self, record: RequestRecord, body: bytes, fault: Fault | None) -> None:
         proxy = self.server.proxy
+        truncate = fault if fault is not None and fault.kind == "truncate" else None
+        stripped = (
+            {h.lower() for h in fault.strip_headers} if fault and fault.kind == "strip" else set()
+        )
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             headers = {
                 k: v
                 for k, v in self.headers.items()
-                if k.lower() not in HOP_BY_HOP and k.lower() != "expect"
+                if k.lower() not in HOP_BY_HOP
+                and k.lower() != "expect"
+                and k.lower() not in stripped
             }
             if (
                 body
