@@ -10,12 +10,14 @@ marker.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -132,13 +134,11 @@ def extract(archive: Path, out_dir: Path, limits: Limits | None = None) -> list[
             files = _extract_zip(archive, out_dir, budget)
         else:
             files = _extract_tar(archive, out_dir, budget)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        if (
-            isinstance(exc, OSError)
-            and exc.errno is not None
-            and not isinstance(exc, zipfile.BadZipFile)
-        ) and exc.errno in (28,):  # ENOSPC: the disk, not the archive
-            raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the disk or the permissions, not the archive (ENOSPC, EACCES…)
+        raise ArchiveError(f"{label} is corrupt or truncated: {exc}") from exc
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ArchiveError(f"{label} is corrupt or truncated: {exc}") from exc
     if not files:
         raise ArchiveError(f"{label} holds no files")

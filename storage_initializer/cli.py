@@ -83,6 +83,7 @@ def main() -> None:
 @click.option(
     "--replace/--no-replace", default=None, help="Replace a different model found in DEST. [no]"
 )
+@click.option("--max-size", help="Refuse a model larger than this, e.g. 200GiB. [no limit]")
 @click.option(
     "--revalidate/--no-revalidate",
     default=None,

@@ -310,9 +310,9 @@ def _as_holder(
     progress = Progress()
     lease.start_heartbeat(settings.heartbeat_interval, progress.snapshot)
     outcome = "failed"
-    staging = None
+    made: dict[str, Any] = {}  # _download records its staging area here as soon as it exists
     try:
-        result, staging = _download(uri, entry, dest, settings, lease, progress, owner)
+        result = _download(uri, entry, dest, settings, lease, progress, owner, made)
         outcome = result.outcome
         result.seconds = time.monotonic() - started
         if waited and result.outcome == "complete":
@@ -322,6 +322,7 @@ def _as_holder(
         keep = isinstance(exc, TransientError | KeyboardInterrupt) or lease.lost.is_set()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             keep = False
+        staging = made.get("staging")
         if staging is not None and not keep:
             with contextlib.suppress(OSError):
                 staging.discard()
@@ -338,8 +339,9 @@ def _download(
     lease: Lease,
     progress: Any,
     owner: Owner,
-) -> tuple[Result, Any]:
-    from storage_initializer import storage_config, tls
+    made: dict[str, Any],
+) -> Result:
+    from storage_initializer import diskspace, storage_config, tls
     from storage_initializer.engine import Engine
     from storage_initializer.providers import open_source
     from storage_initializer.report import ProgressReporter
@@ -360,7 +362,7 @@ def _download(
             0.0,
             entry.key,
             existing.fingerprint,
-        ), None
+        )
     storage_config.apply()
     tls.configure_process()
     source = open_source(uri, settings)
@@ -388,13 +390,17 @@ def _download(
                 0.0,
                 entry.key,
                 existing.fingerprint,
-            ), None
+            )
         _check_destination(uri, entry, existing, settings)
         total = sum(f.size or 0 for f in files)
         progress.set_totals(len(files), total)
-        staging = Staging.prepare(entry, owner.id, entry.key, listing.fingerprint)
+        staging = made["staging"] = Staging.prepare(entry, owner.id, entry.key, listing.fingerprint)
         recover_interrupted(entry, staging)
         todo = _reuse_staged(files, staging, progress)
+        single_archive = len(files) == 1 and _is_archive(files[0].path)
+        diskspace.check(staging.data, sum(f.size or 0 for f in todo), single_archive)
+        if settings.max_size:
+            diskspace.check(staging.data, total, single_archive, settings.max_size)
         results = {r.path: r.checksums for r in staging.verified().values()}
         log.info(
             "downloading %s: %d files, %s%s",
@@ -407,7 +413,12 @@ def _download(
         lease.update(phase="transfer")
         engine = Engine(source, settings, progress, _cancel_on_loss(lease), lease.ensure_held)
         with ProgressReporter(uri.redacted, settings.progress_interval, progress.snapshot):
-            results.update(engine.run(todo, staging))
+            try:
+                results.update(engine.run(todo, staging))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise diskspace.describe_enospc(exc, entry.root, total) from None
     finally:
         source.close()
     final = [
@@ -421,7 +432,14 @@ def _download(
     if len(files) == 1 and _is_archive(files[0].path):
         progress.phase = "extract"
         lease.update(phase="extract")
-        final = _extract_single(staging, files[0].path)
+        try:
+            final = _extract_single(staging, files[0].path)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise diskspace.describe_enospc(exc, entry.root, total) from None
+        if settings.max_size:
+            diskspace.check(staging.data, sum(f.size for f in final), False, settings.max_size)
     progress.phase = "commit"
     lease.update(phase="commit")
     lease.ensure_held()
@@ -450,7 +468,7 @@ def _download(
         0.0,
         entry.key,
         listing.fingerprint,
-    ), staging
+    )
 
 
 def _cancel_on_loss(lease: Lease) -> Any:

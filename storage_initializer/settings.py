@@ -37,6 +37,8 @@ class Settings:
     log_format: str = "text"
     replace: bool = False
     revalidate: bool = False
+    #: Largest model an entry may hold, in bytes (0: no limit).
+    max_size: int = 0
     #: Where each value came from (for `storage-initializer config` and debugging).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -127,6 +129,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "log_format": (_choice(LOG_FORMATS), ("STORAGE_INITIALIZER_LOG_FORMAT",)),
     "replace": (_bool, ("STORAGE_INITIALIZER_REPLACE",)),
     "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
+    "max_size": (_positive(_size), ("STORAGE_INITIALIZER_MAX_SIZE",)),
 }
 #: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
 ALIASES = {"cache_dir": "cache_dirs", "readonly": "read_only", "writable": "!read_only"}

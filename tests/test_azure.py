@@ -93,6 +93,14 @@ MODEL_PATHS = {
 }
 
 
+def clear_azure_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the Azure variables so that undo removes them again: the provider copies AZ_* to
+    AZURE_* in os.environ, and those copies must not leak into later tests."""
+    for name in AZURE_ENV:
+        monkeypatch.setenv(name, "")  # records the original state, present or not
+        monkeypatch.delenv(name)
+
+
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def azurite() -> Iterator[azurite_server.Azurite]:
@@ -112,8 +120,7 @@ def azure_env(
     azurite: azurite_server.Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> azurite_server.Azurite:
     """A clean Azure environment pointing at Azurite with the account key."""
-    for name in AZURE_ENV:
-        monkeypatch.delenv(name, raising=False)
+    clear_azure_env(monkeypatch)
     for name, value in azurite.env().items():
         monkeypatch.setenv(name, value)
     return azurite
@@ -121,8 +128,7 @@ def azure_env(
 
 @pytest.fixture
 def files_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileShareServer]:
-    for name in AZURE_ENV:
-        monkeypatch.delenv(name, raising=False)
+    clear_azure_env(monkeypatch)
     with FileShareServer(page_size=2) as server:  # small pages: the listing must follow markers
         monkeypatch.setenv("AZURE_STORAGE_FILE_ENDPOINT", server.endpoint)
         monkeypatch.setenv("AZURE_STORAGE_ACCESS_KEY", ACCOUNT_KEY)

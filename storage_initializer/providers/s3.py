@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
@@ -239,6 +238,11 @@ def split_s3_uri(raw: str) -> tuple[str, str]:
     return bucket, key
 
 
+def key_names_object(key: str) -> bool:
+    """Whether ``key`` may name one object (it is checked by listing); else it is a prefix."""
+    return bool(key) and not key.endswith("/")
+
+
 def _etag_md5(etag: str) -> str | None:
     """The MD5 hidden in an ETag, if it is a plain one (multipart ETags end in ``-N``)."""
     value = etag.strip().strip('"')
@@ -297,12 +301,14 @@ class S3Source(Source):
                 "Set AWS_ENDPOINT_URL to a URL such as https://minio.example:9000",
             ) from exc
         self._endpoint = self._endpoint or self.client.meta.endpoint_url
-        self._lock = threading.Lock()
+        #: The directory prefix of the last listing; None when the key named one object.
+        self._prefix: str | None = None if key_names_object(self.key) else self.key
 
     # ------------------------------------------------------------------ listing
 
     def list(self) -> Listing:
         objects, prefix = self._list_objects()
+        self._prefix = prefix
         files = self._remote_files(objects, prefix)
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
@@ -313,7 +319,7 @@ class S3Source(Source):
         """The objects to fetch and the directory prefix they are under (None: the key named
         one object exactly)."""
         key = self.key
-        if key and not key.endswith("/"):
+        if key_names_object(key):
             # An exact object sorts first among the keys it prefixes: one cheap request.
             first = self._call(
                 self.client.list_objects_v2, Bucket=self.bucket, Prefix=key, MaxKeys=1
@@ -487,9 +493,10 @@ class S3Source(Source):
             body.close()
 
     def _key_of(self, file: RemoteFile) -> str:
-        if not self.key or self.key.endswith("/"):
-            return self.key + file.path
-        return self.key + "/" + file.path
+        """The object key of a file that carries no handle (rebuilt from a marker)."""
+        if self._prefix is None:
+            return self.key
+        return self._prefix + file.path
 
     # ------------------------------------------------------------------ errors
 

@@ -22,6 +22,9 @@ The access log has one line per request: ``METHOD URI STATUS BYTES "RANGE"``; se
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import re
 import secrets
 import shutil
@@ -116,7 +119,12 @@ def render_config(
     prefix: Path, http_port: int, https_port: int, cert: Path, key: Path, locations: str
 ) -> str:
     """A complete nginx.conf whose every path lies inside ``prefix``."""
+    user = ""
+    if os.geteuid() == 0:
+        # As root the workers would switch to "nobody", who cannot read our private tmp dir.
+        user = f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};"
     return f"""
+{user}
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 CHUNK = 64 * 1024
@@ -120,13 +121,25 @@ class Fault:
         return True
 
 
-def s3_error(code: str, message: str, status: int = 503, **headers: str) -> Fault:
-    """A fault answering like S3 does: an XML ``<Error>`` body botocore parses into a code."""
+def s3_error(
+    code: str,
+    message: str,
+    status: int = 503,
+    headers: dict[str, str] | None = None,
+    **options: Any,
+) -> Fault:
+    """A fault answering like S3 does: an XML ``<Error>`` body botocore parses into a code.
+    ``options`` are further :class:`Fault` fields (``method``, ``path_contains``, ``times``...)."""
     body = (
         f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
         f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>"
     ).encode()
-    return Fault(status=status, body=body, headers={"Content-Type": "application/xml", **headers})
+    return Fault(
+        status=status,
+        body=body,
+        headers={"Content-Type": "application/xml", **(headers or {})},
+        **options,
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -304,7 +317,10 @@ class CountingProxy:
     # -- lifecycle
     def start(self) -> CountingProxy:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="counting-proxy", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # how fast stop() returns
+            name="counting-proxy",
+            daemon=True,
         )
         self._thread.start()
         return self

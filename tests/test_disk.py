@@ -1,0 +1,108 @@
+"""A full disk: refused before downloading when sizes are known, a clear error and no leftovers
+when it fills up mid-download. Uses a real 64 MiB tmpfs (needs root to mount)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class _EndlessModel(http.server.BaseHTTPRequestHandler):
+    """Streams 100 MiB with no Content-Length: the size is unknown until the disk is full."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.do_HEAD()
+        block = b"\1" * (1 << 20)
+        try:
+            for _ in range(100):
+                self.wfile.write(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def model_files(dest: Path) -> list[str]:
+    return [
+        p.name
+        for p in dest.rglob("*")
+        if p.is_file() and ".storage-initializer" not in p.relative_to(dest).parts
+    ]
+
+
+def pull(source: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STORAGE_INITIALIZER_RETRIES": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "storage_initializer.entrypoint", source, str(dest)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_known_size_that_cannot_fit_is_refused_before_downloading(
+    small_volume: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(os.urandom(80 << 20))
+    dest = small_volume / "model"
+    run = pull(str(source), dest)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert "not enough space" in last and str(source) in last
+    assert model_files(dest) == []
+    staging = dest / ".storage-initializer" / "staging"
+    assert not any(staging.glob("*/data/*"))
+
+
+def test_disk_full_mid_download_is_explained_and_cleaned_up(small_volume: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndlessModel)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}/weights.bin"
+        dest = small_volume / "model"
+        run = pull(uri, dest)
+    finally:
+        server.shutdown()
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert "filled up during the download" in last and uri in last
+    assert model_files(dest) == []
+    # The partial download was removed: the volume is (nearly) empty again.
+    stats = os.statvfs(small_volume)
+    assert stats.f_bavail * stats.f_frsize > 60 << 20
