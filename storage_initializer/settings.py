@@ -157,10 +157,14 @@ def _read_config_file(environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
             import yaml  # YAML is a superset of JSON: one parser for both
 
             data = yaml.safe_load(text) or {}
+    # The parsers' messages span lines (a caret under the bad column): fold them into one, as
+    # KServe shows only the last log line of a failed init container.
     except ValueError as exc:  # yaml.YAMLError derives from Exception; caught below
-        raise UsageError(f"config file {path} is not valid JSON: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise UsageError(f"config file {path} is not valid JSON: {detail}") from exc
     except Exception as exc:
-        raise UsageError(f"config file {path} is not valid YAML: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise UsageError(f"config file {path} is not valid YAML: {detail}") from exc
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     return data, path
