@@ -44,6 +44,22 @@ class Listing:
     fingerprint: str
 
 
+def read_local_range(
+    path: str, start: int, end: int | None, block: int = 1 << 20
+) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of a local file in bounded blocks (local sources, offline caches)."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            data = handle.read(block if left is None else min(block, left))
+            if not data:
+                return
+            if left is not None:
+                left -= len(data)
+            yield data
+
+
 def fingerprint_of(files: list[RemoteFile]) -> str:
     """A stable digest of a listing: changes when any path, size or version changes."""
     digest = hashlib.sha256()

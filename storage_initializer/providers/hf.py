@@ -46,7 +46,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers.base import Listing, RemoteFile, Source
+from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
 from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
@@ -581,13 +581,5 @@ class HfSource(Source):
 
     def _read_cached(self, file: RemoteFile, start: int, end: int | None) -> Iterator[bytes]:
         assert self._snapshot_dir is not None
-        with open(os.path.join(self._snapshot_dir, file.handle), "rb") as handle:
-            handle.seek(start)
-            left = None if end is None else end - start
-            while left is None or left > 0:
-                block = handle.read(BLOCK_SIZE if left is None else min(BLOCK_SIZE, left))
-                if not block:
-                    break
-                if left is not None:
-                    left -= len(block)
-                yield block
+        path = os.path.join(self._snapshot_dir, file.handle)
+        return read_local_range(path, start, end, BLOCK_SIZE)

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from storage_initializer.errors import AccessDeniedError, NotFoundError
-from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.providers.base import (
+    Listing,
+    RemoteFile,
+    Source,
+    fingerprint_of,
+    read_local_range,
+)
 
 BLOCK = 1 << 20
 
@@ -51,16 +57,6 @@ class LocalSource(Source):
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         try:
-            handle = open(file.handle, "rb")  # noqa: SIM115 - closed below, in a generator
+            yield from read_local_range(file.handle, start, end, BLOCK)
         except FileNotFoundError:
             raise NotFoundError(f"{file.path} disappeared from {self.uri.redacted}") from None
-        with handle:
-            handle.seek(start)
-            remaining = None if end is None else end - start
-            while remaining is None or remaining > 0:
-                block = handle.read(BLOCK if remaining is None else min(BLOCK, remaining))
-                if not block:
-                    return
-                if remaining is not None:
-                    remaining -= len(block)
-                yield block
