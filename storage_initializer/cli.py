@@ -84,6 +84,7 @@ def main() -> None:
     "--replace/--no-replace", default=None, help="Replace a different model found in DEST. [no]"
 )
 @click.option("--max-size", help="Refuse a model larger than this, e.g. 200GiB. [no limit]")
+@click.option("--metrics-file", help="Write Prometheus metrics of the run to this file.")
 @click.option(
     "--revalidate/--no-revalidate",
     default=None,
@@ -99,20 +100,32 @@ def pull(source: str, dest: Path, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), help="Show every entry of this cache instead."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--stale-after", type=float, default=None, help="Staleness threshold to report with.")
-def status(dest: Path, as_json: bool, stale_after: float | None) -> None:
-    """Show whether DEST is complete, being downloaded (by whom, how far) or stale."""
+def status(
+    dest: Path | None, cache_dir: Path | None, as_json: bool, stale_after: float | None
+) -> None:
+    """Show whether DEST is complete, being downloaded (by whom, how far) or stale; with
+    --cache-dir, a table of every entry of the cache and the volume's space."""
     from storage_initializer import settings as settings_mod
     from storage_initializer.inspect import status as read_status
     from storage_initializer.report import human_bytes
 
     settings = settings_mod.load(_flags(stale_after=stale_after))
+    if cache_dir is not None:
+        _cache_status(cache_dir, settings.stale_after, as_json)
+        return
+    if dest is None:
+        raise click.UsageError("give DEST or --cache-dir")
     info = read_status(dest, settings.stale_after)
     if as_json:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
-        return
+        # Same exit status as the text form, so scripts can test for a model either way.
+        sys.exit(1 if info["state"] == "absent" else 0)
     click.echo(f"{info['path']}: {info['state']}")
     for key in ("entry", "source", "fingerprint", "files", "completed_at", "downloaded_by"):
         if key in info:
@@ -135,17 +148,168 @@ def status(dest: Path, as_json: bool, stale_after: float | None) -> None:
 
 
 @main.command()
-@click.argument("dest", type=click.Path(path_type=Path))
-def verify(dest: Path) -> None:
-    """Re-hash every file of DEST against its marker; exit 1 listing the bad ones."""
+@click.argument("dest", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), help="Verify the entries of this cache."
+)
+@click.option("--entry", "entry_ref", help="Only this cache entry: its key or its URI.")
+def verify(dest: Path | None, cache_dir: Path | None, entry_ref: str | None) -> None:
+    """Re-hash every file of DEST (or of every cache entry) against its marker; exit 1 listing
+    the bad ones."""
+    from storage_initializer import cache
+    from storage_initializer import settings as settings_mod
     from storage_initializer.inspect import verify as run_verify
     from storage_initializer.redact import redact
 
-    entry, bad, checked = run_verify(dest)
-    if bad:
-        for line in bad:
-            click.echo(redact(f"BAD {line}"))
-        click.echo(f"{len(bad)} problem(s) in {entry.root if entry else dest}", err=True)
+    if cache_dir is not None:
+        settings = settings_mod.load({})
+        if entry_ref:
+            found = cache.find(cache_dir, entry_ref, settings)
+            if found is None:
+                click.echo(f"no entry for {redact(entry_ref)} in {cache_dir}", err=True)
+                sys.exit(1)
+            targets = [found.root]
+        else:
+            targets = [e.root for e in cache.entries(cache_dir)]
+    elif dest is not None:
+        targets = [dest]
+    else:
+        raise click.UsageError("give DEST or --cache-dir")
+    failed = 0
+    for target in targets:
+        entry, bad, checked = run_verify(target)
+        if bad:
+            failed += 1
+            for line in bad:
+                click.echo(redact(f"BAD {line}"))
+            click.echo(f"{len(bad)} problem(s) in {entry.root if entry else target}", err=True)
+        else:
+            assert entry is not None
+            click.echo(f"OK {checked} files in {entry.root} match the marker")
+    sys.exit(1 if failed else 0)
+
+
+def _when(stamp: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+
+def _cache_status(cache_dir: Path, stale_after: float, as_json: bool) -> None:
+    from storage_initializer import cache
+    from storage_initializer.report import human_bytes
+
+    survey = cache.survey(cache_dir, stale_after)
+    if as_json:
+        click.echo(json.dumps(survey, indent=1, sort_keys=True))
+        return
+    header = ("KEY", "STATE", "SIZE", "FILES", "CREATED", "LAST USED", "HITS", "SOURCE")
+    rows = [header]
+    for e in survey["entries"]:
+        state = e["state"]
+        if e["holder"]:
+            done, total = e["progress"].get("bytes_done", 0), e["progress"].get("bytes_total", 0)
+            state += f" ({e['holder']}, {human_bytes(done)}/{human_bytes(total)})"
+        rows.append(
+            (
+                e["key"],
+                state,
+                human_bytes(e["size"]),
+                str(e["files"]),
+                _when(e["created"]),
+                _when(e["last_used"]),
+                str(e["hits"]),
+                e["source"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:-1])) + "  " + row[-1])
+    volume = survey["volume"]
+    click.echo(
+        f"{len(survey['entries'])} entries, {human_bytes(survey['entries_size'])} of models; "
+        f"volume {human_bytes(volume['used'])} used, {human_bytes(volume['free'])} free "
+        f"of {human_bytes(volume['total'])}"
+    )
+
+
+@main.command()
+@click.option("--cache-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--max-size", help="Evict until the cache's models take at most this, e.g. 500GiB.")
+@click.option("--keep-free", help="Evict until the volume has at least this free.")
+@click.option("--max-idle", type=float, help="Evict entries unused for this many seconds.")
+@click.option(
+    "--min-idle",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Never evict an entry used within this many seconds.",
+)
+@click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True)
+@click.option("--stale-after", type=float, default=None, help="When a lease counts as stale.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
+def gc(
+    cache_dir: Path,
+    max_size: str | None,
+    keep_free: str | None,
+    max_idle: float | None,
+    min_idle: float,
+    policy: str,
+    stale_after: float | None,
+    dry_run: bool,
+) -> None:
+    """Keep a cache within bounds: evict whole entries (LRU or LFU), never one in use, and
+    remove orphaned staging areas."""
+    from storage_initializer import gc as gc_mod
+    from storage_initializer import settings as settings_mod
+    from storage_initializer.report import human_bytes, setup_logging
+
+    setup_logging("text")
+    settings = settings_mod.load(_flags(stale_after=stale_after))
+    size = settings_mod.parse_size
+    rules = gc_mod.Policy(
+        max_size=size(max_size) if max_size else 0,
+        keep_free=size(keep_free) if keep_free else 0,
+        max_idle=max_idle or 0.0,
+        min_idle=min_idle,
+        policy=policy,
+        stale_after=settings.stale_after,
+    )
+    planned, done = gc_mod.run(cache_dir, rules, dry_run)
+    shown = planned if dry_run else done
+    for action in shown:
+        verb = ("would " if dry_run else "") + ("evict" if action.kind == "evict" else "clean")
+        click.echo(f"{verb} {action.entry.key} ({human_bytes(action.bytes)}): {action.reason}")
+    total = sum(a.bytes for a in shown)
+    click.echo(
+        f"{'would free' if dry_run else 'freed'} {human_bytes(total)} in {len(shown)} actions"
+    )
+
+
+@main.command()
+@click.option(
+    "--from-file", "from_file", type=click.Path(exists=True, path_type=Path), required=True
+)
+@click.option("--parallel", type=int, default=None, help="Models pulled at once. [file, or 2]")
+@click.option("--cache-dir", "cache_dirs", multiple=True, help="Cache directory for every model.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
+def prefetch(from_file: Path, parallel: int | None, **options: Any) -> None:
+    """Pull every model listed in a YAML file, several at a time; one table at the end, exit 1
+    if any failed. The Job that seeds an air-gapped cluster."""
+    from storage_initializer import prefetch as prefetch_mod
+    from storage_initializer import settings as settings_mod
+    from storage_initializer.errors import InitializerError
+    from storage_initializer.report import setup_logging
+
+    flags = _flags(**options)
+    try:
+        base = settings_mod.load(flags)
+        setup_logging(base.log_format)
+        items, file_parallel, defaults = prefetch_mod.load_file(from_file)
+    except InitializerError as exc:
+        setup_logging("text")
+        click.echo(f"prefetch: {exc.describe()}", err=True)
         sys.exit(1)
-    assert entry is not None
-    click.echo(f"OK {checked} files in {entry.root} match the marker")
+    outcomes = prefetch_mod.run(items, parallel or file_parallel, flags, defaults)
+    click.echo(prefetch_mod.table(outcomes))
+    sys.exit(0 if all(o.ok for o in outcomes) else 1)

@@ -31,6 +31,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         log.error("invalid configuration: %s", exc.describe())
         return 1
     setup_logging(settings.log_format)
+    runs: list[dict] = []
     for source, dest in pairs:
         log.info("Initializing, args: src_uri [%s] dest_path [%s]", source, dest)
         try:
@@ -40,10 +41,33 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
             return 1
         except Exception as exc:  # every failure ends in one explanatory line
             log.debug("failure details", exc_info=True)
-            log.error("%s", describe_failure(source, exc))
+            if settings.metrics_file:
+                runs.append({"source": _redacted(source), "outcome": "failed"})
+                _write_metrics(settings.metrics_file, runs)
+            log.error("%s", describe_failure(source, exc))  # the last line KServe shows
             return 1
+        runs.append(result.fields())
         summary(result.fields(), settings.log_format)
+    if settings.metrics_file:
+        _write_metrics(settings.metrics_file, runs)
     return 0
+
+
+def _redacted(uri: str) -> str:
+    from storage_initializer.redact import redact_url
+
+    return redact_url(uri)
+
+
+def _write_metrics(path: str, runs: list[dict]) -> None:
+    """Metrics are a side channel: failing to write them must not fail the pull, nor hide the
+    last log line, which explains the pull."""
+    from storage_initializer import metrics
+
+    try:
+        metrics.write(path, runs)
+    except OSError as exc:
+        log.warning("cannot write the metrics file %s: %s", path, exc.strerror or exc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,11 @@ def find_entry(path: Path) -> layout.Entry | None:
     destination populated from a cache, the entry its links point into."""
     path = path.absolute()
     if (path / STATE_DIR_NAME).is_dir():
+        keyed = layout.Entry(path, path.name, "cache")
+        name = keyed.current_version()
+        if name is not None:  # a cache entry <cache>/<key>: its current version
+            data = marker_io.read(keyed.version(name))
+            return layout.Entry(keyed.root / name, data.key if data else path.name, "version")
         data = marker_io.read(layout.Entry(path, "", "direct"))
         return layout.Entry(path, data.key if data else "", "direct")
     try:
@@ -30,8 +35,16 @@ def find_entry(path: Path) -> layout.Entry | None:
             root = Path(os.path.realpath(item)).parent
             if (root / STATE_DIR_NAME).is_dir():
                 data = marker_io.read(layout.Entry(root, "", "cache"))
-                return layout.Entry(root, data.key if data else root.name, "cache")
+                mode = "version" if layout.VERSION_RE.match(root.name) else "cache"
+                return layout.Entry(root, data.key if data else root.name, mode)
     return None
+
+
+def _lease_entry(entry: layout.Entry) -> layout.Entry:
+    """Where the lease of ``entry`` lives: a version directory's is its cache entry's."""
+    if entry.mode == "version":
+        return layout.Entry(entry.root.parent, entry.key, "cache")
+    return entry
 
 
 def status(path: Path, stale_after: float) -> dict[str, Any]:
@@ -58,7 +71,7 @@ def status(path: Path, stale_after: float) -> dict[str, Any]:
         )
     else:
         info["state"] = "incomplete"
-    generation, lease = current(entry)
+    generation, lease = current(_lease_entry(entry))
     if lease is not None and not lease.get("released"):
         age = time.time() - float(lease.get("heartbeat", 0))
         dead = process_is_dead(
@@ -82,7 +95,7 @@ def status(path: Path, stale_after: float) -> dict[str, Any]:
             info["state"] = "stale lease" if stale else "downloading"
     elif lease is not None:
         info["last_outcome"] = lease.get("outcome")
-    staging = entry.staging_root
+    staging = _lease_entry(entry).staging_root
     if staging.is_dir():
         info["staging_areas"] = sorted(p.name for p in staging.iterdir() if p.is_dir())
     return info

@@ -24,6 +24,7 @@ from storage_initializer import __version__
 from storage_initializer.errors import (
     DestinationError,
     InitializerError,
+    LeaseLostError,
     LockTimeoutError,
     NotFoundError,
     TransientError,
@@ -84,8 +85,23 @@ def _valid(entry: layout.Entry, marker: marker_io.Marker | None) -> bool:
     return marker is not None and marker.key == entry.key and not marker_io.problems(entry, marker)
 
 
+def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | None]:
+    """The directory readers get and its marker: the entry itself in direct mode; in cache
+    mode the version that ``current`` names, read once, so that a switch happening meanwhile
+    cannot pair one version's marker with another version's files."""
+    if entry.mode != "cache":
+        return entry, marker_io.read(entry)
+    name = entry.current_version()
+    if name is None:
+        return entry, None
+    version = entry.version(name)
+    return version, marker_io.read(version)
+
+
 def _finish(entry: layout.Entry, dest: Path, marker: marker_io.Marker, settings: Settings) -> None:
-    if entry.mode == "cache":
+    """Cache mode: link DEST to the concrete version directory ``entry`` (never through
+    ``current``), so a later version switch leaves this pod's model untouched."""
+    if entry.mode == "version":
         from storage_initializer.store import links
         from storage_initializer.store.commit import top_level
 
@@ -114,10 +130,10 @@ def pull(source: str, dest: str | Path, settings: Settings) -> Result:
         _prepare_dir(dest, "destination")
     else:
         _prepare_dir(entry.root, "cache entry")
-    current = marker_io.read(entry)
-    if _valid(entry, current) and not settings.revalidate:
+    model, current = _published(entry)
+    if _valid(model, current) and not settings.revalidate:
         assert current is not None
-        _finish(entry, dest, current, settings)
+        _finish(model, dest, current, settings)
         return Result(
             uri.redacted,
             str(dest),
@@ -175,10 +191,10 @@ def _locked_pull(
     poll = settings.poll_interval
     try:
         while True:
-            existing = marker_io.read(entry)
-            if _valid(entry, existing) and not (settings.revalidate and not waited):
+            model, existing = _published(entry)
+            if _valid(model, existing) and not (settings.revalidate and not waited):
                 assert existing is not None
-                _finish(entry, dest, existing, settings)
+                _finish(model, dest, existing, settings)
                 return Result(
                     uri.redacted,
                     str(dest),
@@ -319,16 +335,32 @@ def _as_holder(
             result.outcome = "waited"
         return result
     except BaseException as exc:
-        keep = isinstance(exc, TransientError | KeyboardInterrupt) or lease.lost.is_set()
+        lost = lease.lost.is_set() or not _still_held(lease)
+        keep = isinstance(exc, TransientError | KeyboardInterrupt) or lost
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             keep = False
         staging = made.get("staging")
         if staging is not None and not keep:
             with contextlib.suppress(OSError):
                 staging.discard()
+        if lost and not isinstance(exc, LeaseLostError | KeyboardInterrupt):
+            # Whatever broke (the engine cancelled, a journal whose directory the new owner
+            # adopted), the cause is the takeover: say so in the last log line.
+            lease.lost.set()
+            raise LeaseLostError(
+                f"lost the download lease of {entry.root} to another replica while "
+                f"downloading {uri.redacted}; stopped without committing"
+            ) from exc
         raise
     finally:
         lease.release(outcome)
+
+
+def _still_held(lease: Lease) -> bool:
+    try:
+        return lease.still_held()
+    except OSError:
+        return True  # cannot tell: do not claim a takeover we did not see
 
 
 def _download(
@@ -345,13 +377,19 @@ def _download(
     from storage_initializer.engine import Engine
     from storage_initializer.providers import open_source
     from storage_initializer.report import ProgressReporter
-    from storage_initializer.store.commit import commit, recover_interrupted
+    from storage_initializer.store.commit import (
+        commit,
+        commit_version,
+        find_version,
+        recover_interrupted,
+        switch_current,
+    )
     from storage_initializer.store.staging import Staging
 
-    existing = marker_io.read(entry)
-    if _valid(entry, existing) and not settings.revalidate:
+    model, existing = _published(entry)
+    if _valid(model, existing) and not settings.revalidate:
         assert existing is not None
-        _finish(entry, dest, existing, settings)
+        _finish(model, dest, existing, settings)
         return Result(
             uri.redacted,
             str(dest),
@@ -374,12 +412,12 @@ def _download(
         files = _select(uri, listing.files, settings)
         if (
             settings.revalidate
-            and _valid(entry, existing)
+            and _valid(model, existing)
             and existing is not None
             and existing.fingerprint == listing.fingerprint
         ):
             log.info("%s has not changed since it was downloaded", uri.redacted)
-            _finish(entry, dest, existing, settings)
+            _finish(model, dest, existing, settings)
             return Result(
                 uri.redacted,
                 str(dest),
@@ -391,11 +429,36 @@ def _download(
                 entry.key,
                 existing.fingerprint,
             )
-        _check_destination(uri, entry, existing, settings)
+        if entry.mode == "cache":
+            ready = find_version(entry, listing.fingerprint)
+            if ready is not None:
+                # Published by an owner that died before switching, or an earlier version
+                # the source went back to: switch without downloading.
+                lease.ensure_held()
+                switch_current(entry, ready)
+                version = entry.version(ready)
+                found = marker_io.read(version)
+                assert found is not None
+                log.info("%s: switching to the complete version %s", uri.redacted, ready)
+                _finish(version, dest, found, settings)
+                return Result(
+                    uri.redacted,
+                    str(dest),
+                    "complete",
+                    0,
+                    found.total_size,
+                    len(found.files),
+                    0.0,
+                    entry.key,
+                    found.fingerprint,
+                )
+        else:
+            _check_destination(uri, entry, existing, settings)
         total = sum(f.size or 0 for f in files)
         progress.set_totals(len(files), total)
         staging = made["staging"] = Staging.prepare(entry, owner.id, entry.key, listing.fingerprint)
-        recover_interrupted(entry, staging)
+        if entry.mode == "direct":
+            recover_interrupted(entry, staging)
         todo = _reuse_staged(files, staging, progress)
         single_archive = len(files) == 1 and _is_archive(files[0].path)
         diskspace.check(staging.data, sum(f.size or 0 for f in todo), single_archive)
@@ -454,8 +517,11 @@ def _download(
         read_only=settings.read_only,
         tool_version=__version__,
     )
-    commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
-    _finish(entry, dest, new_marker, settings)
+    if entry.mode == "cache":
+        name = commit_version(entry, staging, new_marker, lease, settings.read_only)
+        _finish(entry.version(name), dest, new_marker, settings)
+    else:
+        commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
     snap = progress.snapshot()
     log.info("committed %s into %s", uri.redacted, entry.root)
     return Result(

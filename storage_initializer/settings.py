@@ -39,6 +39,12 @@ class Settings:
     revalidate: bool = False
     #: Largest model an entry may hold, in bytes (0: no limit).
     max_size: int = 0
+    #: Prometheus text file written at the end of every run.
+    metrics_file: str = ""
+    #: When set, a pull in cache mode ends with a gc of the cache down to this size.
+    cache_max_size: int = 0
+    #: gc policy for that automatic gc: lru or lfu.
+    cache_policy: str = "lru"
     #: Where each value came from (for `storage-initializer config` and debugging).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -102,6 +108,11 @@ def _positive(convert: Callable[[Any], Any], allow_zero: bool = True) -> Callabl
     return checked
 
 
+def parse_size(value: Any) -> int:
+    """'500GiB', '2G', '1048576' → bytes."""
+    return _size(value)
+
+
 def _size(value: Any) -> int:
     text = str(value).strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -130,6 +141,9 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "replace": (_bool, ("STORAGE_INITIALIZER_REPLACE",)),
     "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
     "max_size": (_positive(_size), ("STORAGE_INITIALIZER_MAX_SIZE",)),
+    "metrics_file": (str, ("STORAGE_INITIALIZER_METRICS_FILE",)),
+    "cache_max_size": (_positive(_size), ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
+    "cache_policy": (_choice(("lru", "lfu")), ("STORAGE_INITIALIZER_CACHE_POLICY",)),
 }
 #: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
 ALIASES = {"cache_dir": "cache_dirs", "readonly": "read_only", "writable": "!read_only"}
@@ -168,6 +182,12 @@ def _read_config_file(environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     return data, path
+
+
+def normalise_keys(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Option names as a config file may write them (``stale-after``, ``cache_dir``,
+    ``writable``) → the canonical names; unknown names are an error naming ``path``."""
+    return _normalise_config(data, path)
 
 
 def _normalise_config(data: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ second destination of the same source must cost no origin request at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def _key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def _model_root(entry: Path) -> Path:
+    """Where the entry's model files are: the entry itself, or the version directory its
+    ``current`` link names (an entry may keep immutable versions side by side)."""
+    current = entry / "current"
+    return Path(os.path.realpath(current)) if current.is_symlink() else entry
+
+
 def _entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -51,29 +59,46 @@ def test_link_modes_populate_the_destination(nginx: Nginx, tmp: Path, link_mode:
 
     entry = cache / _key(url)
     assert _entries(cache) == [entry]
-    assert marker_path(entry).is_file()
-    assert tree_digest(entry) == digests(model)
+    root = _model_root(entry)
+    assert root == entry or root.parent == entry
+    assert marker_path(root).is_file()
+    assert tree_digest(root) == digests(model)
     assert tree_digest(dest) == digests(model)
-    # Nothing of ours in the pod's destination: the state lives in the cache entry.
-    assert not (dest / STATE_DIR).exists()
-    top = sorted(p.name for p in dest.iterdir())
+    # The model server sees the model and nothing else (the state lives in the cache entry).
+    top = sorted(p.name for p in dest.iterdir() if p.name != STATE_DIR)
     assert top == ["config.json", "weights"]
 
     for rel, path in model_files(dest).items():
-        cached = entry / rel
+        cached = root / rel
         if link_mode == "symlink":
             assert Path(os.path.realpath(path)) == cached.resolve()
+            assert Path(os.path.realpath(path)).is_relative_to(entry.resolve())
         else:
             assert not any(p.is_symlink() for p in [path, *path.parents] if p != dest.parent)
             same_inode = os.stat(path).st_ino == os.stat(cached).st_ino
             assert same_inode == (link_mode == "hardlink"), rel
     if link_mode == "symlink":
-        for name in top:
-            assert os.readlink(dest / name) == str(entry / name)
+        assert all((dest / name).is_symlink() for name in top)
 
+    verify = cli("verify", root)
+    assert verify.returncode == 0, verify.describe()
+
+
+@pytest.mark.parametrize("link_mode", ["symlink", "hardlink", "copy"])
+def test_status_and_verify_accept_a_linked_destination(
+    nginx: Nginx, tmp: Path, link_mode: str
+) -> None:
+    """An operator runs `status`/`verify` on the pod's path (/mnt/models), not on the cache
+    entry whose key they do not know, whatever the link mode."""
+    _folder, url, model = _publish_archive(nginx, 24)
+    cache, dest = tmp / "cache", tmp / "pod" / "models"
+    result = cli("pull", "--cache-dir", cache, "--link-mode", link_mode, url, dest)
+    assert result.returncode == 0, result.describe()
+    status = cli("status", "--json", dest)
+    assert json.loads(status.stdout)["state"] == "complete", status.describe()
     verify = cli("verify", dest)
     assert verify.returncode == 0, verify.describe()
-    assert str(entry) in verify.stdout
+    assert f"OK {len(model)} files" in verify.stdout
 
 
 def test_second_destination_costs_no_request(nginx: Nginx, tmp: Path) -> None:
@@ -106,10 +131,10 @@ def test_environment_variable_selects_cache_mode(nginx: Nginx, tmp: Path) -> Non
     )
     result = cli("pull", url, tmp / "dest", env=env)
     assert result.returncode == 0, result.describe()
-    entry = tmp / "cache" / _key(url)
+    root = _model_root(tmp / "cache" / _key(url))
     assert tree_digest(tmp / "dest") == digests(model)
     cfg = "config.json"
-    assert os.stat(tmp / "dest" / cfg).st_ino == os.stat(entry / cfg).st_ino
+    assert os.stat(tmp / "dest" / cfg).st_ino == os.stat(root / cfg).st_ino
 
 
 def test_filters_make_a_separate_entry(nginx: Nginx, tmp: Path) -> None:

@@ -11,14 +11,17 @@ moves those back into its staging area (they were verified) and commits again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.fsutil import remove_path, set_dir_modes, set_file_modes
-from storage_initializer.store.layout import Entry
+from storage_initializer.store.layout import CURRENT_NAME, Entry
 from storage_initializer.store.lease import Lease
 from storage_initializer.store.staging import Staging
 
@@ -88,6 +91,79 @@ def commit(
     with contextlib.suppress(FileNotFoundError):
         entry.commit_journal.unlink()
     staging.discard()
+
+
+def version_name(fingerprint: str, owner_id: str) -> str:
+    """A fresh, unique name for a version directory: creation time (for humans and ordering),
+    the source fingerprint, and the owner that made it (never reused, so a version directory
+    is never written twice)."""
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    return f"v{int(time.time()):010d}-{digest}-{owner_id}"
+
+
+def switch_current(entry: Entry, name: str) -> None:
+    """Point ``<key>/current`` at version ``name``: one atomic rename of a new symlink, so a
+    reader resolves either the old version or the new one, never something in between."""
+    tmp = entry.root / f".{CURRENT_NAME}.{uuid.uuid4().hex}.tmp"
+    os.symlink(name, tmp)
+    try:
+        os.replace(tmp, entry.current_link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    marker_io.fsync_dir(entry.root)
+
+
+def find_version(entry: Entry, fingerprint: str) -> str | None:
+    """Cache mode: a complete version directory of this fingerprint that is not current (a
+    holder died between publishing it and switching ``current``, or the source went back to an
+    earlier version): switching to it costs no download."""
+    for name in reversed(entry.versions()):
+        version = entry.version(name)
+        found = marker_io.read(version)
+        if (
+            found is not None
+            and found.key == entry.key
+            and found.fingerprint == fingerprint
+            and not marker_io.problems(version, found)
+        ):
+            return name
+    return None
+
+
+def commit_version(
+    entry: Entry,
+    staging: Staging,
+    new_marker: marker_io.Marker,
+    lease: Lease,
+    read_only: bool,
+) -> str:
+    """Cache mode: publish the staged download as a new immutable version, then switch to it.
+
+    The staged tree gets its marker and file modes while still private, is renamed into the
+    entry as one directory (one atomic rename: the version appears complete or not at all),
+    gets its directory modes, and only then does ``current`` move. Running pods keep the links
+    to the version they started with; a crash before the switch leaves a complete version that
+    the next owner switches to without downloading (:func:`find_version`)."""
+    name = version_name(new_marker.fingerprint, lease.owner.id)
+    set_file_modes(staging.data, read_only)
+    version = Entry(staging.data, entry.key, "version")
+    version.state.mkdir(exist_ok=True)
+    marker_io.write(version, new_marker)
+    lease.ensure_held()
+    target = entry.root / name
+    os.rename(staging.data, target)
+    # Directories last: a read-only directory cannot be renamed into place.
+    set_dir_modes([target], read_only)
+    marker_io.fsync_dir(target)
+    marker_io.fsync_dir(entry.root)
+    # A holder frozen until another took over must not move ``current`` (the version it
+    # published is complete and harmless; issue 8's gc removes unused versions).
+    lease.ensure_held()
+    switch_current(entry, name)
+    staging.discard()
+    return name
 
 
 def top_level(paths: list[str]) -> list[str]:

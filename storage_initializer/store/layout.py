@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,19 @@ MARKER_NAME = "marker.json"
 LOCK_NAME = "lock"
 STAGING_NAME = "staging"
 COMMIT_JOURNAL = "commit.json"
+#: Cache mode: ``<cache>/<key>/current`` → ``v<time>-<fingerprint>-<owner>``, one immutable
+#: directory per downloaded version, so that a new version never changes what a running pod
+#: linked to (see docs/concurrency.md, "Source changes").
+CURRENT_NAME = "current"
+VERSION_RE = re.compile(r"^v\d{10}-[0-9a-f]{12}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
 class Entry:
     root: Path
     key: str
-    #: "direct" or "cache"
+    #: "direct", "cache" (the key's directory: state, versions and the ``current`` link) or
+    #: "version" (one immutable version directory of a cache entry)
     mode: str
 
     @property
@@ -47,6 +54,34 @@ class Entry:
     @property
     def commit_journal(self) -> Path:
         return self.state / COMMIT_JOURNAL
+
+    @property
+    def current_link(self) -> Path:
+        """Cache mode: the symlink naming the version directory that new readers get."""
+        return self.root / CURRENT_NAME
+
+    def current_version(self) -> str | None:
+        """Cache mode: the name of the current version directory (None before the first)."""
+        try:
+            target = os.readlink(self.current_link)
+        except OSError:
+            return None
+        name = os.path.basename(os.path.normpath(target))
+        return name if VERSION_RE.match(name) else None
+
+    def version(self, name: str) -> Entry:
+        """Cache mode: one immutable version of this entry, itself laid out like a direct
+        entry (model files, and a state directory holding only its marker)."""
+        return Entry(self.root / name, self.key, "version")
+
+    def versions(self) -> list[str]:
+        """Cache mode: every version directory present, oldest first (by name: they start
+        with a timestamp)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if VERSION_RE.match(n))
 
     def model_items(self) -> list[str]:
         """Top-level names of the model (everything but our state directory)."""

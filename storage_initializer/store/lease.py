@@ -64,14 +64,28 @@ def _pid_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
+#: Names this node in leases instead of the hostname (in Kubernetes, pass ``spec.nodeName``
+#: through the downward API). Two processes with different node ids never judge each other's
+#: liveness by pid, only by heartbeat: that is what a lease from another node needs.
+NODE_ID_ENV = "STORAGE_INITIALIZER_NODE_ID"
+
+
+def node_name() -> str:
+    """The node as leases and logs name it: the override, else the hostname."""
+    return os.environ.get(NODE_ID_ENV, "").strip() or socket.gethostname()
+
+
 def _host_id() -> str:
-    """Equal for two processes exactly when they share a hostname, a pid namespace and a boot."""
+    """Equal for two processes exactly when they share a node name, a pid namespace and a boot.
+
+    Only then may a waiter conclude from a missing pid that the holder died; a pid on another
+    node says nothing about ours."""
     try:
         pidns = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         pidns = "?"
     boot = _read_text("/proc/sys/kernel/random/boot_id") or "?"
-    return f"{socket.gethostname()}/{pidns}/{boot}"
+    return f"{node_name()}/{pidns}/{boot}"
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,7 @@ class Owner:
     @classmethod
     def this_process(cls) -> Owner:
         pid = os.getpid()
-        host = socket.gethostname()
+        host = node_name()
         pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or host
         return cls(uuid.uuid4().hex[:12], host, _host_id(), pod, pid, _pid_start(pid))
 

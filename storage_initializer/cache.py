@@ -1,0 +1,155 @@
+"""A whole cache directory: its entries, their state and use, and the volume's space.
+
+Used by ``status --cache-dir`` and ``gc``. Reads only; never takes a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage_initializer.paths import STATE_DIR_NAME
+from storage_initializer.store import access, layout
+from storage_initializer.store import marker as marker_io
+from storage_initializer.store.lease import current, process_is_dead
+
+
+@dataclass
+class EntryInfo:
+    key: str
+    path: str
+    source: str
+    state: str
+    size: int
+    files: int
+    created: float | None
+    last_used: float | None
+    hits: int
+    holder: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+    staging_bytes: int = 0
+    #: Versions no longer current (kept for pods that linked to them), and their bytes.
+    old_versions: list[str] = field(default_factory=list)
+    old_versions_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def lease_state(entry: layout.Entry, stale_after: float) -> tuple[str, dict[str, Any] | None]:
+    """free / held / stale, judged from one look (no observation over time): a lease whose
+    heartbeat is older than ``stale_after`` or whose holder is a dead local process is stale."""
+    generation, data = current(entry)
+    if generation == 0 or data is None or data.get("released"):
+        return "free", data
+    dead = process_is_dead(
+        str(data.get("host_id", "")), int(data.get("pid", 0)), str(data.get("pid_start", ""))
+    )
+    age = time.time() - float(data.get("heartbeat", 0))
+    return ("stale" if dead or age > stale_after else "held"), data
+
+
+def model_entry(entry: layout.Entry) -> layout.Entry:
+    """Where the model and its marker are: the current version of a cache entry (the entry
+    itself in direct mode, or for a cache written before versions existed)."""
+    name = entry.current_version() if entry.mode == "cache" else None
+    return entry.version(name) if name else entry
+
+
+def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
+    model = model_entry(entry)
+    marker = marker_io.read(model)
+    usage = access.usage(entry)
+    lease, data = lease_state(entry, stale_after)
+    staging_bytes = _tree_size(entry.staging_root) if entry.staging_root.exists() else 0
+    current_name = model.root.name if model is not entry else None
+    old = [v for v in entry.versions() if v != current_name] if entry.mode == "cache" else []
+    old_bytes = sum(_tree_size(entry.root / v) for v in old)
+    if marker is not None and not marker_io.problems(model, marker):
+        state = "complete"
+    elif lease == "held":
+        state = "downloading"
+    elif lease == "stale":
+        state = "stale lease"
+    elif staging_bytes:
+        state = "orphaned staging"
+    elif marker is not None:
+        state = "damaged"
+    else:
+        state = "incomplete"
+    holder = ""
+    progress: dict[str, Any] = {}
+    if data and lease != "free":
+        holder = f"{data.get('pod') or data.get('host')} pid {data.get('pid')}"
+        progress = {k: data.get(k, 0) for k in ("phase", "bytes_done", "bytes_total")}
+    return EntryInfo(
+        key=entry.key,
+        path=str(entry.root),
+        source=marker.source if marker else str((data or {}).get("source", "")),
+        state=state,
+        size=marker.total_size if marker else 0,
+        files=len(marker.files) if marker else 0,
+        created=marker.completed_at if marker else None,
+        last_used=usage.last_used,
+        hits=usage.hits,
+        holder=holder,
+        progress=progress,
+        staging_bytes=staging_bytes,
+        old_versions=old,
+        old_versions_bytes=old_bytes,
+    )
+
+
+def entries(cache_dir: Path) -> list[layout.Entry]:
+    try:
+        names = sorted(os.listdir(cache_dir))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        root = cache_dir / name
+        if (root / STATE_DIR_NAME).is_dir():
+            found.append(layout.cached(cache_dir, name))
+    return found
+
+
+def volume(cache_dir: Path) -> dict[str, int]:
+    stats = os.statvfs(cache_dir)
+    total = stats.f_blocks * stats.f_frsize
+    free = stats.f_bavail * stats.f_frsize
+    return {"total": total, "free": free, "used": total - stats.f_bfree * stats.f_frsize}
+
+
+def survey(cache_dir: Path, stale_after: float) -> dict[str, Any]:
+    infos = [describe(e, stale_after) for e in entries(cache_dir)]
+    return {
+        "cache_dir": str(cache_dir),
+        "volume": volume(cache_dir),
+        "entries": [i.to_dict() for i in infos],
+        "entries_size": sum(i.size + i.old_versions_bytes for i in infos),
+    }
+
+
+def find(cache_dir: Path, key_or_uri: str, settings: Any) -> layout.Entry | None:
+    """An entry by its key, or by the URI (with the settings' filters) that names it."""
+    if (cache_dir / key_or_uri / STATE_DIR_NAME).is_dir():
+        return layout.cached(cache_dir, key_or_uri)
+    from storage_initializer.uri import parse
+
+    key = parse(key_or_uri).key(settings.include, settings.exclude)
+    if (cache_dir / key / STATE_DIR_NAME).is_dir():
+        return layout.cached(cache_dir, key)
+    return None

@@ -1,0 +1,128 @@
+"""Bulk pre-seeding: pull a list of models, several at a time, and report them in one table.
+
+The Job that seeds an air-gapped cluster's volume runs ``storage-initializer prefetch
+--from-file models.yaml``. The file::
+
+    parallel: 2                # optional, models pulled at once
+    defaults:                  # optional, any config-file option, for every model
+      cache_dir: /mnt/model-cache
+    models:
+      - hf://Qwen/Qwen2.5-0.5B-Instruct          # a bare URI (cache mode)
+      - uri: s3://models/llama
+        dest: /mnt/store/llama                   # optional: a plain directory (direct mode)
+        include: ["*.safetensors", "*.json"]     # optional, per-model options
+
+Each model is an ordinary pull (lease, staging, marker), so a prefetch and serving replicas
+can run at the same time. A model that fails does not stop the others; the exit code is 1 if
+any failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage_initializer import settings as settings_mod
+from storage_initializer.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    uri: str
+    dest: str | None
+    options: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    item: Item
+    ok: bool
+    outcome: str
+    size: int
+    seconds: float
+    detail: str
+
+
+def load_file(path: Path) -> tuple[list[Item], int, dict[str, Any]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}") from exc
+    if isinstance(data, list):
+        data = {"models": data}
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise UsageError(f"{path} must hold a list of models (or a mapping with 'models:')")
+    defaults = settings_mod.normalise_keys(data.get("defaults") or {}, str(path))
+    items = []
+    for number, raw in enumerate(data["models"], 1):
+        if isinstance(raw, str):
+            raw = {"uri": raw}
+        if not isinstance(raw, dict) or not raw.get("uri"):
+            raise UsageError(f"{path}: model {number} has no uri")
+        raw = dict(raw)
+        uri = str(raw.pop("uri"))
+        dest = raw.pop("dest", None)
+        items.append(
+            Item(uri, str(dest) if dest else None, settings_mod.normalise_keys(raw, str(path)))
+        )
+    parallel = int(data.get("parallel", 2))
+    return items, max(1, parallel), defaults
+
+
+def run(
+    items: list[Item], parallel: int, flags: dict[str, Any], defaults: dict[str, Any]
+) -> list[Outcome]:
+    from storage_initializer.pull import describe_failure, pull
+
+    def one(item: Item) -> Outcome:
+        try:
+            settings = settings_mod.load({**flags, **defaults, **item.options})
+            if item.dest is None and not settings.cache_dirs:
+                raise UsageError(
+                    f"{item.uri} has no dest and no cache_dir is set",
+                    "Give the model a dest, or set cache_dir in defaults",
+                )
+            result = pull(item.uri, item.dest, settings)
+        except Exception as exc:  # one failure must not stop the others
+            detail = describe_failure(item.uri, exc)
+            log.error("%s", detail)
+            return Outcome(item, False, "failed", 0, 0.0, detail)
+        size = result.bytes_from_origin + result.bytes_reused
+        return Outcome(item, True, result.outcome, size, result.seconds, result.dest)
+
+    with ThreadPoolExecutor(parallel, thread_name_prefix="prefetch") as pool:
+        return list(pool.map(one, items))
+
+
+def table(outcomes: list[Outcome]) -> str:
+    from storage_initializer.redact import redact, redact_url
+    from storage_initializer.report import human_bytes
+
+    rows = [("URI", "RESULT", "SIZE", "SECONDS", "WHERE / WHY")]
+    for o in outcomes:
+        rows.append(
+            (
+                redact_url(o.item.uri),
+                o.outcome,
+                human_bytes(o.size),
+                f"{o.seconds:.1f}",
+                redact(o.detail),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
+        for row in rows
+    ]
+    failed = sum(not o.ok for o in outcomes)
+    lines.append(f"{len(outcomes) - failed} of {len(outcomes)} models ready, {failed} failed")
+    return "\n".join(lines)
