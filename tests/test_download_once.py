@@ -8,6 +8,8 @@ which the summaries confirm (one ``downloaded``, the others ``waited`` or ``comp
 from __future__ import annotations
 
 import collections
+import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ from tests.helpers import (
     cli_argv,
     modes,
     pattern,
+    poll_until,
+    run,
     sha256,
+    start,
     start_all,
     tree_digest,
     wait_all,
@@ -109,3 +114,79 @@ def test_eight_replicas_cache_mode_eight_destinations(nginx: Nginx, tmp: Path) -
         assert modes(dest) == {"model.bin": 0o444}
         verify = cli("verify", dest)
         assert verify.returncode == 0, verify.describe()
+
+
+# -- a holder killed mid-download ----------------------------------------------------------
+
+KILL_SIZE = 640 * 1024
+KILL_CHUNK = 128 * 1024
+
+
+def _kill_holder_mid_download(nginx: Nginx, tmp: Path) -> tuple[str, bytes, Path, Run, int]:
+    """Start a throttled chunked download (one chunk at a time), SIGKILL it once `status`
+    shows progress, and run a second replica. Returns (folder, data, dest, second run, the
+    bytes the dead holder had reported)."""
+    folder = nginx.new_dir()
+    data = pattern(KILL_SIZE, 42)
+    nginx.put(f"{folder}/model.bin", data)
+    # 256 KiB/s: each 128 KiB chunk takes half a second, the whole file two and a half.
+    url = nginx.url(f"{folder}/model.bin", location=f"rate/{256 * 1024}")
+    dest = tmp / "shared"
+    # stale-after 120: a takeover within the test's timeout proves that the dead pid was
+    # detected, not that the heartbeat aged out. The heartbeat runs every 5 s at that
+    # setting, so progress is read from the lease that `status` shows after a chunk.
+    argv = cli_argv(
+        "pull", "--chunk-size", "128KiB", "--workers", "1", "--stale-after", "120", url, dest
+    )
+    holder = start(argv, clean_env(), tmp / "logs")
+    try:
+        info = poll_until(
+            lambda: (
+                (s := json.loads(cli("status", "--json", dest).stdout)).get("state")
+                == "downloading"
+                and s["lease"]["phase"] == "transfer"
+                and s
+            ),
+            deadline=20,
+            what="the holder to start transferring",
+        )
+        assert info["lease"]["pid"] == holder.pid
+        # Two whole chunks on disk before the kill (nginx logs each finished request).
+        nginx.wait_requests(folder, 3)
+        holder.popen.send_signal(signal.SIGKILL)
+    finally:
+        killed = holder.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (dest / "model.bin").exists()
+    done_before = sum(
+        r.bytes_sent for r in nginx.requests(folder) if r.method == "GET" and r.status == 206
+    )
+    second = run(argv, clean_env(), timeout=60)
+    return folder, data, dest, second, done_before
+
+
+def test_killed_holder_is_taken_over(nginx: Nginx, tmp: Path) -> None:
+    _folder, data, dest, second, _done = _kill_holder_mid_download(nginx, tmp)
+    assert second.returncode == 0, second.describe()
+    assert "taking over" in second.stderr or "resuming" in second.stderr, second.stderr
+    assert (dest / "model.bin").read_bytes() == data
+    assert modes(dest) == {"model.bin": 0o444}
+    verify = cli("verify", dest)
+    assert verify.returncode == 0, verify.describe()
+    status = json.loads(cli("status", "--json", dest).stdout)
+    assert status["state"] == "complete"
+    assert status["staging_areas"] == [] if "staging_areas" in status else True
+
+
+def test_takeover_resumes_the_chunks_already_fetched(nginx: Nginx, tmp: Path) -> None:
+    """DESIGN §4.3 and §5: a new owner adopts the dead owner's staging and continues big files
+    with range requests; the chunks finished before the kill are not fetched again."""
+    folder, data, dest, second, _done = _kill_holder_mid_download(nginx, tmp)
+    assert second.returncode == 0, second.describe()
+    assert (dest / "model.bin").read_bytes() == data
+    ranges = [r.range for r in nginx.requests(folder) if r.method == "GET"]
+    first_chunk = f"bytes=0-{KILL_CHUNK - 1}"
+    assert ranges.count(first_chunk) == 1, ranges
+    total = sum(r.bytes_sent for r in nginx.requests(folder) if r.method == "GET")
+    # At most the chunk in flight at the kill is fetched twice.
+    assert total <= KILL_SIZE + KILL_CHUNK, (total, ranges)

@@ -243,7 +243,6 @@ def test_chaos_sigkill_the_holder(s3_server: S3Server, proxy: CountingProxy, tmp
         per_app = bytes_by_app(proxy, bucket)
         dead = per_app.get(f"p{holder.pid}", 0)
         after = per_app.get(f"p{survivor.pid}", 0)
-        assert set(per_app) <= {f"p{holder.pid}", f"p{survivor.pid}"}, per_app
         remainder = CHAOS_SIZE - dead
         assert after <= max(0, remainder) + CHUNK, (
             f"round {number} ({what}): the survivor fetched {after} bytes, the holder had "

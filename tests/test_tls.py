@@ -1,0 +1,148 @@
+"""TLS for every backend: a TLS front (real nginx, self-signed CA) before each real server.
+
+Without the CA the pull fails with a message about TLS; with the cluster's global CA bundle
+(``CA_BUNDLE_CONFIGMAP_NAME`` + ``CA_BUNDLE_VOLUME_MOUNT_POINT``) or the backend's own setting
+(``AWS_CA_BUNDLE``) it succeeds; only an explicit ``S3_VERIFY_SSL=false`` turns verification off.
+There is never a silent fallback to unverified TLS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers.azurite import Azurite, azurite  # noqa: F401 - session fixture
+from tests.servers.hub import HubServer, start_hub
+from tests.servers.nginx import Nginx
+from tests.servers.s3 import S3Server, s3_server  # noqa: F401 - session fixture
+
+BASE_ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE")
+}
+
+
+def proxy_to(port: int) -> Callable[[Path, str], str]:
+    def locations(_docroot: Path, _token: str) -> str:
+        return f"""
+        location / {{
+            proxy_pass http://127.0.0.1:{port};
+            proxy_set_header Host $http_host;
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            client_max_body_size 0;
+        }}
+        """
+
+    return locations
+
+
+@pytest.fixture
+def tls_front(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(port: int) -> Nginx:
+        prefix = tmp_path / f"front-{port}"
+        prefix.mkdir()
+        front = Nginx(prefix, proxy_to(port)).start()
+        started.append(front)
+        return front
+
+    yield start
+    for front in started:
+        front.stop()
+
+
+def global_bundle(tmp_path: Path, cert: Path) -> dict[str, str]:
+    mount = tmp_path / "custom-certs"
+    mount.mkdir(exist_ok=True)
+    shutil.copy(cert, mount / "cabundle.crt")
+    return {"CA_BUNDLE_CONFIGMAP_NAME": "cabundle", "CA_BUNDLE_VOLUME_MOUNT_POINT": str(mount)}
+
+
+def pull(uri: str, dest: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "storage_initializer.entrypoint", uri, str(dest)],
+        capture_output=True,
+        text=True,
+        env={**BASE_ENV, "STORAGE_INITIALIZER_RETRIES": "0", **env},
+        timeout=120,
+    )
+
+
+def last_line(run: subprocess.CompletedProcess[str]) -> str:
+    return run.stderr.strip().splitlines()[-1]
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_s3_over_tls(
+    tmp_path: Path,
+    s3_server: S3Server,  # noqa: F811
+    tls_front: Callable[[int], Nginx],
+) -> None:
+    front = tls_front(port_of(s3_server.endpoint))
+    bucket = s3_server.new_bucket({"m/config.json": b"{}", "m/w.bin": b"w" * 2048})
+    uri = f"s3://{bucket}/m"
+    env = s3_server.env(endpoint=f"https://127.0.0.1:{front.https_port}")
+
+    refused = pull(uri, tmp_path / "refused", env)
+    assert refused.returncode == 1
+    assert uri in last_line(refused) and "certificate" in last_line(refused).lower()
+
+    assert pull(uri, tmp_path / "own", {**env, "AWS_CA_BUNDLE": str(front.cert)}).returncode == 0
+    glob = pull(uri, tmp_path / "global", {**env, **global_bundle(tmp_path, front.cert)})
+    assert glob.returncode == 0, glob.stderr
+    insecure = pull(uri, tmp_path / "insecure", {**env, "S3_VERIFY_SSL": "false"})
+    assert insecure.returncode == 0 and "NOT verified" in insecure.stderr
+
+    missing = {
+        "CA_BUNDLE_CONFIGMAP_NAME": "x",
+        "CA_BUNDLE_VOLUME_MOUNT_POINT": str(tmp_path / "no"),
+    }
+    named_but_absent = pull(uri, tmp_path / "absent", {**env, **missing})
+    assert named_but_absent.returncode == 1
+    assert "cabundle.crt" in last_line(named_but_absent)
+
+
+def test_huggingface_over_tls(tmp_path: Path, tls_front: Callable[[int], Nginx]) -> None:
+    hub: HubServer = start_hub()
+    try:
+        hub.add_repo("acme/tls").add_commit({"config.json": b'{"tls": true}'})
+        front = tls_front(hub.port)
+        env = {
+            **hub.env(home=str(tmp_path / "hf")),
+            "HF_ENDPOINT": f"https://127.0.0.1:{front.https_port}",
+        }
+        refused = pull("hf://acme/tls", tmp_path / "refused", env)
+        assert refused.returncode == 1 and "hf://acme/tls" in last_line(refused)
+        ok = pull("hf://acme/tls", tmp_path / "ok", {**env, **global_bundle(tmp_path, front.cert)})
+        assert ok.returncode == 0, ok.stderr
+        assert (tmp_path / "ok" / "config.json").read_bytes() == b'{"tls": true}'
+    finally:
+        hub.stop()
+
+
+def test_azure_blob_over_tls(
+    tmp_path: Path,
+    azurite: Azurite,  # noqa: F811
+    tls_front: Callable[[int], Nginx],
+) -> None:
+    front = tls_front(port_of(azurite.endpoint))
+    container = azurite.new_container_name("tls")
+    azurite.upload(container, {"m/config.json": b"{}"})
+    uri = azurite.uri(container, "m")
+    env = azurite.env(endpoint=f"https://127.0.0.1:{front.https_port}/devstoreaccount1")
+    refused = pull(uri, tmp_path / "refused", env)
+    assert refused.returncode == 1 and "blob.core.windows.net" in last_line(refused)
+    ok = pull(uri, tmp_path / "ok", {**env, **global_bundle(tmp_path, front.cert)})
+    assert ok.returncode == 0, ok.stderr
