@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -34,6 +36,10 @@ BLOCK = 1 << 20
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
 #: Verification failures of one file that we retry from scratch before giving up.
 INTEGRITY_ATTEMPTS = 2
+#: Seconds between lease checks before new requests (see Engine._guard_if_due).
+GUARD_INTERVAL = 1.0
+#: Large files whose chunks are fetched at the same time (see Engine._tasks).
+ACTIVE_FILES = 4
 
 
 class Cancelled(Exception):
@@ -87,6 +93,8 @@ class Engine:
         #: Raises when we no longer own the download; called before anything destructive,
         #: since a new owner may have adopted our staging files.
         self.guard = guard
+        self._guarded_at = time.monotonic()
+        self._guard_lock = threading.Lock()
         self._resumable: dict[str, set[tuple[int, int]]] = {}
         self.workers = settings.workers or source.default_workers
         self.ranged = source.supports_ranges
@@ -123,12 +131,29 @@ class Engine:
         return job
 
     def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
-        for job in jobs:
-            if job.resumed:
-                yield job, -1, None
-            for start, end in job.chunks:
-                if (start, end) not in job.resumed:
-                    yield job, start, end
+        """Chunks of a few files at a time, taken in turn (A1 B1 C1 A2 B2 C2 ...).
+
+        Spreading the workers over several large files, instead of putting them all on the
+        chunks of one, keeps each file's chunks finishing nearly in order (so its in-order hash
+        keeps up, and the files' hashes run on different threads) and avoids a pile-up of
+        writers on one inode lock. Files join the turn one by one, so few are open at once.
+        """
+        pending = iter(jobs)
+        active: deque[Iterator[tuple[_FileJob, int, int | None]]] = deque()
+        limit = max(1, min(ACTIVE_FILES, self.workers // 4))
+        while True:
+            while len(active) < limit:
+                job = next(pending, None)
+                if job is None:
+                    break
+                active.append(_job_tasks(job))
+            if not active:
+                return
+            tasks = active.popleft()
+            task = next(tasks, None)
+            if task is not None:
+                yield task
+                active.append(tasks)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -190,6 +215,8 @@ class Engine:
         if self.cancel.is_set():
             raise Cancelled()
         self._open(job)
+        if start >= 0:
+            self._guard_if_due()
         if start < 0:
             pass  # bookkeeping for resumed chunks: only hash what is contiguous, below
         elif end is not None and end > start:
@@ -207,6 +234,18 @@ class Engine:
             if job.remaining:
                 return None
         return self._complete(job, staging)
+
+    def _guard_if_due(self) -> None:
+        """Check that we still own the download before a new request, at most every
+        GUARD_INTERVAL seconds. A holder that was frozen (SIGSTOP, a stalled node) finds the
+        time since its last check long when it resumes, so it asks before fetching another
+        byte, instead of waiting for its next heartbeat while the new owner works."""
+        with self._guard_lock:
+            now = time.monotonic()
+            if now - self._guarded_at < GUARD_INTERVAL:
+                return
+            self._guarded_at = now
+        self.guard()
 
     def _fetch(self, job: _FileJob, start: int, end: int | None) -> None:
         offset = start
@@ -312,6 +351,15 @@ class Engine:
             self.results[job.file.path] = verified
         self.progress.file_done()
         return None
+
+
+def _job_tasks(job: _FileJob) -> Iterator[tuple[_FileJob, int, int | None]]:
+    """One file's tasks in order: the bookkeeping of resumed chunks, then the chunks to fetch."""
+    if job.resumed:
+        yield job, -1, None
+    for start, end in job.chunks:
+        if (start, end) not in job.resumed:
+            yield job, start, end
 
 
 def _chain(first: Iterator, second: Iterator) -> Iterator:  # type: ignore[type-arg]

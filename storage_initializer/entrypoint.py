@@ -44,7 +44,8 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
             if settings.metrics_file:
                 runs.append({"source": _redacted(source), "outcome": "failed"})
                 _write_metrics(settings.metrics_file, runs)
-            log.error("%s", describe_failure(source, exc))  # the last line KServe shows
+            # The last line KServe shows: one line, even when a library's message spans several.
+            log.error("%s", " ".join(describe_failure(source, exc).split()))
             return 1
         runs.append(result.fields())
         summary(result.fields(), settings.log_format)

@@ -17,6 +17,14 @@ def find_entry(path: Path) -> layout.Entry | None:
     """The entry behind ``path``: the path itself (direct mode or a cache entry), or, for a
     destination populated from a cache, the entry its links point into."""
     path = path.absolute()
+    from storage_initializer.store.links import read_pointer
+
+    note = read_pointer(path)
+    if note is not None:  # a destination populated from a cache (any link mode)
+        root = Path(note["entry"])
+        data = marker_io.read(layout.Entry(root, "", "version"))
+        mode = "version" if layout.VERSION_RE.match(root.name) else "cache"
+        return layout.Entry(root, data.key if data else note.get("key", ""), mode)
     if (path / STATE_DIR_NAME).is_dir():
         keyed = layout.Entry(path, path.name, "cache")
         name = keyed.current_version()

@@ -84,6 +84,8 @@ def redact_url(url: str) -> str:
     except ValueError:
         return MASK
     netloc = parts.netloc
+    if "@" not in netloc and not parts.query:
+        return url  # nothing to mask: keep it as typed (urlunsplit would turn s3:/// into s3:/)
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]

@@ -20,7 +20,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,18 +55,15 @@ def clean_env(extra: Mapping[str, str] | None = None, **more: str) -> dict[str, 
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(_SCRUB_PREFIXES) and k not in _SCRUB_NAMES and not k.endswith("-headers")
+        if not k.startswith(_SCRUB_PREFIXES)
+        and k not in _SCRUB_NAMES
+        and not k.endswith("-headers")
     }
     env["STORAGE_INITIALIZER_CONFIG"] = str(_empty_config())
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     env.update(more)
     return env
-
-
-@contextlib.contextmanager
-def _noop() -> Iterator[None]:
-    yield
 
 
 _EMPTY_CONFIG: Path | None = None

@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import (
     STATE_DIR,
+    clean_env,
     cli,
     digests,
     marker_path,
@@ -52,7 +53,7 @@ def _publish_archive(nginx: Nginx, seed: int) -> tuple[str, str, dict[str, bytes
 
 @pytest.mark.parametrize("link_mode", ["symlink", "hardlink", "copy"])
 def test_link_modes_populate_the_destination(nginx: Nginx, tmp: Path, link_mode: str) -> None:
-    folder, url, model = _publish_archive(nginx, 20)
+    _folder, url, model = _publish_archive(nginx, 20)
     cache, dest = tmp / "cache", tmp / "pod" / "models"
     result = cli("pull", "--cache-dir", cache, "--link-mode", link_mode, url, dest)
     assert result.returncode == 0, result.describe()
@@ -122,9 +123,7 @@ def test_second_destination_costs_no_request(nginx: Nginx, tmp: Path) -> None:
 
 
 def test_environment_variable_selects_cache_mode(nginx: Nginx, tmp: Path) -> None:
-    from tests.helpers import clean_env
-
-    folder, url, model = _publish_archive(nginx, 22)
+    _folder, url, model = _publish_archive(nginx, 22)
     env = clean_env(
         STORAGE_INITIALIZER_CACHE_DIR=str(tmp / "cache"),
         STORAGE_INITIALIZER_LINK_MODE="hardlink",

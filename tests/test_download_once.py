@@ -54,9 +54,7 @@ def _check_outcomes(runs: list[Run]) -> None:
     # The replicas overlapped: at least one waited for the download (rather than starting
     # after it had finished), and it said whom it was waiting for.
     assert outcomes["waited"] >= 1, outcomes
-    waiting = [
-        e["message"] for r in runs for e in r.json_events() if "waiting for" in e["message"]
-    ]
+    waiting = [e["message"] for r in runs for e in r.json_events() if "waiting for" in e["message"]]
     assert waiting, "no replica logged whom it waited for"
     downloader = next(r for r in runs if r.outcome() == "downloaded")
     assert downloader.json_events("summary")[-1]["bytes_from_origin"] == SIZE
@@ -118,7 +116,7 @@ def test_eight_replicas_cache_mode_eight_destinations(nginx: Nginx, tmp: Path) -
 
 # -- a holder killed mid-download ----------------------------------------------------------
 
-KILL_SIZE = 640 * 1024
+KILL_SIZE = 384 * 1024
 KILL_CHUNK = 128 * 1024
 
 
@@ -129,8 +127,9 @@ def _kill_holder_mid_download(nginx: Nginx, tmp: Path) -> tuple[str, bytes, Path
     folder = nginx.new_dir()
     data = pattern(KILL_SIZE, 42)
     nginx.put(f"{folder}/model.bin", data)
-    # 256 KiB/s: each 128 KiB chunk takes half a second, the whole file two and a half.
-    url = nginx.url(f"{folder}/model.bin", location=f"rate/{256 * 1024}")
+    # nginx lets the first second's worth of bytes through at once, then keeps the rate: at
+    # 64 KiB/s each 128 KiB chunk takes one to two seconds.
+    url = nginx.url(f"{folder}/model.bin", location=f"rate/{64 * 1024}")
     dest = tmp / "shared"
     # stale-after 120: a takeover within the test's timeout proves that the dead pid was
     # detected, not that the heartbeat aged out. The heartbeat runs every 5 s at that
@@ -151,8 +150,8 @@ def _kill_holder_mid_download(nginx: Nginx, tmp: Path) -> tuple[str, bytes, Path
             what="the holder to start transferring",
         )
         assert info["lease"]["pid"] == holder.pid
-        # Two whole chunks on disk before the kill (nginx logs each finished request).
-        nginx.wait_requests(folder, 3)
+        # One whole chunk on disk before the kill (nginx logs each finished request).
+        nginx.wait_requests(folder, 2)
         holder.popen.send_signal(signal.SIGKILL)
     finally:
         killed = holder.wait()
@@ -175,7 +174,7 @@ def test_killed_holder_is_taken_over(nginx: Nginx, tmp: Path) -> None:
     assert verify.returncode == 0, verify.describe()
     status = json.loads(cli("status", "--json", dest).stdout)
     assert status["state"] == "complete"
-    assert status["staging_areas"] == [] if "staging_areas" in status else True
+    assert status.get("staging_areas", []) == []  # the dead owner's area was adopted
 
 
 def test_takeover_resumes_the_chunks_already_fetched(nginx: Nginx, tmp: Path) -> None:
@@ -186,7 +185,7 @@ def test_takeover_resumes_the_chunks_already_fetched(nginx: Nginx, tmp: Path) ->
     assert (dest / "model.bin").read_bytes() == data
     ranges = [r.range for r in nginx.requests(folder) if r.method == "GET"]
     first_chunk = f"bytes=0-{KILL_CHUNK - 1}"
-    assert ranges.count(first_chunk) == 1, ranges
+    assert ranges.count(first_chunk) == 1, (ranges, second.stderr)
     total = sum(r.bytes_sent for r in nginx.requests(folder) if r.method == "GET")
     # At most the chunk in flight at the kill is fetched twice.
     assert total <= KILL_SIZE + KILL_CHUNK, (total, ranges)

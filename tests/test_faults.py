@@ -17,6 +17,7 @@ counters (polled with a deadline), and held open with proxy delays; nothing reli
 from __future__ import annotations
 
 import collections
+import json
 import random
 import signal
 import time
@@ -257,7 +258,9 @@ def test_chaos_sigkill_the_holder(s3_server: S3Server, proxy: CountingProxy, tmp
         )
 
 
-def _start_tagged(argv: list[str], s3: S3Server, proxy: CountingProxy, tmp: Path) -> Proc:
+def _start_tagged(
+    argv: list[str], s3: S3Server, proxy: CountingProxy, tmp: Path, **more: str
+) -> Proc:
     """Start a process whose requests carry ``app/p<pid>``: the id must be in its environment
     before it starts, so reserve it with a wrapper that sets it from its own pid."""
     wrapper = (
@@ -272,6 +275,7 @@ def _start_tagged(argv: list[str], s3: S3Server, proxy: CountingProxy, tmp: Path
         STORAGE_INITIALIZER_WORKERS="1",
         STORAGE_INITIALIZER_CHUNK_SIZE="64KiB",
         STORAGE_INITIALIZER_PROGRESS_INTERVAL="0.5",
+        **more,
     )
     return start(full, env, tmp / "logs")
 
@@ -284,3 +288,90 @@ def _await_takeover(dest: Path, survivor: Proc) -> None:
         60,
         "the survivor's takeover",
     )
+
+
+# -- a frozen holder, and --lock-timeout -----------------------------------------------------
+
+SLOW_MODEL = {
+    "model/config.json": pattern(2_000, 5),
+    "model/weights.bin": pattern(12 * CHUNK, 6),
+}
+
+
+def _stderr_so_far(proc: Proc) -> str:
+    return Path(proc._err.name).read_text(encoding="utf-8", errors="replace")
+
+
+def _waiting(proc: Proc) -> bool:
+    return "waiting for" in _stderr_so_far(proc) or proc.popen.poll() is not None
+
+
+def test_frozen_holder_is_taken_over_and_does_not_commit_after_sigcont(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(SLOW_MODEL)
+    expected = digests({k.split("/", 1)[1]: v for k, v in SLOW_MODEL.items()})
+    proxy.set_faults(_object_delay(bucket, 0.1))
+    dest = tmp / "models"
+    argv = entrypoint_argv(f"s3://{bucket}/model", dest)
+    more = {"STORAGE_INITIALIZER_STALE_AFTER": "2"}
+    first = _start_tagged(argv, s3_server, proxy, tmp, **more)
+    poll_until(lambda: (lease_of(dest) or {}).get("pid") == first.pid, 60, "the first lease")
+    second = _start_tagged(argv, s3_server, proxy, tmp, **more)
+    poll_until(lambda: _waiting(second), 60, "the second process to wait")
+    poll_until(
+        lambda: bytes_by_app(proxy, bucket).get(f"p{first.pid}", 0) >= 2 * CHUNK,
+        60,
+        "the holder to fetch two chunks",
+    )
+    first.popen.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    # What the holder had when it froze (its in-flight request may still be counted).
+    fetched_before_freeze = bytes_by_app(proxy, bucket).get(f"p{first.pid}", 0)
+    try:
+        poll_until(lambda: (lease_of(dest) or {}).get("pid") == second.pid, 60, "the takeover")
+        print(f"\nfrozen holder taken over {time.monotonic() - stopped_at:.2f}s after SIGSTOP")
+        result = second.wait(timeout=120)
+        assert result.returncode == 0, result.describe()
+        owner_marker = marker_path(dest).read_text()
+        assert json.loads(owner_marker)["downloaded_by"]["pid"] == second.pid
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+    late = first.wait(timeout=60)
+    assert late.returncode == 1, late.describe()
+    assert "lost the download lease" in late.last_line, late.last_line
+    # The tree and its marker are the new owner's, untouched by the late holder.
+    assert marker_path(dest).read_text() == owner_marker
+    assert tree_digest(dest) == expected
+    verify = cli("verify", dest)
+    assert verify.returncode == 0, verify.describe()
+    # The new owner resumed: it did not fetch again what the frozen holder had journalled.
+    per_app = bytes_by_app(proxy, bucket)
+    size = sum(len(v) for v in SLOW_MODEL.values())
+    assert per_app.get(f"p{second.pid}", 0) <= size - fetched_before_freeze + CHUNK, (
+        per_app,
+        fetched_before_freeze,
+    )
+
+
+def test_lock_timeout_gives_up_while_a_live_holder_keeps_the_lease(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(SLOW_MODEL)
+    proxy.set_faults(_object_delay(bucket, 0.15))
+    dest = tmp / "models"
+    argv = entrypoint_argv(f"s3://{bucket}/model", dest)
+    holder = _start_tagged(argv, s3_server, proxy, tmp)
+    poll_until(lambda: (lease_of(dest) or {}).get("pid") == holder.pid, 60, "the lease")
+    impatient = _start_tagged(argv, s3_server, proxy, tmp, STORAGE_INITIALIZER_LOCK_TIMEOUT="1")
+    gave_up = impatient.wait(timeout=60)
+    assert gave_up.returncode == 1, gave_up.describe()
+    assert "gave up after 1s waiting for" in gave_up.last_line, gave_up.last_line
+    assert f"s3://{bucket}/model" in gave_up.last_line
+    assert "--lock-timeout" in gave_up.last_line
+    done = holder.wait(timeout=120)
+    assert done.returncode == 0, done.describe()
+    assert done.outcome() == "downloaded"
+    data = lease_of(dest)
+    assert data is not None and data["pid"] == holder.pid and data["generation"] == 1
+    assert bytes_by_app(proxy, bucket).get(f"p{impatient.pid}", 0) == 0

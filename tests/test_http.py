@@ -13,6 +13,7 @@ from tests.helpers import (
     STATE_DIR,
     clean_env,
     cli,
+    digests,
     entrypoint,
     marker_path,
     model_files,
@@ -23,7 +24,6 @@ from tests.helpers import (
     tar_bytes,
     tree_digest,
     zip_bytes,
-    digests,
 )
 from tests.servers.nginx import Nginx
 

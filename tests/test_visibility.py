@@ -52,9 +52,11 @@ def _visible(root: Path, follow: bool) -> dict[str, Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
         here = Path(dirpath)
         for name in list(dirnames):
-            if name == STATE_DIR or (here / name / STATE_DIR).is_dir():
-                dirnames.remove(name)
-            elif not follow and (here / name).is_symlink():
+            if (
+                name == STATE_DIR
+                or (here / name / STATE_DIR).is_dir()
+                or (not follow and (here / name).is_symlink())
+            ):
                 dirnames.remove(name)
         for name in filenames:
             if follow or not (here / name).is_symlink():

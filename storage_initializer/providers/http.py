@@ -182,13 +182,17 @@ class HttpSource(Source):
             raise_for_status(response, self.uri.redacted)
             if headers and response.status_code != 206:
                 raise TransientError(f"{self.uri.redacted}: the server ignored a range request")
+            # read1 (urllib3 2) returns what has arrived, up to a block: progress, cancellation
+            # and resume points then move with the bytes even on a slow link.
+            raw = response.raw
+            read = getattr(raw, "read1", None) or raw.read
             try:
                 while True:
-                    block = response.raw.read(BLOCK, decode_content=False)
+                    block = read(BLOCK, decode_content=False)
                     if not block:
                         return
                     yield block
-            except (requests.exceptions.RequestException, OSError, _protocol_errors()) as exc:
+            except (requests.exceptions.RequestException, OSError, *_protocol_errors()) as exc:
                 raise TransientError(
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
                 ) from None

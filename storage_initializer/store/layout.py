@@ -1,7 +1,10 @@
 """Where an entry's model and state live.
 
 An *entry* is one (source, filters) → one directory. In direct mode the entry is the
-destination itself; in cache mode it is ``<cache>/<key>`` and the destination gets links.
+destination itself; in cache mode it is ``<cache>/<key>``, which holds the state, one immutable
+directory per downloaded version and a ``current`` symlink naming the newest complete one; the
+destination gets links into the concrete version, so a later version never changes a running
+pod's model.
 All our state sits in one dot-directory inside the entry, so nothing is ever added beside the
 model and a model server that lists the directory sees only the model and that one hidden entry.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from storage_initializer.errors import DestinationError
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store.fsutil import READ_ONLY_DIR, remove_path
 from storage_initializer.store.layout import Entry
+from storage_initializer.store.marker import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,23 @@ def _points_into(link: Path, directory: Path) -> bool:
     return os.path.dirname(os.path.normpath(target)) == str(directory.parent) or target.startswith(
         str(directory.parent) + os.sep
     )
+
+
+POINTER_NAME = "link.json"
+
+
+def pointer(dest: Path) -> Path:
+    """DEST's note of which cache entry it was populated from: with hard links or copies
+    nothing else in DEST leads back to the entry (``status`` and ``verify`` need it)."""
+    return dest / STATE_DIR_NAME / POINTER_NAME
+
+
+def read_pointer(dest: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads(pointer(dest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "entry" in data else None
 
 
 def populate(entry: Entry, dest: Path, items: list[str], mode: str, replace: bool) -> None:
@@ -57,6 +76,10 @@ def populate(entry: Entry, dest: Path, items: list[str], mode: str, replace: boo
             _tree(source, target, mode)
         else:
             _file(source, target, mode)
+    note = {"entry": str(entry.root), "key": entry.key, "link_mode": mode}
+    if read_pointer(dest) != note:
+        pointer(dest).parent.mkdir(exist_ok=True)
+        write_atomic(pointer(dest), json.dumps(note) + "\n")
 
 
 def _symlink(source: Path, target: Path, replace: bool) -> None:

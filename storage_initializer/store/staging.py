@@ -52,10 +52,12 @@ class Staging:
             if child.name == owner_id or not child.is_dir():
                 continue
             meta = _read_meta(child / META)
-            journal = child / JOURNAL
+            # Verified files or finished chunks of a big file: either is worth resuming (a
+            # single-file model killed mid-download has only chunks).
+            progress = [p for p in (child / JOURNAL, child / CHUNKS) if p.exists()]
             same = meta.get("key") == key and meta.get("fingerprint") == fingerprint
-            if same and journal.exists():
-                candidates.append((journal.stat().st_mtime, child))
+            if same and progress:
+                candidates.append((max(p.stat().st_mtime for p in progress), child))
             else:
                 log.info("removing an orphaned staging area %s", child.name)
                 remove_tree(child)

@@ -44,7 +44,9 @@ STARTUP_DEADLINE = 20.0
 #: Throttle of ``/slow/``: bytes per second per connection.
 SLOW_RATE = 256 * 1024
 LOG_FORMAT = '$request_method $uri $status $body_bytes_sent "$http_range"'
-LOG_RE = re.compile(r'^(?P<method>\S+) (?P<uri>\S+) (?P<status>\d{3}) (?P<bytes>\d+) "(?P<range>.*)"$')
+LOG_RE = re.compile(
+    r'^(?P<method>\S+) (?P<uri>\S+) (?P<status>\d{3}) (?P<bytes>\d+) "(?P<range>.*)"$'
+)
 HTML_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body>Sign in</body></html>"
 
 
@@ -283,9 +285,7 @@ class Nginx:
                 )
         return found
 
-    def wait_requests(
-        self, contains: str, at_least: int, deadline: float = 10.0
-    ) -> list[Request]:
+    def wait_requests(self, contains: str, at_least: int, deadline: float = 10.0) -> list[Request]:
         """The matching requests once at least ``at_least`` are logged.
 
         nginx writes a request's log line when the response is finished, which may be a moment

@@ -1,0 +1,593 @@
+"""HDFS through WebHDFS: ``hdfs://path/to/model`` and ``webhdfs://path/to/model``.
+
+Configuration is what KServe's stock initializer reads (``_load_hdfs_configuration``): one file
+per setting in ``HDFS_SECRET_DIR`` (default ``/var/secrets/kserve-hdfscreds``, the mounted
+``hdfscreds`` secret), or the ``type: hdfs|webhdfs`` entry of ``STORAGE_CONFIG``, which
+:mod:`storage_initializer.storage_config` writes into such a directory first (base64-decoding the
+keytab and TLS files), exactly as the stock one does.
+
+- ``HDFS_NAMENODE``: the WebHDFS base URL (``https://nn:9871``); several separated by ``;`` for
+  an HA pair (the hdfs package's convention, which the stock passes through): a standby or
+  unreachable namenode is skipped.
+- ``HDFS_ROOTPATH``: prefix for the path; when absent the path is absolute.
+- ``USER_PROXY``: sent as ``doas=`` (the stock's ``Client(proxy=...)``).
+- ``TLS_CERT``/``TLS_KEY`` (client certificate), ``TLS_CA`` (CA file), ``TLS_SKIP_VERIFY``
+  (``true`` disables verification; nothing else does).
+- ``HEADERS``: JSON object of extra headers (e.g. a Knox gateway's Authorization).
+- ``N_THREADS``: parallel requests (the stock's per-file thread count, default 2 there).
+- ``KERBEROS_PRINCIPAL`` + ``KERBEROS_KEYTAB``: SPNEGO, from the ``kerberos`` extra.
+
+The URI's "host" is not the namenode: as in the stock initializer, everything after the scheme
+is the HDFS path, so ``hdfs://user/me/model`` is ``/user/me/model`` (or ``<root>/user/me/model``).
+
+Why plain requests and not the ``hdfs`` package the stock uses: WebHDFS is three GET operations,
+and we need what that client hides: the HTTP status and the RemoteException class (to tell a
+standby namenode or a 5xx, worth retrying, from a missing file or a denial, which are not), one
+session per thread for parallel ranged reads, and control of the datanode redirect (OPEN answers
+307 to a datanode; we follow it ourselves so that a datanode failure is not mistaken for a dead
+namenode, and so that an ``Authorization`` header never leaves the namenode's host). This also
+keeps the ``hdfs`` extra free of third-party code; only Kerberos needs one (``kerberos``).
+
+Protocol:
+1. ``GETFILESTATUS`` of the path: a FILE is downloaded under its base name (as the stock does);
+   a DIRECTORY is walked with ``LISTSTATUS``, keeping relative paths.
+2. ``OPEN&offset=&length=`` on the namenode, a 307 to a datanode that streams exactly that range.
+Sizes come from FileStatus ``length``; HDFS checksums (MD5 of MD5s of CRC32Cs per block) are not
+a digest of the content we can recompute, so files are verified by size, and the fingerprint is a
+digest over paths, sizes, modification times and file ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from storage_initializer import __version__, tls
+from storage_initializer.errors import (
+    AccessDeniedError,
+    InitializerError,
+    NotFoundError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.paths import safe_relpath
+from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.redact import register_secret
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SECRET_DIR = "/var/secrets/kserve-hdfscreds"
+#: Settings whose file is used by path (binary secrets), as the stock's _HDFS_FILE_SECRETS.
+FILE_SECRETS = ("KERBEROS_KEYTAB", "TLS_CERT", "TLS_KEY", "TLS_CA")
+#: Settings read as text.
+TEXT_SETTINGS = (
+    "HDFS_NAMENODE",
+    "USER_PROXY",
+    "HDFS_ROOTPATH",
+    "TLS_SKIP_VERIFY",
+    "HEADERS",
+    "N_THREADS",
+    "KERBEROS_PRINCIPAL",
+)
+DEFAULT_WORKERS = 4
+#: Bytes per yielded block: bounded memory per worker whatever the range.
+BLOCK_SIZE = 1 << 20
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+#: RemoteException classes that mean "ask again (maybe another namenode)".
+RETRIABLE_EXCEPTIONS = frozenset(
+    {
+        "StandbyException",
+        "RetriableException",
+        "SafeModeException",
+        "ObserverRetryOnActiveException",
+    }
+)
+DENIED_EXCEPTIONS = frozenset(
+    {
+        "AccessControlException",
+        "AuthorizationException",
+        "AuthenticationException",
+        "SecurityException",
+        "InvalidToken",
+    }
+)
+NOT_FOUND_EXCEPTIONS = frozenset({"FileNotFoundException"})
+
+
+@dataclass(frozen=True)
+class HdfsConfig:
+    """The settings of ``HDFS_SECRET_DIR``; file secrets are paths, the rest text."""
+
+    secret_dir: str
+    namenodes: tuple[str, ...]
+    user_proxy: str | None = None
+    root: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_skip_verify: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+    n_threads: int | None = None
+    kerberos_principal: str | None = None
+    kerberos_keytab: str | None = None
+
+
+def _normalise_namenode(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url  # the hdfs package requires a scheme; a bare host:port means http
+    if url.endswith("/webhdfs/v1"):
+        url = url[: -len("/webhdfs/v1")]
+    return url
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> HdfsConfig:
+    """Read ``HDFS_SECRET_DIR`` as the stock initializer does, with clear errors.
+
+    Text values are stripped (a secret made ``--from-file`` ends with a newline, which the stock
+    would send as part of the namenode URL). A missing directory is not an error by itself: the
+    missing namenode is, and the message says where it was looked for.
+    """
+    environ = os.environ if environ is None else environ
+    secret_dir = environ.get("HDFS_SECRET_DIR") or DEFAULT_SECRET_DIR
+    values: dict[str, str | None] = {}
+    for name in (*TEXT_SETTINGS, *FILE_SECRETS):
+        path = os.path.join(secret_dir, name)
+        if not os.path.isfile(path):
+            values[name] = None
+        elif name in FILE_SECRETS:
+            values[name] = path
+        else:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    values[name] = handle.read().strip() or None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(
+                    f"cannot read the HDFS setting {path}: {type(exc).__name__}"
+                ) from None
+    namenode = values["HDFS_NAMENODE"]
+    if not namenode:
+        raise UsageError(
+            f"no HDFS namenode configured: {os.path.join(secret_dir, 'HDFS_NAMENODE')} "
+            "does not exist or is empty",
+            "Mount the HDFS secret (files HDFS_NAMENODE, ...) at HDFS_SECRET_DIR "
+            f"(default {DEFAULT_SECRET_DIR}), or give a storage-config entry of type hdfs",
+        )
+    headers: dict[str, str] = {}
+    if values["HEADERS"]:
+        try:
+            loaded = json.loads(values["HEADERS"])
+        except ValueError:
+            loaded = None
+        if not isinstance(loaded, dict):
+            raise UsageError(
+                f"{os.path.join(secret_dir, 'HEADERS')} is not a JSON object",
+                'Write it as {"Header-Name": "value"}',
+            )
+        headers = {str(k): str(v) for k, v in loaded.items()}
+        for value in headers.values():
+            register_secret(value)
+            for part in value.split():
+                if len(part) >= 8:
+                    register_secret(part)
+    threads: int | None = None
+    if values["N_THREADS"]:
+        try:
+            threads = int(values["N_THREADS"])
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise UsageError(
+                f"N_THREADS in {secret_dir} must be a positive integer, got {values['N_THREADS']!r}"
+            )
+    skip = (values["TLS_SKIP_VERIFY"] or "false").strip().lower() == "true"
+    return HdfsConfig(
+        secret_dir=secret_dir,
+        namenodes=tuple(_normalise_namenode(u) for u in namenode.split(";") if u.strip()),
+        user_proxy=values["USER_PROXY"],
+        root=values["HDFS_ROOTPATH"],
+        tls_cert=values["TLS_CERT"],
+        tls_key=values["TLS_KEY"],
+        tls_ca=values["TLS_CA"],
+        tls_skip_verify=skip,
+        headers=headers,
+        n_threads=threads,
+        kerberos_principal=values["KERBEROS_PRINCIPAL"],
+        kerberos_keytab=values["KERBEROS_KEYTAB"],
+    )
+
+
+def uri_path(raw: str) -> str:
+    """Everything after ``hdfs://``/``webhdfs://``: the stock's notion of the HDFS path."""
+    scheme, sep, rest = raw.strip().partition("://")
+    if not sep or scheme.lower() not in ("hdfs", "webhdfs"):
+        raise UsageError(f"{raw!r} is not an hdfs:// or webhdfs:// URI")
+    return rest
+
+
+def _kerberos_auth(principal: str, keytab: str | None, redacted: str) -> requests.auth.AuthBase:
+    """SPNEGO with credentials from the keytab, kept in a private in-memory cache (the stock's
+    krbContext writes the process-wide ticket cache instead)."""
+    try:
+        import gssapi
+        from requests_gssapi import OPTIONAL, HTTPSPNEGOAuth
+    except ImportError:
+        raise UsageError(
+            f"{redacted}: KERBEROS_PRINCIPAL is set but Kerberos support is not installed",
+            "Kerberos needs pip install 'storage-initializer[kerberos]' (requests-gssapi)",
+        ) from None
+    if not keytab:
+        raise UsageError(
+            f"{redacted}: KERBEROS_PRINCIPAL is set but there is no KERBEROS_KEYTAB file",
+            "Add the keytab (base64 in the storage-config secret) next to the principal",
+        )
+    try:
+        name = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
+        store = {"client_keytab": keytab, "ccache": f"MEMORY:storage-initializer-{os.getpid()}"}
+        creds = gssapi.Credentials(name=name, usage="initiate", store=store)
+    except gssapi.exceptions.GSSError as exc:
+        raise AccessDeniedError(
+            f"{redacted}: Kerberos login as {principal} with the keytab failed: {exc}",
+            "Check KERBEROS_PRINCIPAL, the keytab and the cluster's krb5.conf",
+        ) from None
+    return HTTPSPNEGOAuth(creds=creds, mutual_authentication=OPTIONAL)
+
+
+class HdfsSource(Source):
+    """A file or directory tree on HDFS, read with ranged WebHDFS OPENs."""
+
+    default_workers: ClassVar[int] = DEFAULT_WORKERS
+    supports_ranges: ClassVar[bool] = True
+
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
+        super().__init__(uri, settings)
+        self.config = load_config()
+        if self.config.n_threads:
+            self.default_workers = self.config.n_threads  # type: ignore[misc]
+        self._auth = (
+            _kerberos_auth(
+                self.config.kerberos_principal, self.config.kerberos_keytab, uri.redacted
+            )
+            if self.config.kerberos_principal
+            else None
+        )
+        self._relative = uri_path(uri.raw)
+        self._path: str | None = None
+        self._active = 0  # index of the namenode that answered last
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    # -- sessions and TLS ---------------------------------------------------------------------
+
+    def _verify(self) -> bool | str:
+        """TLS_SKIP_VERIFY=true, else TLS_CA, else the global bundle / default trust store.
+
+        Passed on every request: requests lets REQUESTS_CA_BUNDLE override a session-level
+        ``verify`` but not a per-request one, so the HDFS settings always win (the stock skips
+        the global bundle for HDFS for the same reason)."""
+        if self.config.tls_skip_verify:
+            return False
+        if self.config.tls_ca:
+            return self.config.tls_ca
+        return tls.requests_verify()
+
+    def _session(self) -> requests.Session:
+        """One session per thread: requests does not promise a shared session is thread-safe."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = f"storage-initializer/{__version__}"
+            session.headers.update(self.config.headers)
+            if self.config.tls_cert:
+                session.cert = (
+                    (self.config.tls_cert, self.config.tls_key)
+                    if self.config.tls_key
+                    else self.config.tls_cert
+                )
+            if self._auth is not None:
+                session.auth = self._auth
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def hdfs_path(self) -> str:
+        """The absolute HDFS path the URI names (resolving a relative HDFS_ROOTPATH against the
+        user's home directory, as the hdfs package does)."""
+        if self._path is not None:
+            return self._path
+        root = self.config.root
+        if root:
+            if not root.startswith("/"):
+                home = self._json("GETHOMEDIRECTORY", "/", "finding the home directory")
+                root = posixpath.join(str(home.get("Path") or "/"), root)
+            joined = posixpath.join(root, self._relative)
+        else:
+            joined = "/" + self._relative
+        self._path = "/" + posixpath.normpath(joined).lstrip("/")
+        return self._path
+
+    def _url(self, namenode: str, path: str) -> str:
+        return f"{namenode}/webhdfs/v1{quote(path, safe='/')}"
+
+    def _params(self, op: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"op": op}
+        if self.config.user_proxy:
+            params["doas"] = self.config.user_proxy
+        params.update(extra or {})
+        return params
+
+    # -- errors -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _remote_exception(response: requests.Response) -> tuple[str, str]:
+        try:
+            body = response.json()
+        except ValueError:
+            return "", (response.text or "").strip().splitlines()[0][:300] if response.text else ""
+        remote = body.get("RemoteException") if isinstance(body, dict) else None
+        if not isinstance(remote, dict):
+            return "", ""
+        return str(remote.get("exception", "")), str(remote.get("message", ""))[:500]
+
+    def _http_error(self, response: requests.Response, what: str) -> InitializerError:
+        status = response.status_code
+        exception, message = self._remote_exception(response)
+        detail = f"HTTP {status}" + (f" {exception}" if exception else "")
+        detail += f": {message}" if message else ""
+        where = f"{self.uri.redacted}: {what}"
+        if exception in RETRIABLE_EXCEPTIONS:
+            return TransientError(f"{where}: the namenode answered {detail}")
+        if exception in NOT_FOUND_EXCEPTIONS or (status == 404 and not exception):
+            hint = "Check the path: the URI's part after the scheme is the HDFS path"
+            first = self._relative.split("/", 1)[0]
+            if ":" in first or first.count(".") >= 2:
+                hint += (
+                    f" ({first!r} is read as a directory, not as the namenode: the namenode "
+                    "comes from HDFS_NAMENODE, as in KServe's stock initializer)"
+                )
+            return NotFoundError(f"{where}: not found ({detail})", hint)
+        if exception in DENIED_EXCEPTIONS or status in (401, 403):
+            return AccessDeniedError(
+                f"{where}: access denied ({detail})",
+                "Check USER_PROXY, the Kerberos principal/keytab or HEADERS in the HDFS secret, "
+                "and the HDFS permissions of the path",
+            )
+        if status == 429 or status >= 500:
+            return TransientError(f"{where}: {detail}")
+        return SourceError(f"{where}: unexpected answer {detail}")
+
+    def _unreachable(self, exc: Exception, namenodes: list[str]) -> SourceError:
+        if isinstance(exc, requests.exceptions.SSLError):
+            return SourceError(
+                f"{self.uri.redacted}: TLS handshake with the namenode "
+                f"{', '.join(namenodes)} failed ({type(exc).__name__})",
+                "Give the namenode's CA as TLS_CA (or the global CA bundle), or set "
+                "TLS_SKIP_VERIFY=true if you accept an unverified connection",
+            )
+        return SourceError(
+            f"{self.uri.redacted}: cannot reach the HDFS namenode "
+            f"{', '.join(namenodes)} ({type(exc).__name__})",
+            "Check HDFS_NAMENODE in the HDFS secret (a WebHDFS URL such as "
+            "http://namenode:9870) and that the pod can reach it",
+        )
+
+    # -- namenode requests, with HA failover --------------------------------------------------
+
+    def _namenode(
+        self, op: str, path: str, what: str, extra: Mapping[str, Any] | None = None
+    ) -> requests.Response:
+        """One namenode operation (never following redirects), trying each configured namenode
+        from the last one that answered: a standby or unreachable namenode is skipped."""
+        namenodes = self.config.namenodes
+        count = len(namenodes)
+        last: InitializerError | None = None
+        unreachable: list[str] = []
+        transport: Exception | None = None
+        for step in range(count):
+            index = (self._active + step) % count
+            namenode = namenodes[index]
+            try:
+                response = self._session().get(
+                    self._url(namenode, path),
+                    params=self._params(op, extra),
+                    allow_redirects=False,
+                    stream=op == "OPEN",
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    verify=self._verify(),
+                )
+            except requests.RequestException as exc:
+                unreachable.append(namenode)
+                transport = exc
+                continue
+            if response.status_code < 400:
+                self._active = index
+                return response
+            error = self._http_error(response, what)
+            response.close()
+            exception, _ = self._remote_exception(response)
+            if exception == "StandbyException":
+                last = error
+                continue
+            raise error
+        if last is not None:
+            raise last
+        assert transport is not None
+        if self._path is not None and op == "OPEN":
+            # The namenode answered the listing: a failure now is worth a retry.
+            raise TransientError(
+                f"{self.uri.redacted}: {what}: namenode unreachable ({type(transport).__name__})"
+            )
+        raise self._unreachable(transport, unreachable)
+
+    def _json(self, op: str, path: str, what: str) -> dict[str, Any]:
+        response = self._namenode(op, path, what)
+        with response:
+            try:
+                body = response.json()
+            except ValueError:
+                raise SourceError(
+                    f"{self.uri.redacted}: {what}: the namenode answered something that is not "
+                    "JSON",
+                    "Check that HDFS_NAMENODE is the WebHDFS (HTTP) address of the namenode",
+                ) from None
+        if not isinstance(body, dict):
+            raise SourceError(f"{self.uri.redacted}: {what}: unexpected answer")
+        return body
+
+    # -- listing ------------------------------------------------------------------------------
+
+    def _status(self, path: str) -> dict[str, Any]:
+        body = self._json("GETFILESTATUS", path, f"reading the status of {path}")
+        status = body.get("FileStatus")
+        if not isinstance(status, dict):
+            raise SourceError(f"{self.uri.redacted}: GETFILESTATUS of {path}: no FileStatus")
+        return status
+
+    def _children(self, path: str) -> list[dict[str, Any]]:
+        body = self._json("LISTSTATUS", path, f"listing {path}")
+        statuses = body.get("FileStatuses", {})
+        entries = statuses.get("FileStatus") if isinstance(statuses, dict) else None
+        if not isinstance(entries, list):
+            raise SourceError(f"{self.uri.redacted}: LISTSTATUS of {path}: no FileStatuses")
+        return [e for e in entries if isinstance(e, dict)]
+
+    def _remote_file(self, status: Mapping[str, Any], relative: str, full: str) -> RemoteFile:
+        try:
+            size = int(status["length"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(
+                f"{self.uri.redacted}: the FileStatus of {full} has no length"
+            ) from None
+        version = f"mtime={status.get('modificationTime', '')}"
+        if status.get("fileId") is not None:
+            version += f",id={status['fileId']}"
+        return RemoteFile(
+            path=safe_relpath(relative, "HDFS file"), size=size, version=version, handle=full
+        )
+
+    def list(self) -> Listing:
+        path = self.hdfs_path()
+        status = self._status(path)
+        files: list[RemoteFile] = []
+        kind = str(status.get("type", "")).upper()
+        if kind == "FILE":
+            files.append(self._remote_file(status, posixpath.basename(path), path))
+        elif kind == "DIRECTORY":
+            pending = [(path, "")]
+            while pending:
+                directory, prefix = pending.pop()
+                for entry in self._children(directory):
+                    name = str(entry.get("pathSuffix", ""))
+                    if not name:
+                        continue
+                    relative = f"{prefix}{name}"
+                    full = posixpath.join(directory, name)
+                    entry_type = str(entry.get("type", "")).upper()
+                    if entry_type == "DIRECTORY":
+                        pending.append((full, relative + "/"))
+                    elif entry_type == "FILE":
+                        files.append(self._remote_file(entry, relative, full))
+                    else:
+                        log.warning("%s: skipping %s (%s)", self.uri.redacted, full, entry_type)
+        else:
+            raise SourceError(f"{self.uri.redacted}: {path} is a {kind or 'thing'} of unknown type")
+        files.sort(key=lambda f: f.path)
+        log.info("%s: %s holds %d files", self.uri.redacted, path, len(files))
+        return Listing(files=files, fingerprint=fingerprint_of(files))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return
+        extra: dict[str, Any] = {"offset": start}
+        if end is not None:
+            extra["length"] = end - start
+        what = f"reading {file.path}"
+        response = self._namenode("OPEN", file.handle, what, extra)
+        if response.is_redirect:
+            location = response.headers.get("Location", "")
+            response.close()
+            response = self._datanode(location, what)
+        with response:
+            wanted = None if end is None else end - start
+            sent = 0
+            try:
+                for block in response.iter_content(BLOCK_SIZE):
+                    if wanted is not None and sent + len(block) > wanted:
+                        block = block[: wanted - sent]
+                    if block:
+                        sent += len(block)
+                        yield block
+                    if wanted is not None and sent >= wanted:
+                        break
+            except requests.RequestException as exc:
+                raise TransientError(
+                    f"{self.uri.redacted}: {what}: transfer failed ({type(exc).__name__})"
+                ) from None
+            expected = wanted if wanted is not None else (file.size or 0) - start
+            if sent < expected:
+                raise TransientError(
+                    f"{self.uri.redacted}: {what}: connection closed after {sent} of "
+                    f"{expected} bytes"
+                )
+
+    def _datanode(self, location: str, what: str) -> requests.Response:
+        """Follow OPEN's redirect. An Authorization header (from HEADERS) goes only to the
+        namenode's own host (a gateway such as Knox redirects to itself), as requests itself
+        would do on a redirect; the datanode is authorised by the token in the URL."""
+        if not location:
+            raise SourceError(f"{self.uri.redacted}: {what}: redirect without a Location")
+        namenode_host = urlsplit(self.config.namenodes[self._active]).netloc
+        headers: dict[str, str | None] = {}
+        if urlsplit(location).netloc != namenode_host:
+            headers["Authorization"] = None
+        try:
+            response = self._session().get(
+                location,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                verify=self._verify(),
+            )
+        except requests.RequestException as exc:
+            raise TransientError(
+                f"{self.uri.redacted}: {what}: datanode {urlsplit(location).netloc} "
+                f"unreachable ({type(exc).__name__})"
+            ) from None
+        if response.status_code != 200:
+            error = self._http_error(response, what + " from the datanode")
+            response.close()
+            raise error
+        return response
