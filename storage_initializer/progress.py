@@ -19,6 +19,25 @@ class Progress:
         self.files_total = 0
         self.files_done = 0
         self.retries = 0
+        self.verify_failures = 0
+        #: Seconds spent in each phase, closed when the next phase starts (see set_phase).
+        self.phases: dict[str, float] = {}
+        self._phase_started = self.started
+
+    def set_phase(self, phase: str) -> None:
+        """Enter ``phase``; the time since the previous phase began is booked to that one."""
+        now = time.monotonic()
+        with self._lock:
+            if self.phase != "starting":
+                self.phases[self.phase] = (
+                    self.phases.get(self.phase, 0.0) + now - self._phase_started
+                )
+            self.phase = phase
+            self._phase_started = now
+
+    def verify_failed(self) -> None:
+        with self._lock:
+            self.verify_failures += 1
 
     def set_totals(self, files: int, size: int) -> None:
         with self._lock:

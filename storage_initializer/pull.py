@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -42,6 +43,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Tiered caches: while set, the holder reads from this source (a slower tier's copy) instead
+#: of the URI's own provider; everything else — key, lease, marker — stays the URI's.
+SOURCE_OVERRIDE: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "storage_initializer_source_override", default=None
+)
+
 
 @dataclass
 class Result:
@@ -54,6 +61,11 @@ class Result:
     seconds: float = 0.0
     key: str = ""
     fingerprint: str = ""
+    #: Seconds by phase: wait, listing, transfer, extract, commit (metrics).
+    phases: dict[str, float] | None = None
+    retries: int = 0
+    takeovers: int = 0
+    verify_failures: int = 0
 
     def fields(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,10 +110,12 @@ def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | No
     return version, marker_io.read(version)
 
 
-def _finish(entry: layout.Entry, dest: Path, marker: marker_io.Marker, settings: Settings) -> None:
+def _finish(
+    entry: layout.Entry, dest: Path | None, marker: marker_io.Marker, settings: Settings
+) -> None:
     """Cache mode: link DEST to the concrete version directory ``entry`` (never through
     ``current``), so a later version switch leaves this pod's model untouched."""
-    if entry.mode == "version":
+    if entry.mode == "version" and dest is not None:
         from storage_initializer.store import links
         from storage_initializer.store.commit import top_level
 
@@ -115,17 +129,59 @@ def _finish(entry: layout.Entry, dest: Path, marker: marker_io.Marker, settings:
         )
 
 
-def pull(source: str, dest: str | Path, settings: Settings) -> Result:
+def pull(source: str, dest: str | Path | None, settings: Settings) -> Result:
+    """Materialise ``source`` in ``dest``. ``dest=None`` (cache mode only) fills the cache and
+    links nothing: how ``prefetch`` seeds a cache."""
     started = time.monotonic()
     uri = parse(source)
-    dest = Path(dest).absolute()
+    if dest is None:
+        if not settings.cache_dirs:
+            raise UsageError(f"{uri.redacted}: no destination and no cache directory")
+        if uri.kind in ("model-mount", "pvc"):
+            raise UsageError(f"{uri.redacted} is already on a volume: nothing to cache")
+    if len(settings.cache_dirs) > 1 and uri.kind not in ("model-mount", "pvc"):
+        from storage_initializer.tiers import pull_tiered
+
+        return pull_tiered(uri, None if dest is None else Path(dest).absolute(), settings)
+    result = _pull_one(uri, None if dest is None else Path(dest).absolute(), settings, started)
+    if result.key:
+        _after(uri, result, settings)
+    return result
+
+
+def _after(uri: SourceUri, result: Result, settings: Settings) -> None:
+    """Bookkeeping of a successful pull: the access record, and the cache's size limit."""
+    from storage_initializer.store import access
+
+    entry = entry_for(uri, Path(result.dest), settings)
+    access.record(entry, result.outcome)
+    if settings.cache_dirs and settings.cache_max_size:
+        from storage_initializer import gc
+
+        limits = gc.Policy(
+            max_size=settings.cache_max_size,
+            policy=settings.cache_policy,
+            stale_after=settings.stale_after,
+        )
+        try:
+            _planned, done = gc.run(Path(settings.cache_dirs[0]).absolute(), limits, False)
+        except OSError as exc:
+            log.warning("the cache size limit could not be enforced: %s", exc)
+            return
+        for action in done:
+            log.info("cache limit: %s %s (%s)", action.kind, action.entry.key, action.reason)
+
+
+def _pull_one(uri: SourceUri, dest: Path | None, settings: Settings, started: float) -> Result:
     if uri.kind == "model-mount":
+        assert dest is not None
         _prepare_dir(dest, "destination")
         log.info("%s is the model mount directory: nothing to download", uri.redacted)
         return Result(uri.redacted, str(dest), "no-op")
     if uri.kind == "pvc":
+        assert dest is not None
         return _link_pvc(uri, dest, settings, started)
-    entry = entry_for(uri, dest, settings)
+    entry = entry_for(uri, dest or Path("."), settings)
     if entry.mode == "direct":
         _prepare_dir(dest, "destination")
     else:
@@ -136,7 +192,7 @@ def pull(source: str, dest: str | Path, settings: Settings) -> Result:
         _finish(model, dest, current, settings)
         return Result(
             uri.redacted,
-            str(dest),
+            str(dest or entry.root),
             "complete",
             0,
             current.total_size,
@@ -172,7 +228,7 @@ def _describe_holder(data: dict[str, Any] | None) -> str:
 
 
 def _locked_pull(
-    uri: SourceUri, entry: layout.Entry, dest: Path, settings: Settings, started: float
+    uri: SourceUri, entry: layout.Entry, dest: Path | None, settings: Settings, started: float
 ) -> Result:
     from filelock import FileLock
 
@@ -195,16 +251,18 @@ def _locked_pull(
             if _valid(model, existing) and not (settings.revalidate and not waited):
                 assert existing is not None
                 _finish(model, dest, existing, settings)
+                elapsed = time.monotonic() - started
                 return Result(
                     uri.redacted,
-                    str(dest),
+                    str(dest or entry.root),
                     "waited" if waited else "complete",
                     0,
                     existing.total_size,
                     len(existing.files),
-                    time.monotonic() - started,
+                    elapsed,
                     entry.key,
                     existing.fingerprint,
+                    phases={"wait": elapsed},
                 )
             if not flock_held and flock_usable:
                 flock_held, flock_usable = _try_flock(flock, poll)
@@ -229,7 +287,17 @@ def _locked_pull(
                     entry, owner, generation, {"source": uri.redacted, "phase": "starting"}
                 )
                 if lease is not None:
-                    return _as_holder(uri, entry, dest, settings, started, lease, waited, owner)
+                    return _as_holder(
+                        uri,
+                        entry,
+                        dest,
+                        settings,
+                        started,
+                        lease,
+                        waited,
+                        owner,
+                        took_over=state == "stale",
+                    )
                 continue
             waited = True
             if now - last_report >= settings.progress_interval:
@@ -314,12 +382,13 @@ def _check_destination(
 def _as_holder(
     uri: SourceUri,
     entry: layout.Entry,
-    dest: Path,
+    dest: Path | None,
     settings: Settings,
     started: float,
     lease: Lease,
     waited: bool,
     owner: Owner,
+    took_over: bool = False,
 ) -> Result:
     from storage_initializer.progress import Progress
 
@@ -328,9 +397,14 @@ def _as_holder(
     outcome = "failed"
     made: dict[str, Any] = {}  # _download records its staging area here as soon as it exists
     try:
+        claimed = time.monotonic()
         result = _download(uri, entry, dest, settings, lease, progress, owner, made)
         outcome = result.outcome
         result.seconds = time.monotonic() - started
+        result.phases = {"wait": claimed - started, **progress.phases}
+        result.retries = progress.retries
+        result.verify_failures = progress.verify_failures
+        result.takeovers = int(took_over)
         if waited and result.outcome == "complete":
             result.outcome = "waited"
         return result
@@ -366,7 +440,7 @@ def _still_held(lease: Lease) -> bool:
 def _download(
     uri: SourceUri,
     entry: layout.Entry,
-    dest: Path,
+    dest: Path | None,
     settings: Settings,
     lease: Lease,
     progress: Any,
@@ -392,7 +466,7 @@ def _download(
         _finish(model, dest, existing, settings)
         return Result(
             uri.redacted,
-            str(dest),
+            str(dest or entry.root),
             "complete",
             0,
             existing.total_size,
@@ -401,11 +475,13 @@ def _download(
             entry.key,
             existing.fingerprint,
         )
-    storage_config.apply()
-    tls.configure_process()
-    source = open_source(uri, settings)
+    override = SOURCE_OVERRIDE.get()
+    if override is None:
+        storage_config.apply()
+        tls.configure_process()
+    source = override or open_source(uri, settings)
     try:
-        progress.phase = "listing"
+        progress.set_phase("listing")
         lease.update(phase="listing")
         log.info("listing %s", uri.redacted)
         listing = source.list()
@@ -420,7 +496,7 @@ def _download(
             _finish(model, dest, existing, settings)
             return Result(
                 uri.redacted,
-                str(dest),
+                str(dest or entry.root),
                 "complete",
                 0,
                 existing.total_size,
@@ -443,7 +519,7 @@ def _download(
                 _finish(version, dest, found, settings)
                 return Result(
                     uri.redacted,
-                    str(dest),
+                    str(dest or entry.root),
                     "complete",
                     0,
                     found.total_size,
@@ -460,7 +536,9 @@ def _download(
         if entry.mode == "direct":
             recover_interrupted(entry, staging)
         todo = _reuse_staged(files, staging, progress)
-        single_archive = len(files) == 1 and _is_archive(files[0].path)
+        single_archive = (
+            len(files) == 1 and _is_archive(files[0].path) and source.extract_single_archive
+        )
         diskspace.check(staging.data, sum(f.size or 0 for f in todo), single_archive)
         if settings.max_size:
             diskspace.check(staging.data, total, single_archive, settings.max_size)
@@ -472,7 +550,7 @@ def _download(
             _human(total),
             f" ({len(files) - len(todo)} already staged)" if len(todo) < len(files) else "",
         )
-        progress.phase = "transfer"
+        progress.set_phase("transfer")
         lease.update(phase="transfer")
         engine = Engine(source, settings, progress, _cancel_on_loss(lease), lease.ensure_held)
         with ProgressReporter(uri.redacted, settings.progress_interval, progress.snapshot):
@@ -492,8 +570,8 @@ def _download(
         )
         for f in files
     ]
-    if len(files) == 1 and _is_archive(files[0].path):
-        progress.phase = "extract"
+    if len(files) == 1 and _is_archive(files[0].path) and source.extract_single_archive:
+        progress.set_phase("extract")
         lease.update(phase="extract")
         try:
             final = _extract_single(staging, files[0].path)
@@ -503,7 +581,7 @@ def _download(
             raise diskspace.describe_enospc(exc, entry.root, total) from None
         if settings.max_size:
             diskspace.check(staging.data, sum(f.size for f in final), False, settings.max_size)
-    progress.phase = "commit"
+    progress.set_phase("commit")
     lease.update(phase="commit")
     lease.ensure_held()
     new_marker = marker_io.Marker(
@@ -522,11 +600,12 @@ def _download(
         _finish(entry.version(name), dest, new_marker, settings)
     else:
         commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
+    progress.set_phase("done")
     snap = progress.snapshot()
     log.info("committed %s into %s", uri.redacted, entry.root)
     return Result(
         uri.redacted,
-        str(dest),
+        str(dest or entry.root),
         "downloaded",
         snap["bytes_from_origin"],
         snap["bytes_reused"],

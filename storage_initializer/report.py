@@ -143,6 +143,7 @@ def summary(fields: dict[str, Any], log_format: str) -> None:
         "waited": "waited for another replica's download",
         "complete": "found complete",
         "linked": "linked",
+        "copied-up": "copied up from a slower cache tier",
         "no-op": "nothing to download",
     }.get(outcome, outcome)
     log.info(

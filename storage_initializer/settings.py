@@ -43,6 +43,8 @@ class Settings:
     metrics_file: str = ""
     #: When set, a pull in cache mode ends with a gc of the cache down to this size.
     cache_max_size: int = 0
+    #: Tiered caches: one limit per cache directory (the last one repeats); 0 is no limit.
+    cache_max_sizes: tuple[int, ...] = ()
     #: gc policy for that automatic gc: lru or lfu.
     cache_policy: str = "lru"
     #: Where each value came from (for `storage-initializer config` and debugging).
@@ -86,6 +88,14 @@ def _paths(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(v) for v in value if str(v))
     return tuple(p for p in str(value).replace(",", os.pathsep).split(os.pathsep) if p)
+
+
+def _sizes(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    sizes = tuple(_size(v) for v in items if str(v).strip())
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"sizes must be ≥ 0, got {value!r}")
+    return sizes
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
@@ -142,11 +152,17 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
     "max_size": (_positive(_size), ("STORAGE_INITIALIZER_MAX_SIZE",)),
     "metrics_file": (str, ("STORAGE_INITIALIZER_METRICS_FILE",)),
-    "cache_max_size": (_positive(_size), ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
+    "cache_max_size": (_positive(_size), ()),
+    "cache_max_sizes": (_sizes, ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
     "cache_policy": (_choice(("lru", "lfu")), ("STORAGE_INITIALIZER_CACHE_POLICY",)),
 }
 #: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
-ALIASES = {"cache_dir": "cache_dirs", "readonly": "read_only", "writable": "!read_only"}
+ALIASES = {
+    "cache_dir": "cache_dirs",
+    "readonly": "read_only",
+    "writable": "!read_only",
+    "cache_max_size": "cache_max_sizes",
+}
 
 
 def _read_config_file(environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
@@ -234,6 +250,8 @@ def load(
         except (ValueError, TypeError) as exc:
             raise UsageError(f"invalid value for {name} ({origin}): {exc}") from None
         origins[name] = origin
+    if values.get("cache_max_sizes"):
+        values["cache_max_size"] = values["cache_max_sizes"][0]
     settings = Settings(**values)
     return replace(settings, origins=origins)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from tests.helpers import clean_env, entrypoint, model_files, pattern, tree_digest
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord
 from tests.servers.s3 import S3Server, s3_server
@@ -165,17 +167,18 @@ def test_server_lying_about_content_is_caught(
     _assert_nothing_visible(dest)
 
 
+@pytest.mark.parametrize("sent", [600, 1500], ids=["shorter", "longer"])
 def test_server_lying_about_size_is_caught(
-    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path, sent: int
 ) -> None:
-    """The listing says 1000 bytes, the GET sends 1500."""
+    """The listing says 1000 bytes; every GET sends another length (and other bytes)."""
     files = {"weights.bin": pattern(1000, 3)}
     uri = upload(s3_server, files)
     proxy.set_faults(
-        Fault(status=200, body=pattern(1500, 3), method="GET", path_contains="/weights.bin")
+        Fault(status=200, body=pattern(sent, 4), method="GET", path_contains="/weights.bin")
     )
     dest = tmp / "dest"
-    result = entrypoint(uri, dest, env=tool_env(s3_server, proxy))
+    result = entrypoint(uri, dest, env=tool_env(s3_server, proxy, STORAGE_INITIALIZER_RETRIES="1"))
     assert result.returncode == 1, result.describe()
     assert "weights.bin" in result.last_line
     _assert_nothing_visible(dest)
@@ -206,3 +209,123 @@ def test_one_corrupted_chunk_of_a_ranged_file_is_caught(
     assert "weights.bin" in result.last_line and "verification" in result.last_line
     assert liar.hits >= 2
     _assert_nothing_visible(dest)
+
+
+# -- chunked files verified by a CRC: chunks hashed in parallel, combined at the end ----------
+
+
+class _MemorySource(Source):
+    """Files held in memory, read in ranges (optionally with a wrong byte at ``corrupt``)."""
+
+    default_workers = 4
+
+    def __init__(self, files: dict[str, bytes], sums: dict[str, dict[str, str]]) -> None:
+        self.files = files
+        self.sums = sums
+        self.corrupt: int | None = None
+        self.reads: list[tuple[str, int, int | None]] = []
+
+    def list(self) -> Listing:
+        items = [RemoteFile(n, len(d), self.sums[n], "v1") for n, d in self.files.items()]
+        return Listing(items, fingerprint_of(items))
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        self.reads.append((file.path, start, end))
+        data = bytearray(self.files[file.path][start:end])
+        if self.corrupt is not None and start <= self.corrupt < start + len(data):
+            data[self.corrupt - start] ^= 0xFF
+        for offset in range(0, len(data), 1000):  # blocks that do not align with chunks
+            yield bytes(data[offset : offset + 1000])
+
+
+def _crc_sums(files: dict[str, bytes], algorithm: str) -> dict[str, dict[str, str]]:
+    from storage_initializer import checksums
+
+    sums = {}
+    for name, data in files.items():
+        hasher = checksums.new_hasher(algorithm)
+        hasher.update(data)
+        sums[name] = {algorithm: hasher.hexdigest()}
+    return sums
+
+
+def _run_engine(source: _MemorySource, root: Path, chunk: int = 4096) -> Any:
+    import threading
+
+    from storage_initializer.engine import Engine
+    from storage_initializer.progress import Progress
+    from storage_initializer.settings import Settings
+    from storage_initializer.store import layout
+    from storage_initializer.store.staging import Staging
+
+    entry = layout.direct(root, "k" * 16)
+    layout.ensure_state_dir(entry)
+    staging = Staging.prepare(entry, "owner", entry.key, "fp")
+    engine = Engine(source, Settings(chunk_size=chunk, retries=1), Progress(), threading.Event())
+    return engine.run(source.list().files, staging), staging
+
+
+@pytest.mark.parametrize("algorithm", ["crc32", "crc32c"])
+def test_chunked_crc_is_combined_from_parallel_chunks(algorithm: str, tmp: Path) -> None:
+    chunk = 4096
+    files = {
+        f"f{size}.bin": pattern(size, size)
+        for size in (0, 1, chunk - 1, chunk, chunk + 1, 17 * chunk + 5)
+    }
+    source = _MemorySource(files, _crc_sums(files, algorithm))
+    results, staging = _run_engine(source, tmp / "dest", chunk)
+    for name, data in files.items():
+        assert (staging.data / name).read_bytes() == data
+        assert results[name] == source.sums[name]
+    assert sum(1 for path, _s, _e in source.reads if path == f"f{17 * chunk + 5}.bin") == 18
+
+
+def test_chunked_crc_catches_one_corrupted_byte(tmp: Path) -> None:
+    from storage_initializer.errors import IntegrityError
+
+    data = pattern(10 * 4096, 9)
+    source = _MemorySource({"w.bin": data}, _crc_sums({"w.bin": data}, "crc32"))
+    source.corrupt = 5 * 4096 + 17
+    with pytest.raises(IntegrityError, match=r"w\.bin failed verification"):
+        _run_engine(source, tmp / "dest")
+
+
+class _FailingSource(_MemorySource):
+    """Fails for good on the chunk holding ``fail_at`` (the download stops there)."""
+
+    fail_at = 0
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        if start <= self.fail_at < (end or len(self.files[file.path])):
+            from storage_initializer.errors import SourceError
+
+            raise SourceError("gone")
+        yield from super().read(file, start, end)
+
+
+@pytest.mark.parametrize("tamper", [False, True], ids=["intact", "kept-chunk-tampered"])
+def test_chunked_crc_of_a_resumed_file_covers_the_kept_chunks(tmp: Path, tamper: bool) -> None:
+    """A second run keeps the chunks on disk, hashes them once and fetches the rest; a kept
+    chunk that changed on disk fails verification and the file is fetched again whole."""
+    from storage_initializer.errors import SourceError
+
+    chunk = 4096
+    data = pattern(8 * chunk + 3, 11)
+    sums = _crc_sums({"w.bin": data}, "crc32")
+    first = _FailingSource({"w.bin": data}, sums)
+    first.fail_at = 7 * chunk + 1
+    with pytest.raises(SourceError):
+        _run_engine(first, tmp / "dest", chunk)
+    staged = next((tmp / "dest").rglob("w.bin"))
+    if tamper:
+        with open(staged, "r+b") as handle:
+            handle.seek(2 * chunk + 5)
+            handle.write(b"X")
+    second = _MemorySource({"w.bin": data}, sums)
+    results, staging = _run_engine(second, tmp / "dest", chunk)
+    assert (staging.data / "w.bin").read_bytes() == data
+    assert results["w.bin"] == sums["w.bin"]
+    if tamper:
+        assert len(second.reads) > 9  # the kept chunks were fetched again after the mismatch
+    else:
+        assert len(second.reads) < 9  # kept chunks were not fetched again

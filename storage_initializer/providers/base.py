@@ -75,6 +75,9 @@ class Source(ABC):
     default_workers: ClassVar[int] = 8
     #: Whether :meth:`read` honours ``start``/``end`` (enables chunked parallel reads and resume).
     supports_ranges: ClassVar[bool] = True
+    #: Whether a source holding one archive is extracted (the stock initializer does it for
+    #: object stores, HTTP and local paths; never for repositories such as Hugging Face).
+    extract_single_archive: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         self.uri = uri

@@ -132,7 +132,11 @@ def load_credentials() -> tuple[Credentials, str | None, str]:
     keyfile = os.environ.get(CREDENTIALS_ENV, "").strip()
     if keyfile:
         try:
-            credentials, project = google.auth.load_credentials_from_file(keyfile, scopes=SCOPES)
+            if not os.path.isfile(keyfile):
+                raise auth_exc.DefaultCredentialsError(f"File {keyfile} was not found.")
+            # google.auth.default reads the file as the stock initializer's storage.Client()
+            # does (service account, external account, authorized user).
+            credentials, project = google.auth.default(scopes=SCOPES)
         except auth_exc.DefaultCredentialsError as exc:
             raise UsageError(
                 f"{CREDENTIALS_ENV}={keyfile} cannot be used: {redact(str(exc))}",
@@ -256,7 +260,12 @@ class GcsSource(Source):
         workers = getattr(settings, "workers", 0) or self.default_workers
         # One session for every thread: requests' connection pool is thread-safe; sized so that
         # no worker waits for, or throws away, a connection.
-        self.session = AuthorizedSession(credentials)
+        # A 401 makes AuthorizedSession refresh the token and retry; anonymous credentials
+        # cannot be refreshed, so for them a 401 is simply an answer.
+        anonymous = isinstance(credentials, AnonymousCredentials)
+        self.session = AuthorizedSession(
+            credentials, refresh_status_codes=() if anonymous else (401,)
+        )
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, workers + 4), max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -276,6 +285,12 @@ class GcsSource(Source):
             raise UsageError(
                 f"{uri.redacted}: cannot create the GCS client: {redact(str(exc))}"
             ) from exc
+        # google-cloud-storage >= 3.5 fetches the bucket's metadata in a background thread on
+        # the first request, for tracing attributes only: one more GET that needs
+        # storage.buckets.get (which roles/storage.objectViewer lacks) and a second, concurrent
+        # token refresh. Every use of the cache is guarded by "if client._bucket_metadata_cache".
+        if getattr(self.client, "_bucket_metadata_cache", None) is not None:
+            self.client._bucket_metadata_cache = None
         self.endpoint: str = self.client._connection.API_BASE_URL.rstrip("/")
         log.info("GCS endpoint %s with %s", self.endpoint, self._credentials_desc)
         #: Directory prefix of the listing; None when the path named one object.

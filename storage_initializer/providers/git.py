@@ -160,7 +160,9 @@ class GitSource(Source):
         try:
             return get_transport_and_path(self.location.url, quiet=True, **kwargs)
         except ValueError as exc:
-            raise UsageError(f"{self.uri.redacted} is not a git URL dulwich can use: {exc}") from None
+            raise UsageError(
+                f"{self.uri.redacted} is not a git URL dulwich can use: {exc}"
+            ) from None
 
     def _wants(self, refs: Mapping[bytes, bytes]) -> list[bytes]:
         """The commit (or tag) to fetch for our ref, from the remote's advertised refs."""

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ DENIED_EXCEPTIONS = frozenset(
     }
 )
 NOT_FOUND_EXCEPTIONS = frozenset({"FileNotFoundException"})
+#: The hdfs package's marker for "the newest entry here", optionally N levels deep.
+_LATEST_RE = re.compile(r"/?#LATEST(?:\{(\d+)\})?(?=/|$)")
 
 
 @dataclass(frozen=True)
@@ -333,8 +336,25 @@ class HdfsSource(Source):
             joined = posixpath.join(root, self._relative)
         else:
             joined = "/" + self._relative
-        self._path = "/" + posixpath.normpath(joined).lstrip("/")
+        path = "/" + posixpath.normpath(joined).lstrip("/")
+        self._path = _LATEST_RE.sub(lambda m: self._expand_latest(m), path)
         return self._path
+
+    def _expand_latest(self, match: re.Match[str]) -> str:
+        """The hdfs package's ``#LATEST[{N}]`` marker (which the stock resolves through it): the
+        most recently modified entry of the directory before it, N levels deep."""
+        prefix = match.string[: match.start()] or "/"
+        for _ in range(int(match.group(1) or 1)):
+            entries = self._children(prefix)
+            if not entries or (len(entries) == 1 and not entries[0].get("pathSuffix")):
+                raise NotFoundError(
+                    f"{self.uri.redacted}: cannot expand #LATEST: {prefix} is empty or a file"
+                )
+            newest = min(
+                entries, key=lambda e: (-int(e.get("modificationTime", 0)), e["pathSuffix"])
+            )
+            prefix = posixpath.join(prefix, str(newest["pathSuffix"]))
+        return prefix[len(match.string[: match.start()]) :] if match.start() else prefix
 
     def _url(self, namenode: str, path: str) -> str:
         return f"{namenode}/webhdfs/v1{quote(path, safe='/')}"

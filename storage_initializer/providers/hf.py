@@ -170,6 +170,9 @@ def _retry_after(response: requests.Response) -> float | None:
 class HfSource(Source):
     """A Hub repository at one commit, read with parallel ranged GETs."""
 
+    #: A repository is served as it is: the stock initializer never extracts Hub files.
+    extract_single_archive: ClassVar[bool] = False
+
     default_workers: ClassVar[int] = 8
     supports_ranges: ClassVar[bool] = True
 

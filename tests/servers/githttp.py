@@ -113,7 +113,11 @@ class RepoBuilder:
         os.symlink(target, path)
 
     def branch(self, name: str) -> None:
-        git("checkout", "-q", "-B", name, cwd=self.work)
+        """Create ``name`` at the current commit and switch to it."""
+        git("checkout", "-q", "-b", name, cwd=self.work)
+
+    def checkout(self, name: str) -> None:
+        git("checkout", "-q", name, cwd=self.work)
 
     def tag(self, name: str, annotated: bool = False) -> None:
         if annotated:
@@ -247,11 +251,7 @@ class GitHttp:
         """POSTs of git-upload-pack for ``name`` (one per fetch round) seen by nginx."""
         assert self.nginx is not None
         return len(
-            [
-                r
-                for r in self.nginx.requests(f"/{name}.git/git-upload-pack")
-                if r.method == "POST"
-            ]
+            [r for r in self.nginx.requests(f"/{name}.git/git-upload-pack") if r.method == "POST"]
         )
 
     def requests_for(self, name: str) -> list[str]:

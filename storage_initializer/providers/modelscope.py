@@ -1,0 +1,509 @@
+"""ModelScope models: ``modelscope://owner/model[:revision]``.
+
+The stock initializer calls ``modelscope_hub``'s ``snapshot_download``, which writes into its
+own cache layout with its own locks and parallelism. Here ModelScope is one more ranged-read
+source for our engine, over plain requests: the protocol is three GETs of the Hub's ``/api/v1``
+surface, the same ones the client sends (``modelscope_hub._legacy_api``), so no client library is
+needed and the ``modelscope`` extra pulls in nothing:
+
+1. ``GET {endpoint}/api/v1/models/{owner}/{name}/revisions`` → ``Data.RevisionMap.{Branches,
+   Tags}`` of ``{"Revision", "CommitId"?, "CreatedAt"}``: checks the revision exists (as the
+   old SDK's ``get_valid_revision_detail`` did, with the names of the valid ones in the error)
+   and, when the Hub gives a ``CommitId``, that commit is the listing's fingerprint.
+2. ``GET {endpoint}/api/v1/models/{repo}/repo/files?Revision={rev}&Recursive=True`` →
+   ``Data.Files`` of ``{"Path", "Type": "blob"|"tree", "Size", "Sha256", "Revision"}``: sizes
+   always, sha256 for every file (the engine verifies it), the per-file commit as its version.
+3. ``GET {endpoint}/api/v1/models/{repo}/repo?Revision={rev}&FilePath={path}`` with ``Range``:
+   small files are answered directly, large ones redirected to object storage (OSS). We follow
+   the redirect ourselves and send the token only to the Hub, never to the storage host.
+
+Downloads address the revision by name, as the client does (the Hub's download endpoint is not
+documented to take a commit id). A branch that moves while we download cannot mix two snapshots:
+every file is checked against the sha256 of the listing, and a mismatch fails the file.
+
+Configuration, as ``modelscope_hub`` reads it: ``MODELSCOPE_API_TOKEN`` (sent as a bearer token
+and as the ``m_session_id`` cookie, like the client), ``MODELSCOPE_ENDPOINT`` or the deprecated
+``MODELSCOPE_DOMAIN`` (a bare host means https), else ``https://modelscope.cn`` with a fall-back
+to ``https://www.modelscope.ai`` when the model is not there (``MODELSCOPE_PREFER_AI_SITE=true``
+swaps the order), as the client's ``resolve_endpoint_for_read`` does. Allow/ignore patterns are
+applied by the pipeline to the listed paths (fnmatch on the relative path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from storage_initializer import __version__, tls
+from storage_initializer.errors import (
+    AccessDeniedError,
+    InitializerError,
+    NotFoundError,
+    SourceError,
+    TransientError,
+    UsageError,
+)
+from storage_initializer.paths import safe_relpath
+from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.redact import register_secret
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://modelscope.cn"
+INTL_ENDPOINT = "https://www.modelscope.ai"
+DEFAULT_REVISION = "master"
+#: ``repo/files`` silently truncates a listing at this many entries (modelscope_hub's
+#: REPO_FILES_TRUNCATION_LIMIT); a listing that long is walked directory by directory.
+TRUNCATION_LIMIT = 3000
+BLOCK_SIZE = 1 << 20
+METADATA_ATTEMPTS = 3
+MAX_RETRY_AFTER = 30.0
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{7,64}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repo_id: str  # "owner/name"
+    revision: str  # as written; "master" when absent
+
+
+def parse_modelscope_uri(raw: str, redacted: str) -> ModelRef:
+    """``modelscope://owner/model[:revision]``, exactly the stock's form (two components)."""
+    rest = raw.strip()
+    if not rest.lower().startswith("modelscope://"):
+        raise UsageError(f"{redacted} is not a modelscope:// URI")
+    rest = rest[len("modelscope://") :]
+    parts = rest.split("/")
+    form = "modelscope://owner/model[:revision]"
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise UsageError(
+            f"invalid ModelScope URI {redacted}: expected {form}",
+            "Name the model as owner/model, e.g. modelscope://Qwen/Qwen2.5-0.5B-Instruct",
+        )
+    owner, model_part = parts
+    model, colon, revision = model_part.partition(":")
+    for label, value in (("owner", owner), ("model name", model)):
+        if not _NAME_RE.match(value) or ".." in value:
+            raise UsageError(
+                f"invalid ModelScope URI {redacted}: bad {label} {value!r}", f"Expected {form}"
+            )
+    if colon and not revision:
+        raise UsageError(
+            f"invalid ModelScope URI {redacted}: empty revision after ':'",
+            "Write modelscope://owner/model:<branch or tag>, or drop the ':'",
+        )
+    return ModelRef(f"{owner}/{model}", revision or DEFAULT_REVISION)
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def configured_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """``MODELSCOPE_ENDPOINT``, else ``MODELSCOPE_DOMAIN``, normalised as the client does
+    (scheme added when missing, no trailing slash); None when neither is set."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get("MODELSCOPE_ENDPOINT") or "").strip()
+    if not value:
+        value = (environ.get("MODELSCOPE_DOMAIN") or "").strip()
+    if not value:
+        return None
+    if not value.lower().startswith(("http://", "https://")):
+        value = "https://" + value
+    return value.rstrip("/")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, min(float(value), MAX_RETRY_AFTER))
+    except ValueError:
+        return None
+
+
+class ModelScopeSource(Source):
+    """A ModelScope model at one revision, read with parallel ranged GETs."""
+
+    default_workers: ClassVar[int] = 8
+    supports_ranges: ClassVar[bool] = True
+
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
+        super().__init__(uri, settings)
+        self.ref = parse_modelscope_uri(uri.raw, uri.redacted)
+        self.token = (os.environ.get("MODELSCOPE_API_TOKEN") or "").strip() or None
+        register_secret(self.token)
+        explicit = configured_endpoint()
+        if explicit:
+            self.endpoints = [explicit]
+        elif _is_true(os.environ.get("MODELSCOPE_PREFER_AI_SITE")):
+            self.endpoints = [INTL_ENDPOINT, DEFAULT_ENDPOINT]
+        else:
+            self.endpoints = [DEFAULT_ENDPOINT, INTL_ENDPOINT]
+        self.endpoint = self.endpoints[0]
+        self.commit: str | None = None
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        """One session per thread, without credentials: they are added per request to the Hub
+        only, so that no redirect can carry them to the storage host."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = f"storage-initializer/{__version__}"
+            session.headers["Accept-Encoding"] = "identity"  # sizes and ranges of raw bytes
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _hub_headers(self) -> dict[str, str]:
+        if not self.token:
+            return {}
+        return {"Authorization": f"Bearer {self.token}", "Cookie": f"m_session_id={self.token}"}
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
+
+    @property
+    def _api(self) -> str:
+        return f"{self.endpoint}/api/v1/models/{self.ref.repo_id}"
+
+    # -- errors -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _message(response: requests.Response) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            return ""
+        if isinstance(body, dict):
+            for key in ("Message", "message", "msg"):
+                if isinstance(body.get(key), str):
+                    return body[key][:300]
+        return ""
+
+    def _http_error(self, response: requests.Response, what: str) -> InitializerError:
+        status = response.status_code
+        message = self._message(response)
+        detail = f"HTTP {status}" + (f": {message}" if message else "")
+        where = f"{self.uri.redacted}: {what}"
+        if status == 401:
+            if self.token:
+                return AccessDeniedError(
+                    f"{where}: ModelScope rejected the token ({detail})",
+                    "MODELSCOPE_API_TOKEN is not a valid token: create an access token on "
+                    "ModelScope and update the secret",
+                )
+            return AccessDeniedError(
+                f"{where}: ModelScope refused anonymous access ({detail}): the model is private "
+                "or does not exist",
+                "Set MODELSCOPE_API_TOKEN (e.g. from a secret) to a token that can read it",
+            )
+        if status == 403:
+            return AccessDeniedError(
+                f"{where}: access forbidden ({detail})",
+                "Check that the account of MODELSCOPE_API_TOKEN can read this model",
+            )
+        if status == 404:
+            return NotFoundError(f"{where}: not found ({detail})")
+        if status == 429 or status >= 500:
+            return TransientError(f"{where}: {detail}", retry_after=_retry_after(response))
+        if status == 416:
+            return SourceError(f"{where}: range not satisfiable (HTTP 416): the file changed?")
+        return SourceError(f"{where}: unexpected answer {detail}")
+
+    def _transport_error(self, exc: Exception, what: str) -> InitializerError:
+        if isinstance(exc, requests.exceptions.SSLError):
+            return SourceError(
+                f"{self.uri.redacted}: {what}: TLS verification of {self.endpoint} failed",
+                "Add the endpoint's CA to the global CA bundle, or check MODELSCOPE_ENDPOINT",
+            )
+        return TransientError(f"{self.uri.redacted}: {what}: {type(exc).__name__}")
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def _get_json(self, url: str, what: str, params: Mapping[str, str] | None = None) -> Any:
+        """GET a Hub API URL and return its ``Data``, retrying transient failures a few times
+        (list() runs once; the engine retries reads, not listings)."""
+        for attempt in range(1, METADATA_ATTEMPTS + 1):
+            try:
+                response = self._session().get(
+                    url,
+                    params=params,
+                    headers=self._hub_headers(),
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    verify=tls.requests_verify(),
+                )
+                error: InitializerError | None = None
+                if response.status_code != 200:
+                    error = self._http_error(response, what)
+            except requests.RequestException as exc:
+                error = self._transport_error(exc, what)
+            if error is None:
+                return self._data(response, what)
+            if not isinstance(error, TransientError) or attempt == METADATA_ATTEMPTS:
+                raise error
+            delay = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
+            log.info("%s; retrying in %.1fs", error, delay)
+            time.sleep(delay)  # backoff between real attempts, not test synchronisation
+        raise AssertionError("unreachable")
+
+    def _data(self, response: requests.Response, what: str) -> Any:
+        """The ``Data`` of the Hub's envelope; ``Success: false`` in a 200 is an error too."""
+        try:
+            body = response.json()
+        except ValueError:
+            raise SourceError(
+                f"{self.uri.redacted}: {what}: the Hub answered something that is not JSON",
+                f"Check that MODELSCOPE_ENDPOINT ({self.endpoint}) points at a ModelScope Hub",
+            ) from None
+        if not isinstance(body, dict):
+            raise SourceError(f"{self.uri.redacted}: {what}: unexpected answer")
+        code = body.get("Code")
+        if body.get("Success") is False or (isinstance(code, int) and code not in (0, 200)):
+            message = str(body.get("Message") or code)
+            if "not exist" in message.lower() or "not found" in message.lower():
+                return_error: InitializerError = NotFoundError(f"{self.uri.redacted}: {message}")
+            else:
+                return_error = SourceError(f"{self.uri.redacted}: {what}: {message}")
+            raise return_error
+        return body.get("Data", body)
+
+    def _resolve_revision(self) -> str | None:
+        """Check the revision exists; return its commit when the Hub tells it."""
+        what = f"reading the revisions of {self.ref.repo_id}"
+        data = self._get_json(f"{self._api}/revisions", what)
+        revision_map = data.get("RevisionMap") if isinstance(data, dict) else None
+        if not isinstance(revision_map, dict):
+            raise SourceError(
+                f"{self.uri.redacted}: {what}: no RevisionMap in the answer",
+                f"Check that MODELSCOPE_ENDPOINT ({self.endpoint}) points at a ModelScope Hub",
+            )
+        branches = [b for b in revision_map.get("Branches") or [] if isinstance(b, dict)]
+        tags = [t for t in revision_map.get("Tags") or [] if isinstance(t, dict)]
+        wanted = self.ref.revision
+        for item in [*tags, *branches]:
+            if item.get("Revision") == wanted:
+                commit = item.get("CommitId") or item.get("Sha") or item.get("CommitSha")
+                return str(commit) if commit else None
+        if _COMMIT_RE.match(wanted):
+            return wanted  # a commit id is not listed as a branch or tag
+        names = ", ".join(str(i.get("Revision")) for i in [*branches, *tags])
+        raise NotFoundError(
+            f"{self.uri.redacted}: {self.ref.repo_id} has no revision {wanted!r}",
+            f"Use one of its branches or tags: {names or '(none listed)'}",
+        )
+
+    def _files_page(self, root: str | None, recursive: bool) -> list[dict[str, Any]]:
+        params = {"Revision": self.ref.revision, "Recursive": str(recursive)}
+        if root:
+            params["Root"] = root
+        what = f"listing {root or 'the model'} at {self.ref.revision}"
+        data = self._get_json(f"{self._api}/repo/files", what, params)
+        files = data.get("Files") if isinstance(data, dict) else data
+        if files is None:
+            return []
+        if not isinstance(files, list):
+            raise SourceError(f"{self.uri.redacted}: {what}: Files is not a list")
+        return [f for f in files if isinstance(f, dict)]
+
+    def _all_entries(self) -> list[dict[str, Any]]:
+        """The recursive listing; past the Hub's silent truncation, walk directory by
+        directory (as modelscope_hub's _walk_repo_files does)."""
+        entries = self._files_page(None, recursive=True)
+        if len(entries) < TRUNCATION_LIMIT:
+            return entries
+        log.info("%s: listing truncated by the Hub; walking directories", self.uri.redacted)
+        found: dict[str, dict[str, Any]] = {}
+        pending: list[str | None] = [None]
+        while pending:
+            root = pending.pop()
+            shallow = self._files_page(root, recursive=False)
+            if len(shallow) >= TRUNCATION_LIMIT:
+                raise SourceError(
+                    f"{self.uri.redacted}: directory {root or '/'} holds more entries than the "
+                    "Hub lists; the model cannot be listed completely"
+                )
+            for entry in shallow:
+                path = str(entry.get("Path") or entry.get("Name") or "")
+                if (entry.get("Type") or "blob") == "tree":
+                    pending.append(path)
+                elif path:
+                    found[path] = entry
+        return list(found.values())
+
+    def _remote_file(self, entry: Mapping[str, Any]) -> RemoteFile:
+        path = str(entry.get("Path") or entry.get("path") or entry.get("Name") or "")
+        raw_size = entry.get("Size", entry.get("size"))
+        try:
+            size = int(raw_size) if raw_size is not None else None
+        except (TypeError, ValueError):
+            size = None
+        sha256 = str(entry.get("Sha256") or entry.get("sha256") or "").lower()
+        checksums = {"sha256": sha256} if _SHA256_RE.match(sha256) else {}
+        version = str(entry.get("Revision") or entry.get("CommitId") or sha256)
+        return RemoteFile(
+            path=safe_relpath(path, "ModelScope file"),
+            size=size,
+            checksums=checksums,
+            version=version,
+            handle=path,
+        )
+
+    def list(self) -> Listing:
+        commit: str | None = None
+        for index, endpoint in enumerate(self.endpoints):
+            self.endpoint = endpoint
+            try:
+                commit = self._resolve_revision()
+                break
+            except (NotFoundError, AccessDeniedError) as exc:
+                if index + 1 == len(self.endpoints) or "no revision" in str(exc):
+                    raise
+                log.info("%s not on %s, trying %s", self.ref.repo_id, endpoint, self.endpoints[-1])
+        entries = self._all_entries()
+        files = [
+            self._remote_file(entry)
+            for entry in entries
+            if (entry.get("Type") or entry.get("type") or "blob") != "tree"
+        ]
+        if not files:
+            raise NotFoundError(
+                f"{self.uri.redacted}: the model has no files at revision {self.ref.revision}"
+            )
+        files.sort(key=lambda f: f.path)
+        self.commit = commit
+        fingerprint = commit or fingerprint_of(files)
+        log.info(
+            "%s: revision %s%s, %d files",
+            self.uri.redacted,
+            self.ref.revision,
+            f" is commit {commit}" if commit else "",
+            len(files),
+        )
+        return Listing(files=files, fingerprint=fingerprint)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return
+        headers: dict[str, str] = {}
+        ranged = start > 0 or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        what = f"downloading {file.path}"
+        url = f"{self._api}/repo"
+        params = {"Revision": self.ref.revision, "FilePath": file.handle}
+        try:
+            response = self._session().get(
+                url,
+                params=params,
+                headers={**headers, **self._hub_headers()},
+                stream=True,
+                allow_redirects=False,
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                verify=tls.requests_verify(),
+            )
+            hops = 0
+            while response.is_redirect and hops < 5:
+                location = response.headers.get("Location", "")
+                response.close()
+                if not location:
+                    raise SourceError(f"{self.uri.redacted}: {what}: redirect without Location")
+                location = requests.compat.urljoin(response.url, location)
+                same_host = urlsplit(location).netloc == urlsplit(self.endpoint).netloc
+                response = self._session().get(
+                    location,
+                    headers={**headers, **(self._hub_headers() if same_host else {})},
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    verify=tls.requests_verify(),
+                )
+                hops += 1
+        except requests.RequestException as exc:
+            raise self._transport_error(exc, what) from None
+        with response:
+            if response.status_code not in (200, 206):
+                raise self._http_error(response, what)
+            yield from self._body(response, file, start, end, ranged, what)
+
+    def _body(
+        self,
+        response: requests.Response,
+        file: RemoteFile,
+        start: int,
+        end: int | None,
+        ranged: bool,
+        what: str,
+    ) -> Iterator[bytes]:
+        skip = 0
+        if ranged and response.status_code == 200:
+            skip = start  # the server ignored Range: drop the head ourselves
+        elif response.status_code == 206:
+            got = response.headers.get("Content-Range", "")
+            match = re.match(r"bytes (\d+)-", got)
+            if not match or int(match.group(1)) != start:
+                raise TransientError(
+                    f"{self.uri.redacted}: {what}: asked for bytes from {start}, "
+                    f"got Content-Range {got!r}"
+                )
+        wanted = None if end is None else end - start
+        sent = 0
+        try:
+            for block in response.iter_content(BLOCK_SIZE):
+                if skip:
+                    if len(block) <= skip:
+                        skip -= len(block)
+                        continue
+                    block, skip = block[skip:], 0
+                if wanted is not None and sent + len(block) > wanted:
+                    block = block[: wanted - sent]
+                if block:
+                    sent += len(block)
+                    yield block
+                if wanted is not None and sent >= wanted:
+                    break
+        except requests.RequestException as exc:
+            raise TransientError(
+                f"{self.uri.redacted}: {what}: transfer failed ({type(exc).__name__})"
+            ) from None
+        expected = wanted
+        if expected is None and file.size is not None:
+            expected = file.size - start
+        if expected is not None and sent < expected:
+            raise TransientError(
+                f"{self.uri.redacted}: {what}: connection closed after {sent} of {expected} bytes"
+            )

@@ -1,0 +1,111 @@
+"""Tiered caches: ``--cache-dir`` given several times, fastest first.
+
+Typical KServe set-up: a node-local tier (hostPath or a LocalModelCache PV) in front of the
+shared RWX PVC. A replica looks in the fastest tier first; a hit in a slower tier is *copied
+up*, verified file by file against that tier's marker, without touching the origin; a miss
+everywhere downloads once into the last (shared) tier — under that tier's lease, so the nodes
+download once between them — and then copies up. Every tier is an ordinary cache with its own
+lease and marker, so a tier can be inspected, verified and collected on its own; each may have
+its own size limit (``cache_max_size`` as a list, one value per tier).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
+from storage_initializer.store import layout
+from storage_initializer.store import marker as marker_io
+
+if TYPE_CHECKING:
+    from storage_initializer.pull import Result
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
+
+log = logging.getLogger(__name__)
+
+
+class TierSource(Source):
+    """A complete version in a slower tier, read as a source: the listing is its marker (so
+    every file is verified against the checksum recorded when it came from the origin), the
+    fingerprint is the origin's."""
+
+    default_workers: ClassVar[int] = 4
+    extract_single_archive: ClassVar[bool] = False  # already extracted when it was stored
+
+    def __init__(self, version: layout.Entry, marker: marker_io.Marker) -> None:
+        self.version = version
+        self.marker = marker
+
+    def list(self) -> Listing:
+        files = [
+            RemoteFile(f.path, f.size, dict(f.checksums), "", str(self.version.root / f.path))
+            for f in self.marker.files
+        ]
+        return Listing(files, self.marker.fingerprint)
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        return read_local_range(file.handle, start, end)
+
+
+def _complete(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] | None:
+    from storage_initializer.pull import _published, _valid
+
+    model, marker = _published(layout.cached(tier, key))
+    if _valid(model, marker):
+        assert marker is not None
+        return model, marker
+    return None
+
+
+def _tier_settings(settings: Settings, index: int) -> Settings:
+    tier = settings.cache_dirs[index]
+    limits = settings.cache_max_sizes
+    limit = limits[min(index, len(limits) - 1)] if limits else 0
+    return replace(settings, cache_dirs=(tier,), cache_max_size=limit)
+
+
+def pull_tiered(uri: SourceUri, dest: Path | None, settings: Settings) -> Result:
+    from storage_initializer.pull import SOURCE_OVERRIDE, _after, _pull_one
+
+    started = time.monotonic()
+    tiers = [Path(d).absolute() for d in settings.cache_dirs]
+    key = uri.key(settings.include, settings.exclude)
+    fastest = _tier_settings(settings, 0)
+    if _complete(tiers[0], key) is not None and not settings.revalidate:
+        result = _pull_one(uri, dest, fastest, started)
+        _after(uri, result, fastest)
+        return result
+    origin_bytes = 0
+    found = None
+    for tier in tiers[1:]:
+        found = _complete(tier, key)
+        if found is not None:
+            log.info("%s: found in the cache tier %s; copying it up", uri.redacted, tier)
+            break
+    if found is None or settings.revalidate:
+        shared = _tier_settings(settings, len(tiers) - 1)
+        stored = _pull_one(uri, None, shared, started)
+        _after(uri, stored, shared)
+        origin_bytes = stored.bytes_from_origin
+        found = _complete(tiers[-1], key)
+        if found is None:  # pragma: no cover - the pull above just completed it
+            raise RuntimeError(f"{uri.redacted}: the shared tier is incomplete after a pull")
+    version, marker = found
+    token = SOURCE_OVERRIDE.set(TierSource(version, marker))
+    try:
+        result = _pull_one(uri, dest, replace(fastest, revalidate=False), started)
+    finally:
+        SOURCE_OVERRIDE.reset(token)
+    _after(uri, result, fastest)
+    # From the origin's point of view, only the shared tier's download counts.
+    result.bytes_reused += result.bytes_from_origin
+    result.bytes_from_origin = origin_bytes
+    if result.outcome == "downloaded" and not origin_bytes:
+        result.outcome = "copied-up"
+    return result
