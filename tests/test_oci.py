@@ -229,8 +229,9 @@ def test_plain_http_registry_without_the_insecure_flag(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("KSERVE_OCI_INSECURE_REGISTRY")
-    with pytest.raises(SourceError, match="KSERVE_OCI_INSECURE_REGISTRY"):
+    with pytest.raises(SourceError, match="TLS") as caught:
         fetch(f"oci://{registry.host}/{unique_repo()}:v1")
+    assert "KSERVE_OCI_INSECURE_REGISTRY=true" in caught.value.describe()
 
 
 # -- credentials -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""TLS for every backend: a TLS front (real nginx, self-signed CA) before each real server.
+"""TLS for every backend (S3, GCS, Azure, Hugging Face; plain HTTPS in test_http.py): a TLS
+front (real nginx, self-signed CA) before each real server.
 
 Without the CA the pull fails with a message about TLS; with the cluster's global CA bundle
 (``CA_BUNDLE_CONFIGMAP_NAME`` + ``CA_BUNDLE_VOLUME_MOUNT_POINT``) or the backend's own setting
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers.azurite import Azurite, azurite  # noqa: F401 - session fixture
+from tests.servers.gcs import GcsServer, gcs_server  # noqa: F401 - session fixture
 from tests.servers.hub import HubServer, start_hub
 from tests.servers.nginx import Nginx
 from tests.servers.s3 import S3Server, s3_server  # noqa: F401 - session fixture
@@ -146,3 +148,19 @@ def test_azure_blob_over_tls(
     assert refused.returncode == 1 and "blob.core.windows.net" in last_line(refused)
     ok = pull(uri, tmp_path / "ok", {**env, **global_bundle(tmp_path, front.cert)})
     assert ok.returncode == 0, ok.stderr
+
+
+def test_gcs_over_tls(
+    tmp_path: Path,
+    gcs_server: GcsServer,  # noqa: F811
+    tls_front: Callable[[int], Nginx],
+) -> None:
+    front = tls_front(port_of(gcs_server.endpoint))
+    bucket = gcs_server.new_bucket({"m/config.json": b"{}", "m/w.bin": b"g" * 4096})
+    uri = f"gs://{bucket}/m"
+    env = gcs_server.env(endpoint=f"https://127.0.0.1:{front.https_port}")
+    refused = pull(uri, tmp_path / "refused", env)
+    assert refused.returncode == 1 and uri in last_line(refused)
+    ok = pull(uri, tmp_path / "ok", {**env, **global_bundle(tmp_path, front.cert)})
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "ok" / "w.bin").read_bytes() == b"g" * 4096

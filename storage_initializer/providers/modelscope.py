@@ -294,10 +294,8 @@ class ModelScopeSource(Source):
         if body.get("Success") is False or (isinstance(code, int) and code not in (0, 200)):
             message = str(body.get("Message") or code)
             if "not exist" in message.lower() or "not found" in message.lower():
-                return_error: InitializerError = NotFoundError(f"{self.uri.redacted}: {message}")
-            else:
-                return_error = SourceError(f"{self.uri.redacted}: {what}: {message}")
-            raise return_error
+                raise NotFoundError(f"{self.uri.redacted}: {what}: {message}")
+            raise SourceError(f"{self.uri.redacted}: {what}: {message}")
         return body.get("Data", body)
 
     def _resolve_revision(self) -> str | None:
