@@ -153,9 +153,21 @@ def status(
     "--cache-dir", type=click.Path(path_type=Path), help="Verify the entries of this cache."
 )
 @click.option("--entry", "entry_ref", help="Only this cache entry: its key or its URI.")
-def verify(dest: Path | None, cache_dir: Path | None, entry_ref: str | None) -> None:
+@click.option("--repair", is_flag=True, help="Re-download only the bad files, under the lock.")
+@click.option(
+    "--source",
+    help="With --repair: the URI to download from (with credentials), "
+    "when the marker's redacted one will not do.",
+)
+def verify(
+    dest: Path | None,
+    cache_dir: Path | None,
+    entry_ref: str | None,
+    repair: bool,
+    source: str | None,
+) -> None:
     """Re-hash every file of DEST (or of every cache entry) against its marker; exit 1 listing
-    the bad ones."""
+    the bad ones. With --repair, fetch the bad files again (exit 0 once repaired)."""
     from storage_initializer import cache
     from storage_initializer import settings as settings_mod
     from storage_initializer.inspect import verify as run_verify
@@ -178,6 +190,8 @@ def verify(dest: Path | None, cache_dir: Path | None, entry_ref: str | None) -> 
     failed = 0
     for target in targets:
         entry, bad, checked = run_verify(target)
+        if bad and repair and entry is not None and _repair(entry, source):
+            continue
         if bad:
             failed += 1
             for line in bad:
@@ -187,6 +201,38 @@ def verify(dest: Path | None, cache_dir: Path | None, entry_ref: str | None) -> 
             assert entry is not None
             click.echo(f"OK {checked} files in {entry.root} match the marker")
     sys.exit(1 if failed else 0)
+
+
+def _repair(entry: Any, source: str | None) -> bool:
+    """Repair one entry; True when it verifies afterwards."""
+    from storage_initializer import settings as settings_mod
+    from storage_initializer.errors import InitializerError
+    from storage_initializer.inspect import verify as run_verify
+    from storage_initializer.redact import MASK, redact
+    from storage_initializer.repair import repair
+    from storage_initializer.report import setup_logging
+    from storage_initializer.store import marker as marker_io
+
+    setup_logging("text")
+    marker = marker_io.read(entry)
+    uri = source or (marker.source if marker else "")
+    if not uri or MASK in uri:
+        click.echo(f"{entry.root}: give --source (the marker's URI is redacted)", err=True)
+        return False
+    try:
+        bad, _result = repair(uri, entry, settings_mod.load({}))
+    except InitializerError as exc:
+        click.echo(redact(f"cannot repair {entry.root}: {exc.describe()}"), err=True)
+        return False
+    fixed_entry, still_bad, checked = run_verify(
+        entry.root if entry.mode == "direct" else entry.root.parent
+    )
+    if still_bad:
+        return False
+    click.echo(f"REPAIRED {len(bad)} file(s): {', '.join(sorted(bad))}")
+    assert fixed_entry is not None
+    click.echo(f"OK {checked} files in {fixed_entry.root} match the marker")
+    return True
 
 
 def _when(stamp: float | None) -> str:

@@ -35,7 +35,7 @@ from storage_initializer.providers.modelscope import (
     parse_modelscope_uri,
 )
 from storage_initializer.settings import Settings
-from tests.helpers import clean_env, cli_argv, pattern, run, start_all, wait_all
+from tests.helpers import clean_env, cli_argv, pattern, run, start_all, tar_bytes, wait_all
 from tests.servers.modelscope_hub import ModelScopeHub, MsFile, start_modelscope_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,7 @@ V1 = {
     "onnx/model.onnx": MsFile(pattern(80_001, 4), lfs=True),
     "中文/说明.md": "模型\n".encode(),
 }
+ARCHIVE = tar_bytes({"inner.txt": b"inside"}, "w:gz")
 MASTER = {**V1, "config.json": b'{"hidden_size": 16}\n'}
 
 
@@ -67,6 +68,7 @@ class Hub:
             {"config.json": b"{}", "w.bin": MsFile(b"w" * 5000, True)}
         )
         server.add_token(OTHER_TOKEN)
+        server.add_repo("acme/archive").add_commit({"model.tar.gz": ARCHIVE})
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +312,14 @@ def test_cli_pull_with_patterns_and_token(hub: Hub, ms_env: dict, tmp_path: Path
     assert failed.returncode != 0
     assert "modelscope://acme/private" in failed.last_line
     assert TOKEN not in failed.output + result.output + filtered.output
+
+
+def test_a_lone_archive_is_kept_as_the_stock_keeps_it(
+    hub: Hub, ms_env: dict, tmp_path: Path
+) -> None:
+    result = run(cli_argv("pull", "modelscope://acme/archive", tmp_path / "a"), clean_env(ms_env))
+    assert result.returncode == 0, result.describe()
+    assert _tree(tmp_path / "a") == {"model.tar.gz": ARCHIVE}
 
 
 def test_eight_processes_download_each_file_once(hub: Hub, ms_env: dict, tmp_path: Path) -> None:

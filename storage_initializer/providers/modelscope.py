@@ -146,6 +146,8 @@ class ModelScopeSource(Source):
 
     default_workers: ClassVar[int] = 8
     supports_ranges: ClassVar[bool] = True
+    #: A repository holding one archive is kept as it is, as snapshot_download keeps it.
+    extract_single_archive: ClassVar[bool] = False
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
