@@ -113,7 +113,10 @@ def test_gc_frees_exactly_what_the_dry_run_announced(tmp_path: Path) -> None:
     assert (
         dry.stdout.splitlines()[-1].replace("would free", "freed") == real.stdout.splitlines()[-1]
     )
-    assert not (cache / keys["x"]).exists() and (cache / keys["z"] / "current" / "weights.bin").exists()
+    assert (
+        not (cache / keys["x"]).exists()
+        and (cache / keys["z"] / "current" / "weights.bin").exists()
+    )
 
 
 def test_gc_spares_entries_in_use_or_recently_used(tmp_path: Path) -> None:
@@ -207,3 +210,45 @@ def test_prefetch_rejects_a_malformed_file(tmp_path: Path, content: str) -> None
     listing.write_text(content)
     run = cli("prefetch", "--from-file", str(listing))
     assert run.returncode == 1 and "prefetch:" in run.stderr
+
+
+def test_concurrent_pulls_record_hits_and_last_use(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    source = make_model(tmp_path, "popular", 50_000)
+    before = time.time()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "storage_initializer",
+                "pull",
+                "--cache-dir",
+                str(cache),
+                str(source),
+                str(tmp_path / "pods" / str(i)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(6)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 6
+    entry = json.loads(cli("status", "--json", "--cache-dir", str(cache)).stdout)["entries"][0]
+    # O_APPEND lines on a local filesystem do not get lost: every pull counted once.
+    assert entry["hits"] == 6
+    assert before <= entry["last_used"] <= time.time()
+
+
+def test_prefetch_into_a_cache_without_destinations(tmp_path: Path) -> None:
+    sources = [make_model(tmp_path, f"c{i}", 1000) for i in range(3)]
+    cache = tmp_path / "cache"
+    listing = tmp_path / "models.yaml"
+    listing.write_text(
+        f"defaults:\n  cache_dir: {cache}\nmodels:\n" + "".join(f"  - {s}\n" for s in sources)
+    )
+    run = cli("prefetch", "--from-file", str(listing))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 of 3 models ready" in run.stdout
+    entries = json.loads(cli("status", "--json", "--cache-dir", str(cache)).stdout)["entries"]
+    assert sorted(e["state"] for e in entries) == ["complete"] * 3

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -145,12 +146,18 @@ def test_https_with_the_servers_ca(
     assert listing(url)[0] == repo.head
 
 
-def test_unknown_ref_names_the_refs_that_exist(git_server: GitHttp, repo: Repo) -> None:
+def test_unknown_ref_names_the_refs_that_exist(
+    git_server: GitHttp, repo: Repo, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(NotFoundError, match="no branch, tag or commit named 'nope'") as caught:
         listing(f"{git_server.url(repo.name)}@nope")
     assert "experiment" in caught.value.describe() and "v1" in caught.value.describe()
     with pytest.raises(NotFoundError, match="no branch, tag or commit named 'deadbeef'"):
         listing(f"{git_server.url(repo.name)}@deadbeef")
+    assert list(scratch.iterdir()) == []  # a failed listing leaves nothing in $TMPDIR
 
 
 def test_missing_repository_and_unreachable_host(git_server: GitHttp) -> None:

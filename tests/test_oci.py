@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -167,7 +168,10 @@ def test_index_picks_this_machines_platform(registry: Registry, index_type: str)
     assert f"linux/{OTHER_ARCH}" in caught.value.describe()
 
 
-def test_refusals(registry: Registry) -> None:
+def test_refusals(registry: Registry, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     repo = unique_repo()
     registry.push_image(
         repo, "zstd", [(b"not really zstd", "application/vnd.oci.image.layer.v1.tar+zstd")]
@@ -193,6 +197,7 @@ def test_refusals(registry: Registry) -> None:
         fetch(f"oci://{registry.host}/{repo}:absolute")
     with pytest.raises(NotFoundError, match="MANIFEST_UNKNOWN"):
         fetch(f"oci://{registry.host}/{repo}:no-such-tag")
+    assert list(scratch.iterdir()) == []  # failed listings leave nothing in $TMPDIR
 
 
 def test_reference_parsing() -> None:

@@ -317,8 +317,15 @@ class GitSource(Source):
     def list(self) -> Listing:
         self.close()
         self._scratch = Path(tempfile.mkdtemp(prefix="storage-initializer-git-"))
+        try:
+            return self._list(self._scratch)
+        except BaseException:
+            self.close()  # a failed listing leaves nothing behind in $TMPDIR
+            raise
+
+    def _list(self, scratch: Path) -> Listing:
         for attempt in range(1, ATTEMPTS + 1):
-            repo_dir = self._scratch / "repo.git"
+            repo_dir = scratch / "repo.git"
             shutil.rmtree(repo_dir, ignore_errors=True)
             repo = Repo.init_bare(str(repo_dir), mkdir=True)
             try:
@@ -335,7 +342,7 @@ class GitSource(Source):
                 repo.close()
         repo = Repo(str(repo_dir))
         try:
-            files = self._write_tree(repo, commit, self._scratch / "tree")
+            files = self._write_tree(repo, commit, scratch / "tree")
         finally:
             repo.close()
             shutil.rmtree(repo_dir, ignore_errors=True)

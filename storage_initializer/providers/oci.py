@@ -578,6 +578,13 @@ class OciSource(Source):
         if not isinstance(layers, list):
             raise SourceError(f"{self.uri.redacted}: the manifest {digest} lists no layers")
         self._scratch = Path(tempfile.mkdtemp(prefix="storage-initializer-oci-"))
+        try:
+            return self._extract_all(layers, digest)
+        except BaseException:
+            self.close()  # a failed listing leaves nothing behind in $TMPDIR
+            raise
+
+    def _extract_all(self, layers: list[Any], digest: str) -> Listing:
         tree = _Tree()
         seen: set[str] = set()
         for index, layer in enumerate(layers):

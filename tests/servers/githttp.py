@@ -20,8 +20,10 @@ Debian packages: ``git``, ``fcgiwrap``, ``nginx``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import shutil
 import socket
 import subprocess
@@ -188,6 +190,7 @@ class GitHttp:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={**os.environ, **GIT_ENV},
+            start_new_session=True,  # its pre-forked children are stopped with it (killpg)
         )
         _wait_for(lambda: _can_connect(str(self.socket)), "fcgiwrap", self.fcgiwrap)
         (self.prefix / "nginx").mkdir(exist_ok=True)
@@ -217,6 +220,9 @@ class GitHttp:
     def stop(self) -> None:
         if self.nginx is not None:
             self.nginx.stop()
+        if self.fcgiwrap is not None and self.fcgiwrap.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.fcgiwrap.pid, signal.SIGTERM)
         for process in (self.fcgiwrap, self.daemon):
             if process is not None and process.poll() is None:
                 process.terminate()
