@@ -175,21 +175,45 @@ class Run:
     cpu: float = 0.0
 
 
+#: A small launcher that forks the measured command and reports its rusage. Measuring the
+#: command from a fresh, small process matters: Linux carries a process's peak RSS across
+#: ``exec``, so a child forked straight from this (large) benchmark process would report our
+#: own size as its peak.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_timed(cmd: list[str], env: dict[str, str], cpus: str | None = None) -> Run:
-    """Run one process; wall time and peak RSS of it and its children (``wait4``)."""
+    """Run one process: wall time, CPU time and peak RSS (kernel ``wait4`` figures)."""
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage_file:
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, usage_file.name]
         started = time.monotonic()
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.Popen(
+            [*launcher, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+        returncode = process.wait()
         seconds = time.monotonic() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
+        maxrss_kib, cpu = 0.0, 0.0
+        with contextlib.suppress(ValueError):
+            text = Path(usage_file.name).read_text().split()
+            maxrss_kib, cpu = float(text[0]), float(text[1])
     tail = lines[-1][:300] if lines else ""
-    cpu = usage.ru_utime + usage.ru_stime
-    return Run(seconds, usage.ru_maxrss / 1024, process.returncode == 0, tail, cpu)
+    return Run(seconds, maxrss_kib / 1024, returncode == 0, tail, cpu)
 
 
 def run_many(cmds: list[list[str]], env: dict[str, str]) -> tuple[float, list[Run]]:

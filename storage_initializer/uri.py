@@ -26,7 +26,7 @@ AZURE_FILE_RE = re.compile(
     r"^https://(?P<account>[^./]+)\.(?:file\.core\.windows\.net|z\d+\.file\.storage\.azure\.net)/",
     re.IGNORECASE,
 )
-GIT_RE = re.compile(r"^(?:https?|git|ssh)://[^?#]+\.git(?:@[^/?#]+)?/?$|^git@", re.IGNORECASE)
+GIT_RE = re.compile(r"^(?:https?|git|ssh)://[^?#]+?\.git(?:@[^?#]+)?/?$|^git@", re.IGNORECASE)
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 

@@ -25,6 +25,7 @@ from storage_initializer.redact import MASK, redact, redact_url, register_secret
         ("https://acct.file.core.windows.net/share/p", "azure-file"),
         ("https://example.com/model.tar.gz", "http"),
         ("https://github.com/org/repo.git", "git"),
+        ("https://github.com/org/repo.git@feature/x", "git"),
         ("file:///models/x", "local"),
         ("/models/x", "local"),
         ("/mnt/pvc/claim/model", "pvc"),
