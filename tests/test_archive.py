@@ -117,10 +117,12 @@ def test_zip_slip_refused(tmp_path: Path) -> None:
 def test_zip_bomb_stops_at_the_limit(tmp_path: Path) -> None:
     archive = tmp_path / "bomb.zip"
     zeros = b"\0" * (1 << 20)
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_BZIP2) as zf:
-        with zf.open("weights.bin", "w") as member:
-            for _ in range(256):  # 256 MiB of zeros in a few kilobytes
-                member.write(zeros)
+    with (
+        zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_BZIP2) as zf,
+        zf.open("weights.bin", "w") as member,
+    ):
+        for _ in range(256):  # 256 MiB of zeros in a few kilobytes
+            member.write(zeros)
     assert archive.stat().st_size < 64 * 1024
     out = tmp_path / "out"
     with pytest.raises(ArchiveError, match="archive bomb"):

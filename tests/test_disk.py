@@ -36,12 +36,12 @@ class _EndlessModel(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.0"
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.do_HEAD()
         block = b"\1" * (1 << 20)
         try:
