@@ -30,6 +30,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -209,7 +210,7 @@ def run_timed(cmd: list[str], env: dict[str, str], cpus: str | None = None) -> R
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
         maxrss_kib, cpu = 0.0, 0.0
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, IndexError):  # empty if the launcher was killed
             text = Path(usage_file.name).read_text().split()
             maxrss_kib, cpu = float(text[0]), float(text[1])
     tail = lines[-1][:300] if lines else ""
@@ -550,17 +551,30 @@ def upload_azure(server: Any, files: dict[str, Path]) -> str:
     return server.uri(BUCKET, PREFIX)
 
 
-def start_hub(files: dict[str, Path], shape: Shape) -> Any:
+def start_hub(files: dict[str, Path]) -> Any:
+    """The test Hub server holding the model (files of 1 MiB or more as LFS files).
+
+    Its ``HubFile`` hashes the content on every request (fine for tests); here the hashes are
+    computed once, or the server would spend seconds of its one GIL per ranged request and
+    measure itself instead of the tools.
+    """
+    import functools
+
     from tests.servers.hub import HubFile, start_hub
+
+    class CachedHubFile(HubFile):
+        sha256 = functools.cached_property(HubFile.sha256.fget)  # type: ignore[attr-defined]
+        oid = functools.cached_property(HubFile.oid.fget)  # type: ignore[attr-defined]
 
     hub = start_hub()
     repo = hub.add_repo("bench/model")
     content = {
-        name: HubFile(path.read_bytes(), lfs=path.stat().st_size >= MIB)
+        name: CachedHubFile(path.read_bytes(), lfs=path.stat().st_size >= MIB)
         for name, path in files.items()
     }
+    for item in content.values():
+        _ = item.sha256, item.oid
     repo.add_commit(content)
-    del shape
     return hub
 
 
@@ -1023,8 +1037,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a CI timeout still stops the servers
     shape = Shape(2, 32 * MIB, 50) if args.small else Shape(4, 512 * MIB, 200)
     shape = Shape(
         args.shards or shape.shards,
@@ -1077,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif backend == "hf":
                     sizes["hf"] = shape.total
                     log("starting the local Hub server")
-                    hub = start_hub(files, shape)
+                    hub = start_hub(files)
                     servers.stoppers.append(hub.stop)
                     home = work / "hf-home"
                     env = clean_env(hub.env(str(home)))
