@@ -61,8 +61,12 @@ class _Crc64Nvme:
 #: Preference order when a source offers several: cheapest first, all of them strong enough to
 #: catch transfer corruption.
 PREFERENCE = ("crc32c", "crc32", "md5", "sha256", "sha1", "crc64nvme")
-#: Algorithm we compute when the source gives none, so that ``verify`` can still detect rot.
-LOCAL_DEFAULT = "sha256"
+def local_default() -> str:
+    """Algorithm we compute when the source announces none, so that ``verify`` can still detect
+    rot: CRC32C (hardware-fast, and combinable across parallel chunks, so a chunked file needs no
+    serial read-back at the end), or zlib's CRC32 where google-crc32c is missing. It guards
+    against corruption, not tampering: a source that announces a digest is verified with it."""
+    return "crc32c" if available("crc32c") else "crc32"
 
 
 def new_hasher(algorithm: str) -> Hasher:

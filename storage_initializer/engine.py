@@ -119,7 +119,7 @@ class Engine:
     # -- planning ---------------------------------------------------------------------------
 
     def _job(self, file: RemoteFile, staging: Staging) -> _FileJob:
-        algorithm = checksums.choose(file.checksums) or checksums.LOCAL_DEFAULT
+        algorithm = checksums.choose(file.checksums) or checksums.local_default()
         expected = file.checksums.get(algorithm)
         size = file.size
         chunk = self.settings.chunk_size
