@@ -61,6 +61,8 @@ class _Crc64Nvme:
 #: Preference order when a source offers several: cheapest first, all of them strong enough to
 #: catch transfer corruption.
 PREFERENCE = ("crc32c", "crc32", "md5", "sha256", "sha1", "crc64nvme")
+
+
 def local_default() -> str:
     """Algorithm we compute when the source announces none, so that ``verify`` can still detect
     rot: CRC32C (hardware-fast, and combinable across parallel chunks, so a chunked file needs no

@@ -55,6 +55,7 @@ from storage_initializer.errors import (
 )
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.providers.ranged import stream_range
 from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
@@ -469,41 +470,12 @@ class ModelScopeSource(Source):
         ranged: bool,
         what: str,
     ) -> Iterator[bytes]:
-        skip = 0
-        if ranged and response.status_code == 200:
-            skip = start  # the server ignored Range: drop the head ourselves
-        elif response.status_code == 206:
-            got = response.headers.get("Content-Range", "")
-            match = re.match(r"bytes (\d+)-", got)
-            if not match or int(match.group(1)) != start:
-                raise TransientError(
-                    f"{self.uri.redacted}: {what}: asked for bytes from {start}, "
-                    f"got Content-Range {got!r}"
-                )
-        wanted = None if end is None else end - start
-        sent = 0
-        try:
-            for block in response.iter_content(BLOCK_SIZE):
-                if skip:
-                    if len(block) <= skip:
-                        skip -= len(block)
-                        continue
-                    block, skip = block[skip:], 0
-                if wanted is not None and sent + len(block) > wanted:
-                    block = block[: wanted - sent]
-                if block:
-                    sent += len(block)
-                    yield block
-                if wanted is not None and sent >= wanted:
-                    break
-        except requests.RequestException as exc:
-            raise TransientError(
-                f"{self.uri.redacted}: {what}: transfer failed ({type(exc).__name__})"
-            ) from None
-        expected = wanted
-        if expected is None and file.size is not None:
-            expected = file.size - start
-        if expected is not None and sent < expected:
-            raise TransientError(
-                f"{self.uri.redacted}: {what}: connection closed after {sent} of {expected} bytes"
-            )
+        return stream_range(
+            response,
+            start,
+            end,
+            label=f"{self.uri.redacted}: {what}",
+            ranged=ranged,
+            file_size=file.size,
+            block=BLOCK_SIZE,
+        )
