@@ -110,6 +110,30 @@ def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | No
     return version, marker_io.read(version)
 
 
+def _found(
+    uri: SourceUri,
+    dest: Path | None,
+    entry: layout.Entry,
+    marker: marker_io.Marker,
+    outcome: str,
+    seconds: float,
+    phases: dict[str, float] | None = None,
+) -> Result:
+    """The result of a pull that found the model in place (nothing from the origin)."""
+    return Result(
+        uri.redacted,
+        str(dest or entry.root),
+        outcome,
+        0,
+        marker.total_size,
+        len(marker.files),
+        seconds,
+        entry.key,
+        marker.fingerprint,
+        phases=phases,
+    )
+
+
 def _finish(
     entry: layout.Entry, dest: Path | None, marker: marker_io.Marker, settings: Settings
 ) -> None:
@@ -190,17 +214,7 @@ def _pull_one(uri: SourceUri, dest: Path | None, settings: Settings, started: fl
     if _valid(model, current) and not settings.revalidate:
         assert current is not None
         _finish(model, dest, current, settings)
-        return Result(
-            uri.redacted,
-            str(dest or entry.root),
-            "complete",
-            0,
-            current.total_size,
-            len(current.files),
-            time.monotonic() - started,
-            entry.key,
-            current.fingerprint,
-        )
+        return _found(uri, dest, entry, current, "complete", time.monotonic() - started)
     return _locked_pull(uri, entry, dest, settings, started)
 
 
@@ -252,16 +266,13 @@ def _locked_pull(
                 assert existing is not None
                 _finish(model, dest, existing, settings)
                 elapsed = time.monotonic() - started
-                return Result(
-                    uri.redacted,
-                    str(dest or entry.root),
+                return _found(
+                    uri,
+                    dest,
+                    entry,
+                    existing,
                     "waited" if waited else "complete",
-                    0,
-                    existing.total_size,
-                    len(existing.files),
                     elapsed,
-                    entry.key,
-                    existing.fingerprint,
                     phases={"wait": elapsed},
                 )
             if not flock_held and flock_usable:
@@ -464,17 +475,7 @@ def _download(
     if _valid(model, existing) and not settings.revalidate:
         assert existing is not None
         _finish(model, dest, existing, settings)
-        return Result(
-            uri.redacted,
-            str(dest or entry.root),
-            "complete",
-            0,
-            existing.total_size,
-            len(existing.files),
-            0.0,
-            entry.key,
-            existing.fingerprint,
-        )
+        return _found(uri, dest, entry, existing, "complete", 0.0)
     override = SOURCE_OVERRIDE.get()
     if override is None:
         storage_config.apply()
@@ -494,17 +495,7 @@ def _download(
         ):
             log.info("%s has not changed since it was downloaded", uri.redacted)
             _finish(model, dest, existing, settings)
-            return Result(
-                uri.redacted,
-                str(dest or entry.root),
-                "complete",
-                0,
-                existing.total_size,
-                len(existing.files),
-                0.0,
-                entry.key,
-                existing.fingerprint,
-            )
+            return _found(uri, dest, entry, existing, "complete", 0.0)
         if entry.mode == "cache":
             ready = find_version(entry, listing.fingerprint)
             if ready is not None:
@@ -517,17 +508,7 @@ def _download(
                 assert found is not None
                 log.info("%s: switching to the complete version %s", uri.redacted, ready)
                 _finish(version, dest, found, settings)
-                return Result(
-                    uri.redacted,
-                    str(dest or entry.root),
-                    "complete",
-                    0,
-                    found.total_size,
-                    len(found.files),
-                    0.0,
-                    entry.key,
-                    found.fingerprint,
-                )
+                return _found(uri, dest, entry, found, "complete", 0.0)
         else:
             _check_destination(uri, entry, existing, settings)
         total = sum(f.size or 0 for f in files)
