@@ -281,7 +281,7 @@ def test_ranged_reads_from_many_threads_reassemble_exactly(
 
     def fetch(span: tuple[int, int | None]) -> bytes:
         pieces = list(source.read(item, *span))
-        assert all(len(piece) <= azure_common.GET_PIECE for piece in pieces)  # bounded memory
+        assert all(len(piece) <= azure_common.STREAM_BLOCK for piece in pieces)  # bounded memory
         return b"".join(pieces)
 
     with ThreadPoolExecutor(8) as pool:
@@ -290,6 +290,43 @@ def test_ranged_reads_from_many_threads_reassemble_exactly(
     assert hashlib.md5(data).hexdigest() == item.checksums["md5"]
     assert b"".join(source.read(item, 5, 5)) == b""
     assert b"".join(source.read(item, len(BIG) - 3)) == BIG[-3:]
+
+
+def test_one_range_is_one_streamed_request(
+    azurite: azurite_server.Azurite, models: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range is one GET streamed block by block, not the SDK's 4 MiB pieces held in memory."""
+    with CountingProxy(f"http://127.0.0.1:{azurite.port}") as proxy:
+        for name, value in azurite.env(endpoint=f"{proxy.url}/{azurite.account}").items():
+            monkeypatch.setenv(name, value)
+        source = blob_source(azurite.uri(models, "model/weights.bin"))
+        (item,) = source.list().files
+        proxy.reset()
+        assert b"".join(source.read(item, 1, len(BIG) - 1)) == BIG[1:-1]
+        (request,) = proxy.select(method="GET", path_contains="weights.bin")
+        assert request.status == 206 and request.bytes == len(BIG) - 2
+        ranges = {v for k, v in request.headers.items() if k.lower() in ("range", "x-ms-range")}
+        assert ranges == {f"bytes=1-{len(BIG) - 2}"}
+
+
+def test_piecewise_fallback_reads_the_same_bytes_and_refuses_a_changed_blob(
+    azure_env: azurite_server.Azurite,
+) -> None:
+    """The SDK's public download, used if its operation layer ever moves, keeps our guarantees."""
+    container = azure_env.new_container_name("pieces")
+    azure_env.upload(container, {"m/big.bin": BIG})
+    source = blob_source(azure_env.uri(container, "m"))
+    (item,) = source.list().files
+    blob = source._client.get_blob_client(item.handle)
+    match = {"If-Match": f'"{item.version}"'}
+    pieces = list(source._read_in_pieces(blob, 3, len(BIG) - 5, match))
+    assert b"".join(pieces) == BIG[3:-5]
+    assert all(len(piece) <= azure_common.GET_PIECE for piece in pieces)
+    azure_env.upload(container, {"m/big.bin": b"replaced"})
+    from azure.core.exceptions import ResourceModifiedError
+
+    with pytest.raises(ResourceModifiedError):
+        b"".join(source._read_in_pieces(blob, 0, None, match))
 
 
 def test_fingerprint_follows_content_and_reads_refuse_a_changed_blob(
