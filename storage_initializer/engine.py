@@ -111,7 +111,7 @@ class Engine:
         self._guarded_at = time.monotonic()
         self._guard_lock = threading.Lock()
         self._resumable: dict[str, set[tuple[int, int]]] = {}
-        self.workers = settings.workers or source.default_workers
+        self.workers = settings.workers or source.workers()
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
         self._results_lock = threading.Lock()

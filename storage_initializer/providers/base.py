@@ -91,6 +91,14 @@ class Source(ABC):
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Stream bytes ``[start, end)`` of ``file`` (``end=None``: to the end)."""
 
+    def workers(self) -> int:
+        """Parallel requests for this pull: ``--workers``, else the backend's default capped by
+        the CPUs this process may use (see :mod:`storage_initializer.cpus`)."""
+        from storage_initializer import cpus
+
+        chosen = getattr(getattr(self, "settings", None), "workers", 0)
+        return chosen or cpus.default_workers(self.default_workers)
+
     def local_path(self) -> str | None:
         """For sources already on a mounted volume: the path to link instead of copying."""
         return None

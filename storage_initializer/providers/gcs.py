@@ -257,7 +257,7 @@ class GcsSource(Source):
         if not self.bucket:
             raise UsageError(f"{uri.redacted} names no bucket", "Write it as gs://bucket/path")
         credentials, project, self._credentials_desc = load_credentials()
-        workers = getattr(settings, "workers", 0) or self.default_workers
+        workers = self.workers()
         # One session for every thread: requests' connection pool is thread-safe; sized so that
         # no worker waits for, or throws away, a connection.
         # A 401 makes AuthorizedSession refresh the token and retry; anonymous credentials

@@ -515,6 +515,12 @@ class HdfsSource(Source):
             path=safe_relpath(relative, "HDFS file"), size=size, version=version, handle=full
         )
 
+    def workers(self) -> int:
+        """``N_THREADS`` of the HDFS configuration is the user's own number: not capped."""
+        if self.config.n_threads and not getattr(self.settings, "workers", 0):
+            return self.config.n_threads
+        return super().workers()
+
     def list(self) -> Listing:
         path = self.hdfs_path()
         status = self._status(path)

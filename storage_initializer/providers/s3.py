@@ -291,7 +291,7 @@ class S3Source(Source):
         if not self.bucket:
             raise UsageError(f"{uri.redacted} names no bucket", "Write it as s3://bucket/path")
         self._endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
-        workers = getattr(settings, "workers", 0) or self.default_workers
+        workers = self.workers()
         kwargs = client_kwargs(max_pool_connections=max(10, workers + 4))
         try:
             # One client for all threads: botocore clients are thread-safe, sessions are not.
