@@ -35,6 +35,7 @@ LEGACY_ENV = ("CLIENT_ID", "TENANT_ID", "CLIENT_SECRET", "SUBSCRIPTION_ID")
 #: Size of one GET inside a range. The SDK buffers one such piece per request, so with N workers
 #: the SDK holds at most N x this in memory, whatever the engine's chunk size.
 GET_PIECE = 4 * 1024 * 1024
+#: Blocks in which a streamed body is handed to the engine (see client_options).
 STREAM_BLOCK = 1024 * 1024
 #: Connection pool per client: enough for the engine's workers plus listing.
 POOL_SIZE = 64
@@ -166,12 +167,13 @@ def client_options(retry_class: Any) -> dict[str, Any]:
             session_owner=True,
             connection_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
+            # The transport, not the client, decides how a streamed body is cut: azure-core's
+            # default is 4 KiB, i.e. a Python round trip (and a pwrite) for every 4 KiB.
+            connection_data_block_size=STREAM_BLOCK,
         ),
         "retry_policy": retry_class(
             initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=1
         ),
-        # Blocks of a streamed body (the SDK's default of 256 KiB costs more Python per byte).
-        "connection_data_block_size": STREAM_BLOCK,
         "max_single_get_size": GET_PIECE,
         "max_chunk_get_size": GET_PIECE,
         "connection_timeout": CONNECT_TIMEOUT,
