@@ -65,8 +65,11 @@ def kind_of(uri: str) -> str:
     if not match:
         if uri.startswith(("/", "./", "../")) or uri in (".", ".."):
             return "local"
+        # Shown with any user:password@ or ?query masked: a URL typed without its scheme
+        # (acct.blob.core.windows.net/c/m?sv=…&sig=…) still holds its credentials.
+        shown = redact_url("//" + uri)[2:]
         raise UsageError(
-            f"{uri!r} is not a URI: it has no scheme and is not an absolute path",
+            f"{shown!r} is not a URI: it has no scheme and is not an absolute path",
             "Use a URI such as s3://bucket/model, gs://bucket/model, hf://owner/model, "
             "https://host/model.tar.gz or an absolute path",
         )
@@ -102,7 +105,8 @@ def parse(uri: str) -> SourceUri:
         raise UsageError("the source URI contains a NUL byte", "Check how the URI was templated")
     kind = kind_of(uri)
     if kind in ("local", "pvc", "model-mount"):
-        return SourceUri(uri, kind, uri, uri)
+        # The whole text is the path (identity); a file:// authority is masked when shown.
+        return SourceUri(uri, kind, uri, redact_url(uri) if "://" in uri else uri)
     try:
         parts = urlsplit(uri)
     except ValueError as exc:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
+import string
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -100,6 +104,109 @@ def test_safe_relpath_never_escapes(name: str) -> None:
     assert ".." not in clean.split("/")
     assert "\\" not in clean and "\0" not in clean
     assert posixpath.normpath(clean) == clean
+
+
+#: Segments a hostile listing would combine: climbing, empty and dot parts, a backslash, NUL,
+#: an absolute piece, and harmless names with a space or non-ASCII letters.
+SEGMENTS = ["..", ".", "", "a", "b c", "\\", "\x00", "/x", "ü"]
+_ROOT = Path(tempfile.mkdtemp(prefix="si-relpath-root-")).resolve()
+
+
+@given(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=8))
+def test_safe_relpath_of_hostile_segments_stays_inside(segments: list[str]) -> None:
+    name = "/".join(segments)
+    try:
+        clean = safe_relpath(name)
+    except UnsafePathError:
+        return
+    parts = clean.split("/")
+    assert ".." not in parts and "" not in parts and "." not in parts
+    assert "\0" not in clean and "\\" not in clean
+    assert not clean.startswith("/") and not name.startswith("/")
+    # Resolved below a real root, the path stays below it (lexically: nothing there is a link).
+    target = (_ROOT / clean).resolve()
+    assert target != _ROOT and target.is_relative_to(_ROOT), (name, clean)
+    assert os.path.commonpath([target, _ROOT]) == str(_ROOT)
+    # Nothing but the empty and "." parts was dropped: the name is not silently rewritten.
+    assert parts == [p for p in name.split("/") if p not in ("", ".")]
+
+
+# -- parse() over generated URIs of every scheme -----------------------------------------------
+
+#: Planted secrets start with "ZZ"; nothing else in a generated URI has an upper-case letter.
+planted = st.text(alphabet=string.ascii_letters + string.digits, min_size=6, max_size=24).map(
+    lambda s: "ZZ" + s
+)
+word = st.text(alphabet=string.ascii_lowercase + string.digits + "-_", min_size=1, max_size=10)
+path = st.lists(word, min_size=0, max_size=4).map("/".join)
+
+#: One template per kind of source; {auth} (userinfo), {host} and {path} are filled in.
+TEMPLATES = {
+    "s3": "s3://{auth}{host}/{path}",
+    "gs": "gs://{auth}{host}/{path}",
+    "hf": "hf://{auth}{host}/{path}",
+    "hdfs": "hdfs://{auth}{host}/{path}",
+    "webhdfs": "webhdfs://{auth}{host}/{path}",
+    "oci": "oci://{auth}{host}/{path}",
+    "modelscope": "modelscope://{auth}{host}/{path}",
+    "http": "http://{auth}{host}/{path}",
+    "https": "https://{auth}{host}/{path}",
+    "azure-blob": "https://{auth}{host}.blob.core.windows.net/{path}",
+    "azure-file": "https://{auth}{host}.file.core.windows.net/{path}",
+    "git": "https://{auth}{host}/org/{path}.git",
+    "ssh-git": "ssh://{auth}{host}/{path}.git",
+    "file": "file://{auth}{host}/{path}",
+    "ftp": "ftp://{auth}{host}/{path}",
+    "local": "/{path}",
+    "pvc": "/mnt/pvc/{path}",
+    "model-mount": "/mnt/models/{path}",
+    "bare": "{auth}{host}/{path}",
+}
+
+
+@st.composite
+def uris(draw: st.DrawFn) -> tuple[str, str, str, str]:
+    """(uri, the same uri without credentials, the planted secret or "", where it went)."""
+    template = TEMPLATES[draw(st.sampled_from(sorted(TEMPLATES)))]
+    host, rest = draw(word), draw(path)
+    where = draw(st.sampled_from(["none", "password", "user", "query"]))
+    if template.startswith("/"):
+        where = "none"  # a path: no authority to hide a credential in, "?" is a file name's
+    secret = draw(planted)
+    auth = {"password": f"user:{secret}@", "user": f"{secret}@"}.get(where, "")
+    bare = template.format(auth="", host=host, path=rest)
+    uri = template.format(auth=auth, host=host, path=rest)
+    if where == "query":
+        uri += f"?sv=2024-01-01&se=2030&sig={secret}"
+    return uri, bare, (secret if where != "none" else ""), where
+
+
+@given(uris())
+def test_parse_is_stable_and_never_keeps_a_secret(case: tuple[str, str, str, str]) -> None:
+    uri, bare, secret, where = case
+    try:
+        parsed = uri_mod.parse(uri)
+    except UsageError as exc:
+        if secret:
+            assert secret not in str(exc), exc
+        return
+    again = uri_mod.parse(uri)
+    assert parsed.key() == again.key() and parsed == again
+    assert len(parsed.key()) == 16
+    if not secret:
+        return
+    assert secret not in parsed.redacted, parsed
+    if where == "query" and parsed.kind not in ("azure-blob", "azure-file"):
+        # A query is part of the identity of other sources (?file=a vs ?file=b are different
+        # models): it stays in the canonical form, which is only ever hashed, never shown.
+        return
+    if parsed.kind == "local":
+        # For the local provider a file:// authority is part of the path (its identity), and
+        # the canonical form is only ever hashed; the redacted form (checked above) masks it.
+        return
+    assert secret not in parsed.canonical, parsed
+    # Credentials are not identity: a rotated password or SAS keeps the cache entry.
+    assert parsed.key() == uri_mod.parse(bare).key(), (uri, bare)
 
 
 @pytest.mark.parametrize(
