@@ -41,6 +41,8 @@ class Settings:
     max_size: int = 0
     #: Prometheus text file written at the end of every run.
     metrics_file: str = ""
+    #: git sources: keep a valid ``.git`` (shallow, the pulled commit checked out) in the model.
+    git_keep_metadata: bool = False
     #: When set, a pull in cache mode ends with a gc of the cache down to this size.
     cache_max_size: int = 0
     #: Tiered caches: one limit per cache directory (the last one repeats); 0 is no limit.
@@ -152,6 +154,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
     "max_size": (_positive(_size), ("STORAGE_INITIALIZER_MAX_SIZE",)),
     "metrics_file": (str, ("STORAGE_INITIALIZER_METRICS_FILE",)),
+    "git_keep_metadata": (_bool, ("STORAGE_INITIALIZER_GIT_KEEP_METADATA",)),
     "cache_max_size": (_positive(_size), ()),
     "cache_max_sizes": (_sizes, ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
     "cache_policy": (_choice(("lru", "lfu")), ("STORAGE_INITIALIZER_CACHE_POLICY",)),

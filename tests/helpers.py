@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ".storage-initializer"
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 TIMEOUT = 120.0
@@ -215,6 +216,52 @@ def poll_until(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {deadline}s waiting for {what}")
         time.sleep(0.02)  # polling interval
+
+
+# -- the stock KServe initializer -----------------------------------------------------------
+
+#: Why a comparison with the stock initializer is skipped (the only accepted reason).
+NO_STOCK_REASON = (
+    "the stock initializer is not installed: set KSERVE_STORAGE_PYTHON, or create "
+    ".work/kserve-venv with kserve-storage==0.21.0 (scripts/test does)"
+)
+
+
+def stock_python() -> Path | None:
+    """The python of the stock initializer (kserve-storage==0.21.0): KSERVE_STORAGE_PYTHON
+    (exported by scripts/test), else <repo>/.work/kserve-venv, else /opt/kserve-venv."""
+    candidates = [
+        os.environ.get("KSERVE_STORAGE_PYTHON", ""),
+        str(REPO_ROOT / ".work" / "kserve-venv" / "bin" / "python"),
+        "/opt/kserve-venv/bin/python",
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def stock_download(
+    uri: str, dest: Path, env: Mapping[str, str], timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``Storage.download(uri, dest)`` of the stock initializer, in its own virtualenv."""
+    python = stock_python()
+    assert python is not None, NO_STOCK_REASON
+    return subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import sys; from kserve_storage import Storage; "
+            "Storage.download(sys.argv[1], sys.argv[2])",
+            uri,
+            str(dest),
+        ],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # -- trees ---------------------------------------------------------------------------------

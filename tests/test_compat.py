@@ -45,7 +45,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.compat_layouts import BY_NAME, LAYOUTS, Layout
-from tests.helpers import STATE_DIR, clean_env
+from tests.helpers import NO_STOCK_REASON, STATE_DIR, clean_env, stock_python
 from tests.servers.azurite import Azurite, azurite
 from tests.servers.hub import HubServer, start_hub
 from tests.servers.nginx import Nginx
@@ -64,27 +64,11 @@ if gcs_module is not None and hasattr(gcs_module, "gcs_server"):  # pragma: no c
     gcs_server = gcs_module.gcs_server  # the session fixture, visible to getfixturevalue
 
 
-def stock_python() -> Path | None:
-    """KSERVE_STORAGE_PYTHON, else <repo>/.work/kserve-venv, else /opt/kserve-venv."""
-    candidates = [
-        os.environ.get("KSERVE_STORAGE_PYTHON", ""),
-        str(REPO / ".work" / "kserve-venv" / "bin" / "python"),
-        "/opt/kserve-venv/bin/python",
-    ]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return Path(candidate)
-    return None
-
-
 @pytest.fixture(scope="session")
 def kpy() -> Path:
     found = stock_python()
     if found is None:
-        pytest.skip(
-            "the stock initializer is not installed: set KSERVE_STORAGE_PYTHON, or create "
-            ".work/kserve-venv with kserve-storage==0.21.0 (scripts/test does)"
-        )
+        pytest.skip(NO_STOCK_REASON)
     check = subprocess.run(
         [str(found), "-c", "import kserve_storage"], capture_output=True, text=True, timeout=60
     )

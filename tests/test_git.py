@@ -26,6 +26,7 @@ from storage_initializer.providers.git import parse_location
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import (
+    NO_STOCK_REASON,
     STATE_DIR,
     clean_env,
     cli,
@@ -33,6 +34,8 @@ from tests.helpers import (
     marker_path,
     model_files,
     start_all,
+    stock_download,
+    stock_python,
     tree_digest,
     wait_all,
 )
@@ -40,8 +43,6 @@ from tests.servers.githttp import USER, GitHttp, RepoBuilder, git, git_server
 from tests.servers.nginx import free_port
 
 __all__ = ["git_server"]
-
-STOCK_PYTHON = "/opt/kserve-venv/bin/python"
 
 
 @pytest.fixture(autouse=True)
@@ -260,6 +261,108 @@ def test_cli_pull_end_to_end(git_server: GitHttp, repo: Repo, tmp: Path) -> None
     assert "no branch, tag or commit named 'nope'" in unknown.last_line
 
 
+# -- keeping .git (git_keep_metadata) ------------------------------------------------------------
+
+
+def _git_in(dest: Path, *args: str) -> str:
+    """The real git CLI run inside the pulled model (HOME isolated from the user's config)."""
+    done = subprocess.run(
+        ["git", "-C", str(dest), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": str(dest.parent), "GIT_CONFIG_NOSYSTEM": "1"},
+    )
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("ref", "commit", "branch"),
+    [
+        (None, "head", "main"),  # the remote HEAD, checked out on its branch, as a clone would
+        ("experiment", "experiment", "experiment"),
+        ("v1-annotated", "first", None),  # a tag: detached HEAD, the tags kept
+        ("middle", "middle", None),  # a commit no ref advertises: detached HEAD, no refs
+    ],
+)
+def test_keep_metadata_leaves_a_working_git_repository(
+    git_server: GitHttp, repo: Repo, tmp: Path, ref: str | None, commit: str, branch: str | None
+) -> None:
+    """STORAGE_INITIALIZER_GIT_KEEP_METADATA=true: the model holds a .git in which the real git
+    CLI shows the pulled commit (git log), a clean work tree (git status), the branch or a
+    detached HEAD, and origin without credentials; its files are in the marker, verified."""
+    sha = getattr(repo, commit)
+    url = git_server.url(repo.name, auth=True, userinfo=USER)
+    uri = url if ref is None else f"{url}@{getattr(repo, ref) if ref == 'middle' else ref}"
+    dest = tmp / "model"
+    env = git_env(STORAGE_INITIALIZER_GIT_KEEP_METADATA="true", GIT_PASSWORD=git_server.password)
+    done = cli("pull", uri, dest, env=env)
+    assert done.returncode == 0, done.describe()
+    # Before any git command: `git status` may refresh .git/index where it can write (root).
+    marker = json.loads(marker_path(dest).read_text())
+    assert marker["fingerprint"] == sha + "+.git"
+    recorded = {f["path"]: f["checksums"]["sha256"] for f in marker["files"]}
+    assert recorded == tree_digest(dest)
+    assert ".git/HEAD" in recorded and any(p.endswith(".pack") for p in recorded)
+    assert _git_in(dest, "log", "-1", "--format=%H") == sha
+    shallow = _git_in(dest, "rev-parse", "--is-shallow-repository")
+    assert shallow == "true" or ref == "middle", shallow  # middle: shallow if the server allows
+    assert _git_in(dest, "status", "--porcelain") == ""
+    assert _git_in(dest, "rev-parse", "--abbrev-ref", "HEAD") == (branch or "HEAD")
+    assert _git_in(dest, "remote", "get-url", "origin") == git_server.url(repo.name, auth=True)
+    assert _git_in(dest, "cat-file", "-p", f"{sha}:config.json") == (
+        (dest / "config.json").read_text()
+    )
+    _git_in(dest, "fsck", "--no-dangling")
+    if ref == "v1-annotated":
+        assert set(_git_in(dest, "tag", "--points-at", "HEAD").split()) == {"v1", "v1-annotated"}
+    assert git_server.password not in (dest / ".git" / "config").read_text()
+
+
+def test_keep_metadata_from_the_config_file_and_with_filters(
+    git_server: GitHttp, repo: Repo, tmp: Path
+) -> None:
+    """The config-file key git_keep_metadata works too; filters that would cut .git in pieces
+    leave no .git at all (a partial one is not a repository) and say how to keep it; --revalidate
+    after turning the setting on brings .git to a model pulled without it."""
+    config = tmp / "config.yaml"
+    config.write_text("git_keep_metadata: true\n")
+    url = git_server.url(repo.name)
+    done = cli("pull", url, tmp / "a", env=git_env(STORAGE_INITIALIZER_CONFIG=str(config)))
+    assert done.returncode == 0, done.describe()
+    assert _git_in(tmp / "a", "log", "-1", "--format=%H") == repo.head
+    filtered = cli(
+        "pull",
+        url,
+        tmp / "b",
+        env=git_env(STORAGE_INITIALIZER_CONFIG=str(config), STORAGE_ALLOW_PATTERNS="*.json"),
+    )
+    assert filtered.returncode == 0, filtered.describe()
+    assert sorted(model_files(tmp / "b")) == ["config.json"]
+    assert "add '.git/*' to the include patterns" in filtered.stderr
+    kept = cli(
+        "pull",
+        url,
+        tmp / "c",
+        env=git_env(STORAGE_INITIALIZER_CONFIG=str(config), STORAGE_ALLOW_PATTERNS="*.json,.git/*"),
+    )
+    assert kept.returncode == 0, kept.describe()
+    assert _git_in(tmp / "c", "log", "-1", "--format=%H") == repo.head
+    plain = cli("pull", url, tmp / "d", env=git_env())
+    assert plain.returncode == 0 and not (tmp / "d" / ".git").exists()
+    again = cli(
+        "pull",
+        "--revalidate",
+        url,
+        tmp / "d",
+        env=git_env(STORAGE_INITIALIZER_GIT_KEEP_METADATA="1"),
+    )
+    assert again.returncode == 0, again.describe()
+    assert again.outcome() == "downloaded"
+    assert _git_in(tmp / "d", "log", "-1", "--format=%H") == repo.head
+
+
 def test_eight_replicas_clone_once(git_server: GitHttp, tmp: Path) -> None:
     name, builder = git_server.new_repo()
     builder.commit({f"shard-{i}.bin": os.urandom(200_000) for i in range(6)})
@@ -301,26 +404,13 @@ def test_missing_extra_names_it(git_server: GitHttp, repo: Repo, tmp: Path) -> N
 # -- the stock initializer on the same server ----------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.exists(STOCK_PYTHON), reason="no kserve-storage venv")
+@pytest.mark.skipif(stock_python() is None, reason=NO_STOCK_REASON)
 def test_stock_initializer_gets_the_same_tree(git_server: GitHttp, repo: Repo, tmp: Path) -> None:
     """The stock one only recognises https://….git and clones HEAD with a .git directory."""
     assert git_server.nginx is not None
     url = git_server.https_url(repo.name)
     env = git_env(SSL_CERT_FILE=str(git_server.nginx.cert))
-    stock = subprocess.run(
-        [
-            STOCK_PYTHON,
-            "-c",
-            "import sys; from kserve_storage import Storage; "
-            "Storage.download(sys.argv[1], sys.argv[2])",
-            url,
-            str(tmp / "stock"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    stock = stock_download(url, tmp / "stock", env)
     assert stock.returncode == 0, stock.stderr
     ours = cli(
         "pull", url, tmp / "ours", env=git_env(REQUESTS_CA_BUNDLE=str(git_server.nginx.cert))
@@ -330,3 +420,20 @@ def test_stock_initializer_gets_the_same_tree(git_server: GitHttp, repo: Repo, t
     assert (tmp / "stock" / ".git").is_dir() and not (tmp / "ours" / ".git").exists()
     assert tree_digest(tmp / "ours") == stock_tree
     assert STATE_DIR not in os.listdir(tmp / "stock")
+    # With git_keep_metadata ours keeps a .git too: git sees the same commit, branch and origin.
+    kept = cli(
+        "pull",
+        url,
+        tmp / "kept",
+        env=git_env(
+            REQUESTS_CA_BUNDLE=str(git_server.nginx.cert), STORAGE_INITIALIZER_GIT_KEEP_METADATA="1"
+        ),
+    )
+    assert kept.returncode == 0, kept.describe()
+    for question in (
+        ("log", "-1", "--format=%H"),
+        ("rev-parse", "--abbrev-ref", "HEAD"),
+        ("remote", "get-url", "origin"),
+        ("status", "--porcelain"),
+    ):
+        assert _git_in(tmp / "kept", *question) == _git_in(tmp / "stock", *question), question

@@ -30,13 +30,13 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.providers.hf import HfSource, parse_hf_uri
 from storage_initializer.settings import Settings
+from tests.helpers import NO_STOCK_REASON, stock_download, stock_python
 from tests.servers.hub import HubFile, HubServer, git_blob_oid, start_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIVATE_TOKEN = "hf_privateReaderToken0123456789"
 PUBLIC_TOKEN = "hf_publicOnlyToken0123456789abc"
 GATED_TOKEN = "hf_gatedGrantedToken0123456789"
-KSERVE_PYTHON = "/opt/kserve-venv/bin/python"
 
 
 def _blob(seed: str, size: int) -> bytes:
@@ -611,22 +611,13 @@ def test_eight_processes_download_once(hub: Hub, hf_env: dict[str, str], tmp_pat
 # -- compatibility with the stock KServe initializer ---------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.exists(KSERVE_PYTHON), reason="no /opt/kserve-venv")
+@pytest.mark.skipif(stock_python() is None, reason=NO_STOCK_REASON)
 def test_stock_initializer_downloads_the_same_tree(
     hub: Hub, hf_env: dict[str, str], tmp_path: Path
 ) -> None:
     """The stock initializer works against the test server and yields the tree we list."""
     dest = tmp_path / "stock"
-    code = (
-        f"from kserve_storage import Storage; Storage.download('hf://acme/tiny:v1', {str(dest)!r})"
-    )
-    result = subprocess.run(
-        [KSERVE_PYTHON, "-c", code],
-        env={**os.environ, **hf_env},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = stock_download("hf://acme/tiny:v1", dest, {**os.environ, **hf_env}, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     stock = _tree(dest)
     _, ours = download("hf://acme/tiny:v1")

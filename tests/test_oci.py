@@ -36,7 +36,18 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.oci import detect_goarch, parse_reference
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
-from tests.helpers import clean_env, cli, cli_argv, marker_path, start_all, tree_digest, wait_all
+from tests.helpers import (
+    NO_STOCK_REASON,
+    clean_env,
+    cli,
+    cli_argv,
+    marker_path,
+    start_all,
+    stock_download,
+    stock_python,
+    tree_digest,
+    wait_all,
+)
 from tests.servers.proxy import CountingProxy
 from tests.servers.registry import (
     DOCKER_LIST,
@@ -53,7 +64,6 @@ from tests.servers.registry import (
 
 __all__ = ["htpasswd_registry", "registry", "token_registry"]
 
-STOCK_PYTHON = "/opt/kserve-venv/bin/python"
 ARCH = detect_goarch()
 OTHER_ARCH = "arm64" if ARCH != "arm64" else "amd64"
 
@@ -352,23 +362,10 @@ def test_missing_extra_names_it(tmp: Path) -> None:
 
 
 def _stock(uri: str, dest: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            STOCK_PYTHON,
-            "-c",
-            "import sys; from kserve_storage import Storage; "
-            "Storage.download(sys.argv[1], sys.argv[2])",
-            uri,
-            str(dest),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return stock_download(uri, dest, env)
 
 
-@pytest.mark.skipif(not os.path.exists(STOCK_PYTHON), reason="no kserve-storage venv")
+@pytest.mark.skipif(stock_python() is None, reason=NO_STOCK_REASON)
 def test_stock_initializer_gets_the_same_tree(
     registry: Registry, token_registry: Registry, tmp: Path
 ) -> None:

@@ -8,7 +8,11 @@ How: a shallow fetch (depth 1) of the one commit we need into a private bare rep
 file (sha256) on the way. The listing presents those files, so the engine copies and verifies
 them into staging like any other source and the store commits them behind a marker. The
 fetched pack is removed as soon as the tree is written, and the scratch tree on :meth:`close`.
-``.git`` never reaches the model: the tree of a commit has none.
+``.git`` reaches the model only when asked (``git_keep_metadata``): then the fetched
+repository itself is listed under ``.git/``, made non-bare (a config with ``origin``, the refs
+the server advertised for what was fetched, ``HEAD`` on the branch or detached at the commit,
+the ``shallow`` file, an index of the commit's tree), so ``git log`` and ``git status`` work in
+the model directory. Each of its files is hashed and verified like the model's own.
 
 ``@ref`` may be a branch, a tag or a commit (full or abbreviated sha); without it, the remote's
 ``HEAD``. A full sha that the server does not advertise is first asked for shallowly (servers
@@ -22,10 +26,11 @@ initializer. A password in the URL is used only when ``GIT_PASSWORD`` is unset; 
 is registered for redaction and the URL handed to dulwich carries none.
 
 Deliberate differences from the stock initializer (documented in docs/providers/git.md): no
-``.git`` directory in the model; ``@ref`` is honoured (the stock one passes it to the server as
-part of the URL and fails); symbolic links that stay inside the repository become copies of
-their target, links that leave it and submodules are skipped with a warning; Git LFS pointer
-files are kept as they are (neither initializer fetches LFS objects) and reported.
+``.git`` directory in the model unless ``git_keep_metadata`` asks for one; ``@ref`` is
+honoured (the stock one passes it to the server as part of the URL and fails); symbolic links
+that stay inside the repository become copies of their target, links that leave it and
+submodules are skipped with a warning; Git LFS pointer files are kept as they are (neither
+initializer fetches LFS objects) and reported.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from dulwich.client import HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
+from dulwich.index import Index, IndexEntry
 from dulwich.objects import Commit, Tag
+from dulwich.refs import check_ref_format
 from dulwich.repo import Repo
 
 from storage_initializer import tls
@@ -60,7 +67,7 @@ from storage_initializer.errors import (
     TransientError,
     UsageError,
 )
-from storage_initializer.paths import UnsafePathError, safe_relpath
+from storage_initializer.paths import UnsafePathError, safe_relpath, selected
 from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
 from storage_initializer.redact import register_secret
 
@@ -79,6 +86,9 @@ ATTEMPTS = 3
 #: Symbolic links followed in a row before we call it a loop.
 MAX_LINK_HOPS = 40
 S_IFGITLINK = 0o160000
+#: Appended to the commit in the fingerprint when ``.git`` is kept: a model pulled without it is
+#: a different result, so --revalidate after turning the setting on downloads again.
+KEPT_METADATA_SUFFIX = "+.git"
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,9 @@ class GitSource(Source):
         super().__init__(uri, settings)
         self.location = parse_location(uri.raw)
         self._scratch: Path | None = None
+        #: What the remote advertised at the last fetch (refs, and symbolic refs such as HEAD).
+        self._advertised: dict[bytes, bytes] = {}
+        self._symrefs: dict[bytes, bytes] = {}
 
     # -- the remote ---------------------------------------------------------------------------
 
@@ -198,11 +211,13 @@ class GitSource(Source):
 
         def shallow_wants(refs: Mapping[bytes, bytes], depth: int | None = None) -> list[bytes]:
             advertised.update(refs)
+            self._advertised = dict(refs)
             chosen[:] = self._wants(refs)
             return list(chosen)
 
         try:
-            client.fetch(path, repo, determine_wants=shallow_wants, depth=1)
+            result = client.fetch(path, repo, determine_wants=shallow_wants, depth=1)
+            self._symrefs = dict(getattr(result, "symrefs", None) or {})
         except _Unresolved:
             chosen.clear()
         except (GitProtocolError, HangupException) as exc:
@@ -224,6 +239,7 @@ class GitSource(Source):
         client, path = self._client()
 
         def all_refs(refs: Mapping[bytes, bytes], depth: int | None = None) -> list[bytes]:
+            self._advertised = dict(refs)
             return sorted(
                 {
                     sha
@@ -341,16 +357,143 @@ class GitSource(Source):
             finally:
                 repo.close()
         repo = Repo(str(repo_dir))
+        metadata: list[RemoteFile] = []
         try:
             files = self._write_tree(repo, commit, scratch / "tree")
+            if files and self._keep_metadata():
+                metadata = self._metadata(repo, commit)
         finally:
             repo.close()
-            shutil.rmtree(repo_dir, ignore_errors=True)
+            if not metadata:
+                shutil.rmtree(repo_dir, ignore_errors=True)
         sha = commit.decode()
         log.info("%s is commit %s: %d files", self.uri.redacted, sha, len(files))
         if not files:
             raise NotFoundError(f"{self.uri.redacted}: commit {sha} holds no files")
+        if metadata:
+            log.info(
+                "%s: keeping .git (%d files, git_keep_metadata)", self.uri.redacted, len(metadata)
+            )
+            return Listing(files + metadata, sha + KEPT_METADATA_SUFFIX)
         return Listing(files, sha)
+
+    # -- .git, when asked ---------------------------------------------------------------------
+
+    def _keep_metadata(self) -> bool:
+        return bool(getattr(self.settings, "git_keep_metadata", False))
+
+    def _metadata(self, repo: Repo, commit: bytes) -> list[RemoteFile]:
+        """Turn the bare repository we fetched into the model's ``.git`` and list its files;
+        empty (with a warning) when the include/exclude filters would keep only part of it."""
+        root = Path(repo.path)
+        branch = self._local_branch(commit)
+        refs = {
+            name: sha
+            for name, sha in self._remote_refs().items()
+            if sha in repo.object_store and _peel_quietly(repo, sha) == commit
+        }
+        if branch is not None:
+            refs[b"refs/heads/" + branch] = commit
+        for name, sha in refs.items():
+            target = root / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(sha + b"\n")
+        if not refs:
+            # git accepts a directory as a repository only when refs/ exists; our model holds
+            # files, not empty directories, and git skips names starting with "." in refs/.
+            (root / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+            (root / "refs" / "heads" / ".keep").write_bytes(b"")
+        head = b"ref: refs/heads/" + branch if branch is not None else commit
+        (root / "HEAD").write_bytes(head + b"\n")
+        config = repo.get_config()
+        config.set((b"core",), b"bare", False)
+        config.set((b"core",), b"logallrefupdates", True)
+        config.set((b"remote", b"origin"), b"url", self.location.url.encode())
+        config.set((b"remote", b"origin"), b"fetch", b"+refs/heads/*:refs/remotes/origin/*")
+        if branch is not None:
+            config.set((b"branch", branch), b"remote", b"origin")
+            config.set((b"branch", branch), b"merge", b"refs/heads/" + branch)
+        config.write_to_path()
+        self._write_index(repo, commit, root / "index")
+        # Our state directory next to the model files is not part of the work tree.
+        (root / "info").mkdir(exist_ok=True)
+        (root / "info" / "exclude").write_bytes(b"/.storage-initializer/\n")
+        listed: list[RemoteFile] = []
+        for dirpath, _dirnames, filenames in os.walk(root):
+            for name in filenames:
+                full = Path(dirpath) / name
+                rel = ".git/" + full.relative_to(root).as_posix()
+                digest = hashlib.sha256()
+                with open(full, "rb") as handle:
+                    for block in iter(lambda h=handle: h.read(BLOCK), b""):
+                        digest.update(block)
+                sha256 = digest.hexdigest()
+                listed.append(
+                    RemoteFile(rel, full.stat().st_size, {"sha256": sha256}, sha256, str(full))
+                )
+        include, exclude = self.settings.include, self.settings.exclude
+        cut = [f.path for f in listed if not selected(f.path, include, exclude)]
+        if cut:
+            log.warning(
+                "%s: git_keep_metadata is set but the filters include=%s exclude=%s would drop "
+                "%s and more from .git, so no .git is kept; add '.git/*' to the include patterns "
+                "(or remove the exclude pattern that matches it) to keep it",
+                self.uri.redacted,
+                list(include),
+                list(exclude),
+                cut[0],
+            )
+            return []
+        return sorted(listed, key=lambda f: f.path)
+
+    def _remote_refs(self) -> dict[bytes, bytes]:
+        """Advertised branches as remote-tracking refs (``refs/remotes/origin/…``) and tags,
+        each a valid ref name."""
+        found: dict[bytes, bytes] = {}
+        for name, sha in self._advertised.items():
+            if not sha or name.endswith(b"^{}") or not check_ref_format(name):
+                continue
+            if name.startswith(b"refs/heads/"):
+                found[b"refs/remotes/origin/" + name[len(b"refs/heads/") :]] = sha
+            elif name.startswith(b"refs/tags/"):
+                found[name] = sha
+        return found
+
+    def _local_branch(self, commit: bytes) -> bytes | None:
+        """The branch a clone would check out: the asked branch, or the remote HEAD's, when it
+        points at the commit we fetched; ``None`` (a detached HEAD) for tags and commits."""
+        ref = self.location.ref
+        if ref is None:
+            target = self._symrefs.get(b"HEAD", b"")
+            name = target.removeprefix(b"refs/heads/") if target.startswith(b"refs/heads/") else b""
+        else:
+            name = ref.encode()
+        if not name or not check_ref_format(b"refs/heads/" + name):
+            return None
+        if self._advertised.get(b"refs/heads/" + name) != commit:
+            return None
+        return name
+
+    def _write_index(self, repo: Repo, commit_sha: bytes, path: Path) -> None:
+        """An index of the commit's tree, with empty stat data: git compares the content once,
+        finds it unchanged, and ``git status`` is clean (links we copied show as type changes,
+        submodules we skipped as deleted)."""
+        commit = repo[commit_sha]
+        assert isinstance(commit, Commit)
+        index = Index(str(path), read=False)
+        for entry in repo.object_store.iter_tree_contents(commit.tree):
+            index[entry.path] = IndexEntry(
+                ctime=(0, 0),
+                mtime=(0, 0),
+                dev=0,
+                ino=0,
+                mode=entry.mode,
+                uid=0,
+                gid=0,
+                size=0,
+                sha=entry.sha,
+            )
+        index.write()
 
     def _write_tree(self, repo: Repo, commit_sha: bytes, root: Path) -> list[RemoteFile]:
         """Write every regular file of the commit's tree below ``root``; links become copies."""
@@ -439,6 +582,20 @@ def _peel(repo: Repo, sha: bytes, what: str) -> bytes:
             return sha
         raise UsageError(f"{what}: the ref names a {obj.type_name.decode()}, not a commit")
     raise SourceError(f"{what}: the tag chain is too long")
+
+
+def _peel_quietly(repo: Repo, sha: bytes) -> bytes | None:
+    """The commit a ref names (through tags), or ``None`` when it is not in the repository."""
+    for _hop in range(16):
+        try:
+            obj = repo.object_store[sha]
+        except KeyError:
+            return None
+        if isinstance(obj, Tag):
+            sha = obj.object[1]
+            continue
+        return sha if isinstance(obj, Commit) else None
+    return None
 
 
 def _parents(rel: str) -> Iterator[str]:
