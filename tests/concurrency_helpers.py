@@ -138,3 +138,112 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# -- stopping a process at an exact point of its own execution -------------------------------
+
+#: The environment variable that arms :data:`STOP_HOOK` in a child (JSON, see :func:`stop_at`).
+STOP_ENV = "SI_TEST_STOP_AT"
+
+#: Python source run first in a child (see ``_start_tagged`` in test_faults.py). When
+#: ``SI_TEST_STOP_AT`` is set it installs an audit hook (PEP 578) that follows ``steps`` — each
+#: an audit event (``open``, ``os.rename``, ``os.remove``, ``shutil.rmtree``...) whose string
+#: arguments contain or end with given text, ``nth`` times — and when the last step matches it
+#: claims ``token`` with ``O_EXCL`` (only one process of a round ever stops) and sends itself
+#: SIGSTOP, *before* the operation of that event runs. The test then finds the process stopped
+#: at exactly that point and SIGKILLs it from outside. The hook only observes and stops: it
+#: changes nothing the product does, and with the variable unset it is not even installed.
+STOP_HOOK = r"""
+def _si_install_stop_hook():
+    import json, os, signal, sys, threading
+    raw = os.environ.pop("SI_TEST_STOP_AT", "")
+    if not raw:
+        return
+    spec = json.loads(raw)
+    steps, token = spec["steps"], spec["token"]
+    lock = threading.Lock()
+    state = {"step": 0, "count": 0, "done": False}
+
+    def text(value):
+        if isinstance(value, bytes):
+            return os.fsdecode(value)
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        return ""
+
+    def matches(step, event, args):
+        if event != step["event"]:
+            return False
+        for index, how, wanted in step["args"]:
+            value = text(args[index]) if index < len(args) else ""
+            if how == "contains" and wanted not in value:
+                return False
+            if how == "endswith" and not value.endswith(wanted):
+                return False
+        return True
+
+    def hook(event, args):
+        if state["done"]:
+            return
+        with lock:
+            if state["done"] or not matches(steps[state["step"]], event, args):
+                return
+            state["count"] += 1
+            if state["count"] < steps[state["step"]].get("nth", 1):
+                return
+            state["step"] += 1
+            state["count"] = 0
+            if state["step"] < len(steps):
+                return
+            state["done"] = True  # from here on the hook ignores everything, itself included
+            try:
+                fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return  # another process of this round already stopped
+            os.write(fd, json.dumps([os.getpid(), event, [text(a) for a in args]]).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    sys.addaudithook(hook)
+
+
+_si_install_stop_hook()
+"""
+
+
+def stop_step(event: str, *checks: tuple[int, str, str], nth: int = 1) -> dict[str, Any]:
+    """One step of a stop point: ``event`` with ``checks`` = (argument index, "contains" or
+    "endswith", text), matched ``nth`` times."""
+    return {"event": event, "args": [list(c) for c in checks], "nth": nth}
+
+
+def stop_at(token: Path, *steps: dict[str, Any]) -> dict[str, str]:
+    """The environment that makes a child stop itself after ``steps`` (see :data:`STOP_HOOK`)."""
+    return {STOP_ENV: json.dumps({"token": str(token), "steps": list(steps)})}
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/<pid>/stat`` ("R", "S", "T" for stopped, "Z"...), "" if
+    the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def staged_chunks(entry_root: Path) -> dict[str, int]:
+    """Path -> number of chunks that some owner's staging journal records as on disk."""
+    found: dict[str, set[tuple[int, int]]] = {}
+    for journal in (entry_root / STATE_DIR / "staging").glob("*/chunks.jsonl"):
+        try:
+            lines = journal.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                data = json.loads(line)
+                found.setdefault(data["path"], set()).add((int(data["start"]), int(data["end"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return {path: len(spans) for path, spans in found.items()}

@@ -18,21 +18,27 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.concurrency_helpers import (
+    STOP_HOOK,
     TightPoller,
-    app_of,
     bytes_by_app,
     lease_of,
     object_gets,
+    process_state,
     s3_env,
+    staged_chunks,
+    stop_at,
+    stop_step,
     verified_paths,
 )
 from tests.helpers import (
@@ -48,7 +54,7 @@ from tests.helpers import (
     tree_digest,
     wait_all,
 )
-from tests.servers.proxy import CountingProxy, Fault
+from tests.servers.proxy import CountingProxy, Fault, RequestRecord
 from tests.servers.s3 import S3Server, s3_server
 
 __all__ = ["s3_server"]
@@ -135,7 +141,29 @@ CHAOS_MODEL = {
     "model/weights/b.bin": pattern(6 * CHUNK, 4),
 }
 CHAOS_SIZE = sum(len(v) for v in CHAOS_MODEL.values())
+#: The order one worker fetches the files in (the listing's order).
+CHAOS_ORDER = sorted(CHAOS_MODEL)
+#: The top-level items a direct-mode commit renames into the destination, in its order.
+CHAOS_ITEMS = sorted({k.split("/")[1] for k in CHAOS_MODEL})
 POINTS = ("listing", "mid-file", "between-files", "commit", "after-marker")
+CHAOS_ROUNDS = 20
+#: How long a gated request is held at the proxy: far longer than a round, so the holder is
+#: always still inside that request when it is killed (the gate is what holds it there, not
+#: the test's timing). The proxy thread that holds it just outlives the round.
+GATE_SECONDS = 900.0
+#: Set to replay a run: the seed is printed and named in every assertion message.
+SEED_ENV = "SI_CHAOS_SEED"
+
+
+@dataclass
+class KillPlan:
+    """Where a round's holder is killed: held at a gated request of the proxy (``gate``) or
+    stopped by its own audit hook at a filesystem operation (``stop``, see STOP_HOOK)."""
+
+    point: str
+    detail: str
+    gate: Fault | None = None
+    stop: dict[str, str] = field(default_factory=dict)
 
 
 def _holder(dest: Path, procs: dict[int, Proc]) -> Proc:
@@ -148,122 +176,195 @@ def _holder(dest: Path, procs: dict[int, Proc]) -> Proc:
     return poll_until(find, 60, "a lease held by one of the processes")
 
 
-def _kill_at(point: str, dest: Path, holder: Proc, proxy: CountingProxy, rng: random.Random) -> str:
-    """Drive the holder to ``point`` and SIGKILL it there; returns what was observed."""
-    app = f"p{holder.pid}"
+def _gate(bucket: str, key: str, predicate: Callable[[RequestRecord], bool]) -> Fault:
+    return Fault(
+        kind="delay",
+        delay=GATE_SECONDS,
+        method="GET",
+        path_contains=f"/{bucket}{'/' + key if key else ''}",
+        predicate=predicate,
+        times=1,
+    )
+
+
+def _plan(point: str, rng: random.Random, bucket: str, dest: Path, token: Path) -> KillPlan:
+    """A random place within ``point``: which chunk of which file, which file boundary, which
+    step of the commit, which step after the marker."""
+    state = f"{dest}/{STATE_DIR}"
     if point == "listing":
+        gate = _gate(bucket, "", lambda r: "list-type" in r.query)
+        return KillPlan(point, "inside the listing request", gate=gate)
+    if point == "mid-file":
+        key = rng.choice([k for k in CHAOS_ORDER if len(CHAOS_MODEL[k]) > 2 * CHUNK])
+        chunks = -(-len(CHAOS_MODEL[key]) // CHUNK)
+        index = rng.randint(1, chunks - 1)
+        start = f"bytes={index * CHUNK}-"
+        gate = _gate(bucket, key, lambda r: (r.range or "").startswith(start))
+        detail = f"{key.split('/', 1)[1]}: {index} of {chunks} chunks on disk"
+        return KillPlan(point, detail, gate=gate)
+    if point == "between-files":
+        index = rng.randint(1, len(CHAOS_ORDER) - 1)
+        key = CHAOS_ORDER[index]
+        gate = _gate(bucket, key, lambda r: r.range is None or r.range.startswith("bytes=0-"))
+        detail = f"{index} files verified, {key.split('/', 1)[1]} not started"
+        return KillPlan(point, detail, gate=gate)
+    if point == "commit":
+        step = rng.randint(0, len(CHAOS_ITEMS) + 1)
+        if step == 0:
+            where = stop_step("open", (0, "contains", f"{state}/.commit.json."))
+            detail = "before the commit journal"
+        elif step <= len(CHAOS_ITEMS):
+            item = CHAOS_ITEMS[step - 1]
+            where = stop_step(
+                "os.rename", (0, "contains", "/staging/"), (1, "endswith", f"{dest}/{item}")
+            )
+            detail = f"journal written, {step - 1} of {len(CHAOS_ITEMS)} items moved"
+        else:
+            where = stop_step("os.rename", (1, "endswith", f"{state}/marker.json"))
+            detail = "everything moved, the marker's temp file written but not renamed"
+        return KillPlan(point, detail, stop=stop_at(token, where))
+    assert point == "after-marker", point
+    marker = stop_step("os.rename", (1, "endswith", f"{state}/marker.json"))
+    then, detail = rng.choice(
+        [
+            (stop_step("os.remove", (0, "endswith", f"{state}/commit.json")), "journal kept"),
+            (stop_step("shutil.rmtree", (0, "contains", f"{state}/staging/")), "staging kept"),
+            (stop_step("os.rename", (1, "contains", f"{state}/lease.")), "lease not released"),
+        ]
+    )
+    return KillPlan(point, f"marker in place, {detail}", stop=stop_at(token, marker, then))
+
+
+def _reach(plan: KillPlan, holder: Proc, token: Path) -> None:
+    """Wait (polled, with a deadline) until the holder sits at the planned point: inside the
+    gated request, or stopped by its hook. It cannot move on from there by itself."""
+    if plan.gate is not None:
+        gate = plan.gate
         poll_until(
-            lambda: (lease_of(dest) or {}).get("phase") == "listing", 60, "the listing phase"
-        )
-    elif point == "mid-file":
-        target = rng.randint(CHUNK, CHAOS_SIZE - 2 * CHUNK)
-        poll_until(
-            lambda: (
-                sum(r.bytes for r in proxy.select(method="GET") if app_of(r) == app) >= target
-                or holder.popen.poll() is not None
-            ),
+            lambda: gate.hits >= 1 or holder.popen.poll() is not None,
             60,
-            f"{target} bytes fetched by the holder",
+            f"the holder to reach {plan.point} ({plan.detail})",
         )
-    elif point == "between-files":
-        poll_until(
-            lambda: "weights/a.bin" in verified_paths(dest) or holder.popen.poll() is not None,
-            60,
-            "weights/a.bin verified",
-        )
-    elif point == "commit":
-        # The commit lasts a few fsyncs: poll the lease as tightly as Python can.
-        end = time.monotonic() + 60
-        while (lease_of(dest) or {}).get("phase") != "commit":
-            assert time.monotonic() < end, "the holder never reached the commit"
-            if holder.popen.poll() is not None:
-                break
-    elif point == "after-marker":
-        poll_until(
-            lambda: marker_path(dest).is_file() or holder.popen.poll() is not None,
-            60,
-            "the marker",
-        )
-    holder.popen.send_signal(signal.SIGKILL)
-    holder.popen.wait(timeout=30)
-    state = dest / STATE_DIR
-    if (state / "commit.json").exists():
-        return "killed mid-commit"
-    if (state / "marker.json").exists():
-        return "killed after the marker"
-    return f"killed at {point}"
+        assert gate.hits == 1, f"the holder exited before {plan.point}: {holder.wait().describe()}"
+        return
+    poll_until(
+        lambda: process_state(holder.pid) == "T" or holder.popen.poll() is not None,
+        60,
+        f"the holder to stop at {plan.point} ({plan.detail})",
+    )
+    assert holder.popen.poll() is None, f"never stopped: {holder.wait().describe()}"
+    assert json.loads(token.read_text())[0] == holder.pid, "the survivor hit the stop point"
+
+
+def _observe(dest: Path, holder: Proc, proxy: CountingProxy, bucket: str) -> tuple[str, str]:
+    """Which kill point the holder is at, judged from what it left on disk and fetched (not
+    from the plan), and a description."""
+    lease = lease_of(dest) or {}
+    phase = lease.get("phase")
+    fetched = bytes_by_app(proxy, bucket).get(f"p{holder.pid}", 0)
+    verified = verified_paths(dest)
+    partial = {p: n for p, n in staged_chunks(dest).items() if p not in verified}
+    journal = (dest / STATE_DIR / "commit.json").exists()
+    moved = sorted(name for name in CHAOS_ITEMS if (dest / name).exists())
+    what = (
+        f"phase {phase}, {fetched} bytes fetched, verified {sorted(verified)},"
+        f" partial {partial}, journal {journal}, moved {moved}"
+    )
+    if lease.get("pid") != holder.pid or lease.get("released"):
+        return "not held", what
+    if marker_path(dest).is_file():
+        return "after-marker", what
+    if phase == "commit":
+        return "commit", what
+    if phase == "listing" and fetched == 0 and not verified:
+        return "listing", what
+    if phase == "transfer" and len(partial) == 1:
+        return "mid-file", what
+    if phase == "transfer" and verified and not partial:
+        return "between-files", what
+    return "unclassified", what
 
 
 @pytest.mark.slow
 def test_chaos_sigkill_the_holder(s3_server: S3Server, proxy: CountingProxy, tmp: Path) -> None:
-    bucket = s3_server.new_bucket(CHAOS_MODEL)
+    """20 rounds: two processes race for one model, the holder is driven to a kill point chosen
+    by a seeded RNG (every point 4 times, in random order, at a random place within it) and
+    SIGKILLed there. Every round checks the holder really died of SIGKILL at that point, the
+    survivor finished and fetched only what was missing, and no reader saw a partial model."""
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+    print(f"\nchaos seed {seed} (replay with {SEED_ENV}={seed})")
+    rng = random.Random(seed)
+    schedule = [POINTS[i % len(POINTS)] for i in range(CHAOS_ROUNDS)]
+    rng.shuffle(schedule)
     expected = digests({k.split("/", 1)[1]: v for k, v in CHAOS_MODEL.items()})
-    rng = random.Random(20261125)
     seen: collections.Counter[str] = collections.Counter()
     takeovers: list[float] = []
-    rounds = 20
-    for number in range(rounds):
-        point = POINTS[number % len(POINTS)]
+    rows: list[str] = []
+    for number, point in enumerate(schedule):
+        bucket = s3_server.new_bucket(CHAOS_MODEL)
         proxy.reset()
-        faults = [_object_delay(bucket, 0.03)]
-        if point == "listing":
-            # Hold the first listing open so the kill lands in it.
-            faults.insert(
-                0,
-                Fault(
-                    kind="delay",
-                    delay=3.0,
-                    method="GET",
-                    predicate=lambda r: "list-type" in r.query,
-                    times=1,
-                ),
-            )
-        if point == "between-files":
-            # b.bin's first request waits: the holder sits between a.bin and b.bin.
-            faults.insert(0, _object_delay(bucket, 3.0, "model/weights/b.bin", times=1))
-        proxy.set_faults(*faults)
-        dest = tmp / f"round-{number}" / "models"
+        where = tmp / f"round-{number}"
+        dest, token = where / "models", where / "stopped"
+        plan = _plan(point, rng, bucket, dest, token)
+        label = f"round {number} (seed {seed}): {point}, {plan.detail}"
+        faults = [_object_delay(bucket, 0.01)]
+        proxy.set_faults(*([plan.gate] if plan.gate else []), *faults)
         argv = entrypoint_argv(f"s3://{bucket}/model", dest)
         with TightPoller(dest, expected) as poller:
-            started = [_start_tagged(argv, s3_server, proxy, tmp) for _ in range(2)]
-            holder = _holder(dest, {p.pid: p for p in started})
-            survivor = next(p for p in started if p is not holder)
-            what = _kill_at(point, dest, holder, proxy, rng)
-            killed_at = time.monotonic()
-            seen[what] += 1
-            if "marker" not in what:
-                _await_takeover(dest, survivor)
-                takeovers.append(time.monotonic() - killed_at)
-            result = survivor.wait(timeout=120)
-            assert result.returncode == 0, f"round {number} ({what}): {result.describe()}"
-        holder.wait(timeout=10)
-        assert not poller.violations, f"round {number} ({what}): {poller.violations[:5]}"
-        assert tree_digest(dest) == expected
+            started = [_start_tagged(argv, s3_server, proxy, tmp, **plan.stop) for _ in range(2)]
+            try:
+                holder = _holder(dest, {p.pid: p for p in started})
+                survivor = next(p for p in started if p is not holder)
+                _reach(plan, holder, token)
+                observed, state = _observe(dest, holder, proxy, bucket)
+                assert observed == point, f"{label}: the holder is at {observed}: {state}"
+                seen[observed] += 1
+                holder.popen.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+                if point != "after-marker":
+                    _await_takeover(dest, survivor)
+                    takeovers.append(time.monotonic() - killed_at)
+                dead = holder.wait(timeout=30)
+                assert dead.returncode == -signal.SIGKILL, f"{label}: {dead.describe()}"
+                result = survivor.wait(timeout=120)
+                assert result.returncode == 0, f"{label}: {result.describe()}"
+            finally:
+                for proc in started:
+                    proc.kill()
+        want = "waited" if point == "after-marker" else "downloaded"
+        assert result.outcome() == want, f"{label}: {result.describe()}"
+        assert not poller.violations, f"{label}: {poller.violations[:5]}"
+        assert poller.saw_files, f"{label}: the poller never saw the model"
+        assert tree_digest(dest) == expected, label
         verify = cli("verify", dest)
-        assert verify.returncode == 0, verify.describe()
+        assert verify.returncode == 0, f"{label}: {verify.describe()}"
         per_app = bytes_by_app(proxy, bucket)
-        dead = per_app.get(f"p{holder.pid}", 0)
+        before = per_app.get(f"p{holder.pid}", 0)
         after = per_app.get(f"p{survivor.pid}", 0)
-        remainder = CHAOS_SIZE - dead
-        assert after <= max(0, remainder) + CHUNK, (
-            f"round {number} ({what}): the survivor fetched {after} bytes, the holder had "
-            f"fetched {dead} of {CHAOS_SIZE}"
+        remainder = CHAOS_SIZE - before
+        assert remainder <= after <= remainder + CHUNK, (
+            f"{label}: the survivor fetched {after} bytes, the holder had fetched {before}"
+            f" of {CHAOS_SIZE}"
         )
-    print(f"\nchaos: {rounds} rounds, kill points: {dict(seen)}")
-    if takeovers:
-        median = sorted(takeovers)[len(takeovers) // 2]
-        print(
-            f"takeover after SIGKILL (same host): median {median:.3f}s,"
-            f" max {max(takeovers):.3f}s over {len(takeovers)} rounds"
-        )
+        rows.append(f"  {label}: killed holder fetched {before}, survivor {after} of {remainder}")
+    print("\n".join(rows))
+    print(f"chaos: {len(schedule)} rounds, kill points reached: {dict(seen)}")
+    assert set(seen) == set(POINTS), f"seed {seed}: kill points reached {dict(seen)}"
+    assert sum(seen.values()) == CHAOS_ROUNDS >= 20
+    median = sorted(takeovers)[len(takeovers) // 2]
+    print(
+        f"takeover after SIGKILL (same host): median {median:.3f}s,"
+        f" max {max(takeovers):.3f}s over {len(takeovers)} rounds"
+    )
 
 
 def _start_tagged(
     argv: list[str], s3: S3Server, proxy: CountingProxy, tmp: Path, **more: str
 ) -> Proc:
     """Start a process whose requests carry ``app/p<pid>``: the id must be in its environment
-    before it starts, so reserve it with a wrapper that sets it from its own pid."""
-    wrapper = (
+    before it starts, so reserve it with a wrapper that sets it from its own pid. The wrapper
+    first runs STOP_HOOK, which does nothing unless ``more`` arms it (:func:`stop_at`)."""
+    wrapper = STOP_HOOK + (
         "import os, sys; os.environ['AWS_SDK_UA_APP_ID'] = f'p{os.getpid()}'; "
         "sys.argv = sys.argv[1:]; import runpy; "
         "runpy.run_module('storage_initializer.entrypoint', run_name='__main__')"
@@ -326,22 +427,54 @@ def test_frozen_holder_is_taken_over_and_does_not_commit_after_sigcont(
     )
     first.popen.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
+    poll_until(lambda: process_state(first.pid) == "T", 30, "the holder to be stopped")
+    frozen_lease = lease_of(dest) or {}
+    # Frozen inside the transfer, holding a live lease: a takeover can only come from staleness.
+    assert frozen_lease.get("pid") == first.pid and frozen_lease.get("phase") == "transfer"
+    assert not marker_path(dest).exists()
     # What the holder had when it froze (its in-flight request may still be counted).
     fetched_before_freeze = bytes_by_app(proxy, bucket).get(f"p{first.pid}", 0)
     try:
-        poll_until(lambda: (lease_of(dest) or {}).get("pid") == second.pid, 60, "the takeover")
-        print(f"\nfrozen holder taken over {time.monotonic() - stopped_at:.2f}s after SIGSTOP")
+        taken = poll_until(
+            lambda: (lease_of(dest) or {}).get("pid") == second.pid and lease_of(dest),
+            60,
+            "the takeover",
+        )
+        took = time.monotonic() - stopped_at
+        silent = float(taken["heartbeat"]) - float(frozen_lease["heartbeat"])
+        print(
+            f"\nfrozen holder (stale-after 2 s) taken over {took:.2f}s after SIGSTOP,"
+            f" {silent:.2f}s after its last heartbeat"
+        )
         result = second.wait(timeout=120)
         assert result.returncode == 0, result.describe()
+        assert result.outcome() == "downloaded", result.describe()
         owner_marker = marker_path(dest).read_text()
         assert json.loads(owner_marker)["downloaded_by"]["pid"] == second.pid
+        fetched_while_frozen = bytes_by_app(proxy, bucket).get(f"p{first.pid}", 0)
     finally:
         first.popen.send_signal(signal.SIGCONT)
+    # The new owner took over because the lease went stale, and says so, naming the holder.
+    stale = [
+        line
+        for line in result.stderr.splitlines()
+        if "is stale; taking over" in line and f"(pid {first.pid})" in line
+    ]
+    assert len(stale) == 1, result.stderr
+    waited = result.stderr.index("waiting for")
+    assert waited < result.stderr.index(stale[0]), "it waited for the live holder first"
+    assert taken["generation"] == frozen_lease["generation"] + 1
     late = first.wait(timeout=60)
     assert late.returncode == 1, late.describe()
     assert "lost the download lease" in late.last_line, late.last_line
+    assert "stopped without committing" in late.last_line, late.last_line
+    assert "committed" not in late.stderr.replace("without committing", ""), late.stderr
+    # Resumed, it fetched nothing new (at most the one request it was in when frozen).
+    after_resume = bytes_by_app(proxy, bucket).get(f"p{first.pid}", 0)
+    assert after_resume - fetched_while_frozen <= CHUNK, (fetched_while_frozen, after_resume)
     # The tree and its marker are the new owner's, untouched by the late holder.
     assert marker_path(dest).read_text() == owner_marker
+    assert (lease_of(dest) or {}).get("pid") == second.pid
     assert tree_digest(dest) == expected
     verify = cli("verify", dest)
     assert verify.returncode == 0, verify.describe()
