@@ -121,7 +121,7 @@ def status(
         return
     if dest is None:
         raise click.UsageError("give DEST or --cache-dir")
-    info = read_status(dest, settings.stale_after)
+    info = _redacted(read_status(dest, settings.stale_after))
     if as_json:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
         # Same exit status as the text form, so scripts can test for a model either way.
@@ -235,6 +235,20 @@ def _repair(entry: Any, source: str | None) -> bool:
     return True
 
 
+def _redacted(value: Any) -> Any:
+    """``status`` output through the one redaction function: every string it prints (a marker
+    or lease written by another version or by hand may hold a credential)."""
+    from storage_initializer.redact import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return value
+
+
 def _when(stamp: float | None) -> str:
     import time
 
@@ -245,7 +259,7 @@ def _cache_status(cache_dir: Path, stale_after: float, as_json: bool) -> None:
     from storage_initializer import cache
     from storage_initializer.report import human_bytes
 
-    survey = cache.survey(cache_dir, stale_after)
+    survey = _redacted(cache.survey(cache_dir, stale_after))
     if as_json:
         click.echo(json.dumps(survey, indent=1, sort_keys=True))
         return

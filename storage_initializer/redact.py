@@ -18,9 +18,13 @@ MASK = "***"
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",  # botocore's older name of the session token
     "AWS_ACCESS_KEY_ID",
     "AZURE_CLIENT_SECRET",
     "AZ_CLIENT_SECRET",
+    # azure-identity's EnvironmentCredential (behind DefaultAzureCredential) reads these too.
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    "AZURE_PASSWORD",
     "AZURE_STORAGE_ACCESS_KEY",
     "AZURE_STORAGE_KEY",
     "AZURE_STORAGE_SAS_TOKEN",
