@@ -110,6 +110,9 @@ class ProgressReporter:
         rate = None
         if self._last is not None and now > self._last[0]:
             rate = (done - self._last[1]) / (now - self._last[0])
+        elif snap.get("elapsed"):
+            # The first line: the average so far, so that it too has a rate and an ETA.
+            rate = int(snap.get("bytes_from_origin", 0)) / float(snap["elapsed"]) or None
         self._last = (now, done)
         return rate
 
@@ -119,16 +122,19 @@ class ProgressReporter:
             snap = self.snapshot()
             if snap.get("phase") != "transfer":
                 continue
-            line = describe_progress(snap, self._rate(snap))
+            rate = self._rate(snap)
+            line = describe_progress(snap, rate)
             if self.tty:
                 sys.stderr.write(f"\r\033[K{self.label}: {redact(line)}")
                 sys.stderr.flush()
             else:
+                left = int(snap.get("bytes_total", 0)) - int(snap.get("bytes_done", 0))
+                eta = max(0.0, left / rate) if rate and rate > 0 and left > 0 else None
                 log.info(
                     "progress %s: %s",
                     self.label,
                     line,
-                    extra={"fields": {"event": "progress", **snap}},
+                    extra={"fields": {"event": "progress", **snap, "rate": rate, "eta": eta}},
                 )
 
 
