@@ -7,7 +7,13 @@ last line is the whole user interface of a failure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,4 +128,98 @@ def test_destination_that_cannot_be_created(nginx: Nginx, tmp: Path) -> None:
     assert PASSWORD not in result.output
     assert blocker.read_bytes() == b"not a directory"
     # Nothing was fetched for a destination that cannot hold the model.
+    assert [r for r in nginx.requests(folder) if r.method == "GET"] == []
+
+
+# -- a destination this UID cannot write -----------------------------------------------------
+
+UID = 1000
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _traversable_by_others(path: Path) -> bool:
+    return all(part.stat().st_mode & stat.S_IXOTH for part in [path, *path.parents])
+
+
+class _Unprivileged:
+    """Runs the entrypoint as UID/GID 1000 with no supplementary groups (``setpriv``). When
+    Python lives where UID 1000 cannot enter (pyenv under /root), it is bind-mounted elsewhere
+    in a private mount namespace: nothing on the machine changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.tmp.mkdir()
+        os.chown(self.tmp, UID, UID)
+        prefix = Path(sys.base_prefix)
+        self.mount: list[str] = []
+        self.python_home = prefix
+        if not _traversable_by_others(prefix):
+            self.python_home = root / "python"
+            self.python_home.mkdir()
+            self.mount = [str(prefix), str(self.python_home)]
+
+    def entrypoint(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        python = self.python_home / "bin" / Path(sys.executable).name
+        environ = {
+            "PATH": f"{self.python_home / 'bin'}:/usr/bin:/bin",
+            "LD_LIBRARY_PATH": str(self.python_home / "lib"),
+            "PYTHONPATH": str(REPO),
+            "HOME": "/nonexistent",
+            "TMPDIR": str(self.tmp),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "STORAGE_INITIALIZER_CONFIG": os.devnull,
+        }
+        command = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups"]
+        command += ["env", "-i", *(f"{k}={v}" for k, v in environ.items())]
+        command += [str(python), "-m", "storage_initializer.entrypoint", *map(str, args)]
+        if self.mount:
+            script = 'mount --make-rprivate / && mount --bind "$1" "$2" && shift 2 && exec "$@"'
+            command = ["unshare", "-m", "sh", "-c", script, "sh", *self.mount, *command]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[_Unprivileged]:
+    if os.geteuid() != 0:
+        pytest.skip("switching to UID 1000 needs root")
+    for tool in ("setpriv", "unshare", "mount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (util-linux) is not installed")
+    if sys.prefix != sys.base_prefix and not _traversable_by_others(Path(sys.prefix)):
+        pytest.skip(f"the virtualenv {sys.prefix} is not readable by UID {UID}")
+    if not _traversable_by_others(REPO):
+        pytest.skip(f"the work tree {REPO} is not readable by UID {UID}")
+    root = Path(tempfile.mkdtemp(prefix="si-uid-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        yield _Unprivileged(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o700], ids=["root-0755", "root-0700-unreadable"])
+def test_destination_this_uid_cannot_write(
+    nginx: Nginx, unprivileged: _Unprivileged, mode: int
+) -> None:
+    folder = nginx.new_dir()
+    nginx.put(f"{folder}/model.bin", pattern(5_000, 75))
+    url = nginx.url(f"{folder}/model.bin")
+    dest = unprivileged.root / "models"
+    dest.mkdir()
+    os.chmod(dest, mode)  # owned by root: UID 1000 may at most read it
+    assert dest.stat().st_uid == 0
+
+    result = unprivileged.entrypoint(_with_password(url), dest)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "ERROR" in last and _redacted(url) in last, output
+    assert f"{dest} is not writable by UID {UID}" in last, output
+    assert "fsGroup" in last, output  # what to do about it
+    assert PASSWORD not in output
+    assert "Traceback" not in output
+    assert os.listdir(dest) == []  # nothing written: no state directory, no model file
     assert [r for r in nginx.requests(folder) if r.method == "GET"] == []
