@@ -22,13 +22,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
 
+# Optional dependency groups of the package (pyproject.toml) installed into the image: `git`
+# brings dulwich, without which git:// and git+https:// URIs fail. A comma-separated list
+# (--build-arg EXTRAS=git,kerberos), or empty for the core dependencies only.
+ARG EXTRAS=git
+
 WORKDIR /src
 # .dockerignore lets through only pyproject.toml, README/LICENSE, the package and scripts/.
 COPY . /src
 
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src \
-    && /opt/venv/bin/pip install --no-cache-dir /wheels/*.whl \
+    && set -- /wheels/*.whl \
+    && /opt/venv/bin/pip install --no-cache-dir "$1${EXTRAS:+[${EXTRAS}]}" \
     && /opt/venv/bin/pip uninstall --yes pip \
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib \
     && mkdir -p /storage-initializer/scripts \
