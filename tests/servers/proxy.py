@@ -9,7 +9,9 @@ server) to
 - **inject faults** into chosen requests: an HTTP error status (500/503/429 with
   ``Retry-After``, 403 with an S3-style XML body...), a body cut off mid-way (the connection is
   closed after part of the announced ``Content-Length``), a delay before forwarding, or a
-  connection closed before any answer.
+  connection closed before any answer;
+- **gate** chosen requests: hold them until the test opens the gate, so that "the origin is
+  answering while the other replicas arrive" is a state the test waits for, not a race.
 
 Everything is forwarded unchanged (method, path, query, headers including ``Host`` and
 ``Range``, body), so signed requests (SigV4, SAS) stay valid and path-style S3 works with the
@@ -26,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import random
 import socket
@@ -76,7 +79,8 @@ class Fault:
     ``"truncate"`` (forward, then close after ``truncate_fraction`` of the body), ``"delay"``
     (sleep ``delay`` seconds, then forward), ``"drop"`` (close the connection without answering),
     ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
-    to emulate an origin that ignores ranges).
+    to emulate an origin that ignores ranges), ``"gate"`` (hold the request until ``gate`` is
+    set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived).
     A request matches when ``method`` (if set) equals its method, ``path_contains`` (if set) is in
     its path, and ``predicate`` (if set) returns true. ``times``: only the first N matches are
     faulted (None: all); ``probability``: fault that fraction of matches (seeded, reproducible).
@@ -94,6 +98,8 @@ class Fault:
     truncate_fraction: float = 0.5
     delay: float = 0.0
     strip_headers: tuple[str, ...] = ()
+    gate: threading.Event | None = None
+    gate_timeout: float = 60.0
     seed: int = 0
     #: How many requests this fault has hit so far.
     hits: int = 0
@@ -179,6 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
             record.fault = fault.kind
             if fault.kind == "delay":
                 time.sleep(fault.delay)  # simulated latency of the origin
+            elif fault.kind == "gate":
+                if fault.gate is not None:
+                    fault.gate.wait(fault.gate_timeout)  # until the test opens the gate
             elif fault.kind == "drop":
                 proxy._record(record)
                 self.close_connection = True  # the server closes the socket, unanswered
@@ -410,3 +419,64 @@ class CountingProxy:
     def bytes_served(self, **criteria: object) -> int:
         """Body bytes sent to clients by the matching requests."""
         return sum(r.bytes for r in self.select(**criteria))  # type: ignore[arg-type]
+
+
+class TcpCounter:
+    """A TCP relay on 127.0.0.1 that counts connections and forwards bytes both ways unchanged.
+
+    For what the HTTP proxy cannot see: TLS handshakes that fail (put it in front of a TLS
+    server; each connection is one handshake attempt, so "the client did not retry a
+    certificate failure" is ``counter.connections == 1``)."""
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port: int = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="tcp-counter", daemon=True)
+
+    def __enter__(self) -> TcpCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=30)
+        except OSError:
+            client.close()
+            return
+
+        def pump(source: socket.socket, target: socket.socket) -> None:
+            try:
+                while data := source.recv(CHUNK):
+                    target.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, target):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        back.start()
+        pump(client, upstream)
+        back.join(timeout=30)
+        client.close()
+        upstream.close()
