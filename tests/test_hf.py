@@ -417,7 +417,10 @@ def test_unreachable_endpoint_is_transient(
     monkeypatch.setattr("storage_initializer.providers.hf.METADATA_ATTEMPTS", 1)
     with pytest.raises(TransientError) as caught:
         source("hf://acme/tiny").list()
-    assert "hf://acme/tiny" in str(caught.value)
+    text = caught.value.describe()
+    assert "hf://acme/tiny" in text
+    assert f"cannot connect to the Hub at http://127.0.0.1:{port} (connection refused)" in text
+    assert "gave up after 1 attempt" in text and "Check HF_ENDPOINT" in text, text
 
 
 # -- environment --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +172,7 @@ def client_options(retry_class: Any) -> dict[str, Any]:
             # default is 4 KiB, i.e. a Python round trip (and a pwrite) for every 4 KiB.
             connection_data_block_size=STREAM_BLOCK,
         ),
-        "retry_policy": retry_class(
+        "retry_policy": _without_tls_retries(retry_class)(
             initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=1
         ),
         "max_single_get_size": GET_PIECE,
@@ -183,6 +184,22 @@ def client_options(retry_class: Any) -> dict[str, Any]:
     if bundle:
         options["connection_verify"] = bundle
     return options
+
+
+def _without_tls_retries(retry_class: Any) -> Any:
+    """``retry_class`` (the SDK's storage retry policy) that gives up at once on a TLS failure:
+    the SDK counts it as a connection error and backs off, but a certificate nobody trusts is
+    not trusted by asking again."""
+
+    class NoTlsRetry(retry_class):  # type: ignore[misc, valid-type]
+        def increment(
+            self, settings: Any, request: Any, response: Any = None, error: Any = None
+        ) -> bool:
+            if error is not None and is_tls_failure(error):
+                return False
+            return bool(super().increment(settings, request, response=response, error=error))
+
+    return NoTlsRetry
 
 
 def client_refused(exc: ValueError, where: str, location: AzureLocation, mode: str) -> UsageError:
@@ -316,6 +333,15 @@ def translate(
             redact(f"{what}: the object changed while it was being downloaded ({detail})"),
             "Run again once the upload to the source is complete",
         )
+    if isinstance(exc, ServiceRequestError | ServiceResponseError | OSError) and is_tls_failure(
+        exc
+    ):
+        # An untrusted certificate is not a network problem, and asking again will not help.
+        return SourceError(
+            redact(f"{what}: TLS verification of {location.endpoint} failed ({tls_reason(exc)})"),
+            "Add the CA that signed the endpoint's certificate to the global CA bundle "
+            "(CA_BUNDLE_CONFIGMAP_NAME) or REQUESTS_CA_BUNDLE",
+        )
     if isinstance(exc, ServiceRequestError):
         endpoint = location.endpoint + (
             " (from the endpoint override)" if location.endpoint_overridden else ""
@@ -342,6 +368,57 @@ def translate(
     if isinstance(exc, OSError | TimeoutError):
         return TransientError(redact(f"{what}: {_short(exc)}"))
     return SourceError(redact(f"{what}: {type(exc).__name__}: {_short(exc)}"))
+
+
+_TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "SSLError", "[SSL")
+_TLS_VERIFY_REASON = re.compile(r"certificate verify failed: ([^'\"()\]\[]+)")
+_TLS_SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\]")
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, azure-core's ``inner_exception``, urllib3's
+    ``reason`` and exceptions held in ``args`` (requests wraps urllib3's MaxRetryError so)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for linked in (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "inner_exception", None),
+            getattr(current, "reason", None),
+            *current.args,
+        ):
+            if isinstance(linked, BaseException):
+                todo.append(linked)
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) a TLS handshake or certificate verification failure."""
+    for item in _chain(exc):
+        if isinstance(item, ssl.SSLError) or type(item).__name__ == "SSLError":
+            return True
+        if any(marker in str(item) for marker in _TLS_MARKERS):
+            return True
+    return False
+
+
+def tls_reason(exc: BaseException) -> str:
+    """The short reason of a TLS failure: "certificate verify failed: self-signed certificate"."""
+    texts = [str(item) for item in _chain(exc)]
+    for text in texts:
+        verify = _TLS_VERIFY_REASON.search(text)
+        if verify:
+            return "certificate verify failed: " + verify.group(1).strip()
+    for text in texts:
+        other = _TLS_SSL_REASON.search(text)
+        if other:
+            return other.group(1)
+    return "TLS handshake failed"
 
 
 def _short(exc: BaseException) -> str:

@@ -48,7 +48,7 @@ from storage_initializer.errors import (
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
 from storage_initializer.providers.ranged import stream_range
-from storage_initializer.redact import register_secret
+from storage_initializer.redact import redact, register_secret
 
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
@@ -156,6 +156,39 @@ def parse_hf_uri(raw: str, redacted: str) -> HubRef:
     sub = "/".join(part for part in parts[2:] if part)
     subpath = safe_relpath(unquote(sub), "sub-directory") if sub else ""
     return HubRef(repo_type, f"{owner}/{model}", revision or DEFAULT_REVISION, subpath)
+
+
+_TLS_VERIFY_REASON = re.compile(r"certificate verify failed: ([^'\"()\]\[]+)")
+_TLS_SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\]")
+_CONNECT_REASONS = (
+    ("Connection refused", "connection refused"),
+    ("Name or service not known", "unknown host"),
+    ("Failed to resolve", "unknown host"),
+    ("NameResolutionError", "unknown host"),
+    ("No route to host", "no route to host"),
+    ("timed out", "timed out"),
+    ("Connection reset", "connection reset"),
+    ("RemoteDisconnected", "the connection closed without an answer"),
+)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The short reason of a requests SSLError ("certificate verify failed: self-signed
+    certificate")."""
+    text = str(exc)
+    verify = _TLS_VERIFY_REASON.search(text)
+    if verify:
+        return "certificate verify failed: " + verify.group(1).strip()
+    other = _TLS_SSL_REASON.search(text)
+    return other.group(1) if other else "TLS handshake failed"
+
+
+def _connect_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for marker, reason in _CONNECT_REASONS:
+        if marker in text:
+            return reason
+    return type(exc).__name__
 
 
 def _retry_after(response: requests.Response) -> float | None:
@@ -323,9 +356,25 @@ class HfSource(Source):
             return SourceError(f"{where}: range not satisfiable (HTTP 416): the file changed?")
         return SourceError(f"{where}: unexpected HTTP {status} from the Hub")
 
-    def _transport_error(self, exc: Exception, what: str) -> TransientError:
-        # The exception text may hold a URL but never our header; still, keep it short.
-        return TransientError(f"{self.uri.redacted}: {what}: {type(exc).__name__}")
+    def _transport_error(self, exc: Exception, what: str) -> InitializerError:
+        """A requests failure before any answer. The exception text may hold a URL but never
+        our header; only a short reason from it is shown."""
+        where = f"{self.uri.redacted}: {what}"
+        endpoint = redact(self.endpoint)
+        if isinstance(exc, requests.exceptions.SSLError):
+            # An untrusted certificate is not a blip: asking again will not help.
+            return SourceError(
+                f"{where}: TLS verification of {endpoint} failed ({_tls_reason(exc)})",
+                "Add the CA that signed the Hub's certificate to the global CA bundle "
+                f"(CA_BUNDLE_CONFIGMAP_NAME) or REQUESTS_CA_BUNDLE, and check HF_ENDPOINT "
+                f"({endpoint})",
+            )
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return TransientError(
+                f"{where}: cannot connect to the Hub at {endpoint} ({_connect_reason(exc)})",
+                f"Check HF_ENDPOINT ({endpoint}), DNS, the egress network policy and proxies",
+            )
+        return TransientError(f"{where}: {type(exc).__name__}")
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -356,8 +405,15 @@ class HfSource(Source):
                 error: InitializerError = self._http_error(response, what)
             except requests.RequestException as exc:
                 error = self._transport_error(exc, what)
-            if not isinstance(error, TransientError) or attempt == METADATA_ATTEMPTS:
+            if not isinstance(error, TransientError):
                 raise error
+            if attempt == METADATA_ATTEMPTS:
+                raise TransientError(
+                    f"{error} (gave up after {attempt} attempt{'s' if attempt > 1 else ''})",
+                    error.hint
+                    or "The Hub kept refusing or failing; wait and run again (a token, HF_TOKEN, "
+                    "raises the Hub's rate limits)",
+                ) from None
             delay = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
             log.info("%s; retrying in %.1fs", error, delay)
             time.sleep(delay)  # backoff between real attempts, not test synchronisation
