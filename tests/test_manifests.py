@@ -720,11 +720,21 @@ def test_readonly_annotation_reaches_the_init_container(name: str, expected: str
 
 
 def test_preseed_jobs_mount_what_they_write() -> None:
-    for name, job in _by_kind("Job"):
+    jobs = _by_kind("Job")
+    assert {job["spec"]["template"]["spec"]["containers"][0]["args"][0] for _, job in jobs} == {
+        "pull",
+        "prefetch",
+    }
+    for name, job in jobs:
         pod = job["spec"]["template"]["spec"]
         assert not _dangling_mounts(pod), f"{name}: {_dangling_mounts(pod)}"
         container = pod["containers"][0]
         assert container["command"] == ["storage-initializer"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        mounts = [m["mountPath"] for m in container["volumeMounts"]]
+        assert "/tmp" in mounts, f"{name}: readOnlyRootFilesystem needs a writable /tmp"
+        if container["args"][0] == "prefetch":
+            continue  # what it writes is in its models.yaml: see the prefetch tests below
         positional = [a for a in container["args"] if not a.startswith("--")]
         assert positional[0] == "pull" and len(positional) == 3
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
@@ -758,6 +768,96 @@ def test_preseeded_pvc_path_matches_the_pvc_example() -> None:
     path = target[len(mount["mountPath"]) :]
     uri = _examples()["qwen-preseeded-pvc"]["spec"]["predictor"]["model"]["storageUri"]
     assert uri == f"pvc://{claim_name}{path}"
+
+
+PREFETCH_JOB = "examples/prefetch-job.yaml"
+
+
+def _prefetch_models_file() -> tuple[dict[str, Any], str, str]:
+    """The prefetch Job's container, the path of its --from-file, and that file's text as the
+    kubelet would project it from the ConfigMap the Job mounts there."""
+    job = _one(PREFETCH_JOB)
+    spec = job["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    args = container["args"]
+    assert args[:2] == ["prefetch", "--from-file"] and len(args) == 3, args
+    path = args[2]
+    directory, _, key = path.rpartition("/")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == directory)
+    assert not mount.get("subPath"), "a whole ConfigMap volume, so edits reach the Job"
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    name = volume["configMap"]["name"]
+    assert not volume["configMap"].get("optional"), "the Job is pointless without its list"
+    items = volume["configMap"].get("items")
+    if items:
+        key = next(i["key"] for i in items if i["path"] == key)
+    configmaps = {d["metadata"]["name"]: d for _, d in _by_kind("ConfigMap")}
+    assert name in configmaps, f"the Job mounts ConfigMap {name}, which deploy/ does not define"
+    data = configmaps[name]["data"]
+    assert key in data, f"ConfigMap {name} has no key {key}"
+    return container, path, data[key]
+
+
+def _under_a_mount(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    return next(
+        (
+            m
+            for m in container["volumeMounts"]
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ),
+        None,
+    )
+
+
+def test_prefetch_models_file_loads_with_the_real_loader(tmp_path: Path) -> None:
+    """models.yaml of the ConfigMap, read by storage_initializer.prefetch.load_file and each
+    model's settings by the tool's settings module, with the global config file the Job also
+    mounts: every model lands on a volume of the Job, in the mode the examples serve it in."""
+    prefetch = pytest.importorskip("storage_initializer.prefetch")
+    settings = pytest.importorskip("storage_initializer.settings")
+    container, _path, text = _prefetch_models_file()
+    models = tmp_path / "models.yaml"
+    models.write_text(text, encoding="utf-8")
+    items, parallel, defaults = prefetch.load_file(models)
+    assert items and parallel >= 1
+    config = tmp_path / "config.yaml"
+    config.write_text(_one("namespace/configmap.yaml")["data"]["config.yaml"], encoding="utf-8")
+    environ = {"STORAGE_INITIALIZER_CONFIG": str(config)}
+    spec = _one(PREFETCH_JOB)["spec"]["template"]["spec"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    cached, direct = set(), set()
+    for item in items:
+        loaded = settings.load({**defaults, **item.options}, environ)
+        target = item.dest or (loaded.cache_dirs[0] if loaded.cache_dirs else None)
+        assert target, f"{item.uri}: no dest and no cache_dir"
+        mount = _under_a_mount(container, target)
+        assert mount is not None, f"{item.uri}: {target} is not on a volume of the Job"
+        assert mount["name"] in claims, f"{item.uri}: {target} is not on the PVC"
+        if item.dest is None:
+            assert loaded.cache_dirs == (CACHE_MOUNT,)
+            cached.add(item.uri)
+        else:
+            assert loaded.cache_dirs == (), f"{item.uri}: dest {item.dest} would be cache mode"
+            rest = item.dest[len(mount["mountPath"]) :]
+            direct.add(f"pvc://{claims[mount['name']]}{rest}")
+    examples = _examples()
+    assert examples["qwen-shared-cache"]["spec"]["predictor"]["model"]["storageUri"] in cached
+    assert examples["qwen-preseeded-pvc"]["spec"]["predictor"]["model"]["storageUri"] in direct
+
+
+def test_prefetch_loader_rejects_a_broken_models_file(tmp_path: Path) -> None:
+    """The check above is not vacuous: the same loader refuses a misspelt option."""
+    prefetch = pytest.importorskip("storage_initializer.prefetch")
+    errors = pytest.importorskip("storage_initializer.errors")
+    _container, _path, text = _prefetch_models_file()
+    broken = tmp_path / "models.yaml"
+    broken.write_text(text.replace("cache_dir:", "cache_dri:", 1), encoding="utf-8")
+    with pytest.raises(errors.UsageError, match="cache_dri"):
+        prefetch.load_file(broken)
 
 
 # --------------------------------------------------------------------------------------------
