@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
-from storage_initializer.store.lease import current, process_is_dead
+from storage_initializer.store.lease import current, glance
 
 
 @dataclass
@@ -35,6 +34,10 @@ class EntryInfo:
     #: Versions no longer current (kept for pods that linked to them), and their bytes.
     old_versions: list[str] = field(default_factory=list)
     old_versions_bytes: int = 0
+    #: The current lease at a glance: free, held or stale (gc keeps entries whose lease is held).
+    lease: str = "free"
+    #: The lease's last heartbeat (Unix time): the last sign of life of its downloader.
+    heartbeat: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,16 +53,10 @@ def _tree_size(path: Path) -> int:
 
 
 def lease_state(entry: layout.Entry, stale_after: float) -> tuple[str, dict[str, Any] | None]:
-    """free / held / stale, judged from one look (no observation over time): a lease whose
-    heartbeat is older than ``stale_after`` or whose holder is a dead local process is stale."""
+    """free / held / stale, judged from one look (no observation over time) by the same test
+    that ``gc`` applies right before it claims a lease (store.lease.glance)."""
     generation, data = current(entry)
-    if generation == 0 or data is None or data.get("released"):
-        return "free", data
-    dead = process_is_dead(
-        str(data.get("host_id", "")), int(data.get("pid", 0)), str(data.get("pid_start", ""))
-    )
-    age = time.time() - float(data.get("heartbeat", 0))
-    return ("stale" if dead or age > stale_after else "held"), data
+    return glance(entry, generation, data, stale_after), data
 
 
 def model_entry(entry: layout.Entry) -> layout.Entry:
@@ -110,7 +107,16 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
         staging_bytes=staging_bytes,
         old_versions=old,
         old_versions_bytes=old_bytes,
+        lease=lease,
+        heartbeat=_heartbeat(data),
     )
+
+
+def _heartbeat(data: dict[str, Any] | None) -> float | None:
+    try:
+        return float(data["heartbeat"]) if data else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def entries(cache_dir: Path) -> list[layout.Entry]:
@@ -121,7 +127,8 @@ def entries(cache_dir: Path) -> list[layout.Entry]:
     found = []
     for name in names:
         root = cache_dir / name
-        if (root / STATE_DIR_NAME).is_dir():
+        # Dot names are never keys: a gc's trash on its way out, temp files.
+        if not name.startswith(".") and (root / STATE_DIR_NAME).is_dir():
             found.append(layout.cached(cache_dir, name))
     return found
 

@@ -377,6 +377,7 @@ class Engine:
 
     def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
         assert job.hasher is not None
+        began = time.monotonic()  # the "verify" phase of the metrics: digest, check, fsync
         size = os.fstat(job.fd).st_size
         digest = self._digest(job)
         problem = None
@@ -388,6 +389,9 @@ class Engine:
             os.fsync(job.fd)
         os.close(job.fd)
         job.fd = -1
+        with self._results_lock:  # summed over files: it overlaps the transfer of others
+            phases = self.progress.phases
+            phases["verify"] = phases.get("verify", 0.0) + time.monotonic() - began
         if problem is not None:
             if job.attempt < INTEGRITY_ATTEMPTS:
                 log.warning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -21,7 +22,7 @@ log = logging.getLogger("storage_initializer")
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     from storage_initializer import settings as settings_mod
     from storage_initializer.errors import InitializerError
-    from storage_initializer.pull import describe_failure, pull
+    from storage_initializer.pull import describe_failure, failure_stats, pull
     from storage_initializer.report import setup_logging, summary
 
     try:
@@ -34,6 +35,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     runs: list[dict] = []
     for source, dest in pairs:
         log.info("Initializing, args: src_uri [%s] dest_path [%s]", source, dest)
+        began = time.monotonic()
         try:
             result = pull(source, dest, settings)
         except KeyboardInterrupt:
@@ -42,7 +44,15 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         except Exception as exc:  # every failure ends in one explanatory line
             log.debug("failure details", exc_info=True)
             if settings.metrics_file:
-                runs.append({"source": _redacted(source), "outcome": "failed"})
+                # What the failed pull spent still counts: origin bytes, retries, failures.
+                runs.append(
+                    {
+                        **failure_stats(exc),
+                        "source": _redacted(source),
+                        "outcome": "failed",
+                        "seconds": time.monotonic() - began,
+                    }
+                )
                 _write_metrics(settings.metrics_file, runs)
             # The last line KServe shows: one line, even when a library's message spans several.
             log.error("%s", " ".join(describe_failure(source, exc).split()))

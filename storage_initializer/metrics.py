@@ -1,12 +1,20 @@
 """A Prometheus text file at the end of every run (``--metrics-file``), for node-exporter's
 textfile collector or a sidecar: what came from the origin, what was reused, where time went.
 
-Metric names (all labelled with ``source``, the redacted URI, and ``outcome``):
+Every series is labelled ``source`` (the redacted URI) and ``outcome`` (the pull's outcome:
+``downloaded``, ``complete``, ``waited``, ``copied-up``, ``linked``, ``no-op``, or ``failed``).
+The names below are documented in docs/cache.md and checked by a test; keep the three in step.
 
-* ``storage_initializer_bytes_from_origin_total`` — bytes downloaded by this process
+* ``storage_initializer_bytes_from_origin_total`` — bytes downloaded by this process (a failed
+  run counts what it fetched before failing)
 * ``storage_initializer_bytes_reused_total`` — bytes found complete, waited for, or resumed
 * ``storage_initializer_files`` — files of the model
-* ``storage_initializer_phase_seconds{phase}`` — wait, list, transfer, verify, commit, total
+* ``storage_initializer_phase_seconds{phase}`` — one series per phase of :data:`PHASES`, 0 when
+  a run had no such phase: ``wait`` (for the lease), ``list`` (the source's listing),
+  ``transfer`` (moving bytes), ``verify`` (finishing checksums, size checks and fsync of each
+  file, summed over files — it overlaps ``transfer``, as files verify while others still
+  arrive; on the fast path, the marker check), ``extract`` (a single archive), ``commit``, and
+  ``total`` (the whole pull)
 * ``storage_initializer_retries_total`` — retried requests
 * ``storage_initializer_takeovers_total`` — stale leases this process took over
 * ``storage_initializer_verify_failures_total`` — files that failed verification (fetched again)
@@ -22,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "storage_initializer"
+#: The ``phase`` label's values, every one written for every run (dashboards need no gaps).
+PHASES = ("wait", "list", "transfer", "verify", "extract", "commit", "total")
 
 
 def write(path: str | Path, runs: Iterable[dict[str, Any]]) -> None:
@@ -51,9 +61,10 @@ def write(path: str | Path, runs: Iterable[dict[str, Any]]) -> None:
         origin.labels(*key).inc(run.get("bytes_from_origin", 0))
         reused.labels(*key).inc(run.get("bytes_reused", 0))
         files.labels(*key).set(run.get("files", 0))
-        for phase, seconds in (run.get("phases") or {}).items():
-            phases.labels(*key, phase).set(seconds)
-        phases.labels(*key, "total").set(run.get("seconds", 0.0))
+        seconds = {**dict.fromkeys(PHASES, 0.0), **(run.get("phases") or {})}
+        seconds["total"] = run.get("seconds", 0.0)
+        for phase, value in seconds.items():
+            phases.labels(*key, phase).set(value)
         retries.labels(*key).inc(run.get("retries", 0))
         takeovers.labels(*key).inc(run.get("takeovers", 0))
         verify_failures.labels(*key).inc(run.get("verify_failures", 0))

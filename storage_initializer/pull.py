@@ -61,7 +61,7 @@ class Result:
     seconds: float = 0.0
     key: str = ""
     fingerprint: str = ""
-    #: Seconds by phase: wait, listing, transfer, extract, commit (metrics).
+    #: Seconds by phase (metrics): wait, list, transfer, verify, extract, commit.
     phases: dict[str, float] | None = None
     retries: int = 0
     takeovers: int = 0
@@ -138,7 +138,19 @@ def _finish(
     entry: layout.Entry, dest: Path | None, marker: marker_io.Marker, settings: Settings
 ) -> None:
     """Cache mode: link DEST to the concrete version directory ``entry`` (never through
-    ``current``), so a later version switch leaves this pod's model untouched."""
+    ``current``), so a later version switch leaves this pod's model untouched.
+
+    The use is recorded *before* linking and ``current`` read again after it: gc hides
+    ``current`` before it reads the access log a last time, so either gc sees this use and
+    keeps the entry, or this pull sees the entry going (:class:`EntryVanished`) and looks
+    again, instead of linking files that are being removed."""
+    if entry.mode == "version":
+        from storage_initializer.store import access
+
+        keyed = layout.Entry(entry.root.parent, entry.key, "cache")
+        access.record(keyed, "use")
+        if keyed.current_version() != entry.root.name:
+            raise EntryVanished(f"{keyed.root}: the version {entry.root.name} is not current now")
     if entry.mode == "version" and dest is not None:
         from storage_initializer.store import links
         from storage_initializer.store.commit import top_level
@@ -151,6 +163,11 @@ def _finish(
             settings.link_mode,
             settings.replace,
         )
+
+
+class EntryVanished(TransientError):
+    """The cache entry stopped being current between our look at it and the record of our use
+    (gc evicted it, or a new version was switched in): look again."""
 
 
 def pull(source: str, dest: str | Path | None, settings: Settings) -> Result:
@@ -178,7 +195,8 @@ def _after(uri: SourceUri, result: Result, settings: Settings) -> None:
     from storage_initializer.store import access
 
     entry = entry_for(uri, Path(result.dest), settings)
-    access.record(entry, result.outcome)
+    if entry.mode != "cache":  # cache mode recorded the use before linking (_finish)
+        access.record(entry, result.outcome)
     if settings.cache_dirs and settings.cache_max_size:
         from storage_initializer import gc
 
@@ -210,11 +228,15 @@ def _pull_one(uri: SourceUri, dest: Path | None, settings: Settings, started: fl
         _prepare_dir(dest, "destination")
     else:
         _prepare_dir(entry.root, "cache entry")
+    checking = time.monotonic()
     model, current = _published(entry)
     if _valid(model, current) and not settings.revalidate:
         assert current is not None
-        _finish(model, dest, current, settings)
-        return _found(uri, dest, entry, current, "complete", time.monotonic() - started)
+        checked = {"verify": time.monotonic() - checking}  # the marker check: stat sizes
+        with contextlib.suppress(EntryVanished):  # evicted this instant: the slow path
+            _finish(model, dest, current, settings)
+            elapsed = time.monotonic() - started
+            return _found(uri, dest, entry, current, "complete", elapsed, phases=checked)
     return _locked_pull(uri, entry, dest, settings, started)
 
 
@@ -264,7 +286,10 @@ def _locked_pull(
             model, existing = _published(entry)
             if _valid(model, existing) and not (settings.revalidate and not waited):
                 assert existing is not None
-                _finish(model, dest, existing, settings)
+                try:
+                    _finish(model, dest, existing, settings)
+                except EntryVanished:
+                    continue  # evicted or switched this instant: look again
                 elapsed = time.monotonic() - started
                 return _found(
                     uri,
@@ -294,6 +319,9 @@ def _locked_pull(
                         entry.root,
                         _describe_holder(data),
                     )
+                # gc may have removed the whole entry, state directory and all, while we
+                # waited: claim in a fresh one (a download from scratch) rather than fail.
+                layout.ensure_state_dir(entry)
                 lease = try_claim(
                     entry, owner, generation, {"source": uri.redacted, "phase": "starting"}
                 )
@@ -407,12 +435,12 @@ def _as_holder(
     lease.start_heartbeat(settings.heartbeat_interval, progress.snapshot)
     outcome = "failed"
     made: dict[str, Any] = {}  # _download records its staging area here as soon as it exists
+    claimed = time.monotonic()
     try:
-        claimed = time.monotonic()
         result = _download(uri, entry, dest, settings, lease, progress, owner, made)
         outcome = result.outcome
         result.seconds = time.monotonic() - started
-        result.phases = {"wait": claimed - started, **progress.phases}
+        result.phases = _phase_seconds(claimed - started, progress)
         result.retries = progress.retries
         result.verify_failures = progress.verify_failures
         result.takeovers = int(took_over)
@@ -420,6 +448,8 @@ def _as_holder(
             result.outcome = "waited"
         return result
     except BaseException as exc:
+        stats = _failure_stats(progress, claimed - started, took_over)
+        _attach_stats(exc, stats)
         lost = lease.lost.is_set() or not _still_held(lease)
         keep = isinstance(exc, TransientError | KeyboardInterrupt) or lost
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -432,13 +462,52 @@ def _as_holder(
             # Whatever broke (the engine cancelled, a journal whose directory the new owner
             # adopted), the cause is the takeover: say so in the last log line.
             lease.lost.set()
-            raise LeaseLostError(
+            lost_error = LeaseLostError(
                 f"lost the download lease of {entry.root} to another replica while "
                 f"downloading {uri.redacted}; stopped without committing"
-            ) from exc
+            )
+            _attach_stats(lost_error, stats)
+            raise lost_error from exc
         raise
     finally:
         lease.release(outcome)
+
+
+def _phase_seconds(wait: float, progress: Any) -> dict[str, float]:
+    """Seconds by phase under the names docs/cache.md documents (the progress calls the
+    listing phase "listing", as leases and ``status`` show it; metrics say "list")."""
+    phases = {"wait": wait}
+    for name, seconds in dict(progress.phases).items():
+        key = "list" if name == "listing" else name
+        phases[key] = phases.get(key, 0.0) + seconds
+    return phases
+
+
+def _failure_stats(progress: Any, wait: float, took_over: bool) -> dict[str, Any]:
+    """What a failing holder got done, for the metrics file of a failed run: the origin's bytes
+    were spent and the retries made even though the pull failed."""
+    progress.set_phase("failed")  # books the time of the phase that failed
+    snap = progress.snapshot()
+    return {
+        "bytes_from_origin": snap["bytes_from_origin"],
+        "bytes_reused": snap["bytes_reused"],
+        "files": snap["files_done"],
+        "retries": snap["retries"],
+        "verify_failures": progress.verify_failures,
+        "takeovers": int(took_over),
+        "phases": _phase_seconds(wait, progress),
+    }
+
+
+def _attach_stats(exc: BaseException, stats: dict[str, Any]) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # some built-in exceptions refuse
+        exc.pull_stats = stats  # type: ignore[attr-defined]
+
+
+def failure_stats(exc: BaseException) -> dict[str, Any]:
+    """Counters of a pull that raised ``exc`` (empty when it failed before downloading)."""
+    stats = getattr(exc, "pull_stats", None)
+    return dict(stats) if isinstance(stats, dict) else {}
 
 
 def _still_held(lease: Lease) -> bool:

@@ -5,8 +5,14 @@ shared RWX PVC. A replica looks in the fastest tier first; a hit in a slower tie
 up*, verified file by file against that tier's marker, without touching the origin; a miss
 everywhere downloads once into the last (shared) tier — under that tier's lease, so the nodes
 download once between them — and then copies up. Every tier is an ordinary cache with its own
-lease and marker, so a tier can be inspected, verified and collected on its own; each may have
-its own size limit (``cache_max_size`` as a list, one value per tier).
+lease, marker and access log — a copy-up counts as a use of the slower tier's entry, so the
+shared PVC's LRU sees the models that nodes use — so a tier can be inspected, verified and
+collected on its own; each may have its own size limit (``cache_max_size`` as a list, one value
+per tier), enforced by the automatic gc after the pull that filled it.
+
+The fast path of the fastest tier checks sizes only (a replica must start in well under a
+second), so a same-size corruption there is not noticed at start: ``verify --cache-dir`` on that
+tier re-hashes and finds it, and ``verify --repair`` replaces the bad files.
 """
 
 from __future__ import annotations
@@ -63,6 +69,26 @@ def _complete(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] | N
     return None
 
 
+def _use_slower(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] | None:
+    """A complete version in a slower tier, our use of it recorded there first.
+
+    Recorded so that the shared tier's LRU/LFU counts the models used through node tiers (a
+    copy-up is a use of the shared copy even though no pod links to it), and recorded *before*
+    reading: gc hides an entry before its last look at the access log, so after our record
+    either gc sees the use and keeps the entry, or we see ``current`` moved and treat the tier
+    as a miss instead of copying files that are being removed."""
+    from storage_initializer.store import access
+
+    found = _complete(tier, key)
+    if found is None:
+        return None
+    keyed = layout.cached(tier, key)
+    access.record(keyed, "copy-up")
+    if keyed.current_version() != found[0].root.name:
+        return None
+    return found
+
+
 def _tier_settings(settings: Settings, index: int) -> Settings:
     tier = settings.cache_dirs[index]
     limits = settings.cache_max_sizes
@@ -84,7 +110,7 @@ def pull_tiered(uri: SourceUri, dest: Path | None, settings: Settings) -> Result
     origin_bytes = 0
     found = None
     for tier in tiers[1:]:
-        found = _complete(tier, key)
+        found = _use_slower(tier, key)
         if found is not None:
             log.info("%s: found in the cache tier %s; copying it up", uri.redacted, tier)
             break

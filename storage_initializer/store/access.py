@@ -2,8 +2,11 @@
 
 Every pull that ends with the model in place appends one short line to
 ``<state>/access.log`` (an ``O_APPEND`` write of a few dozen bytes: no lock, no rewrite, on the
-fast path too). Racing writers on a network filesystem may lose or tear a line — a count may be
-off by one — but can never touch the entry itself. ``gc`` compacts the log when it grows.
+fast path too). In cache mode the line is written *before* the destination is linked, and the
+pull then checks that the entry is still current: ``gc`` hides an entry first and reads the log
+second, so either gc sees the use and keeps the entry, or the pull sees it gone and waits.
+Racing writers on a network filesystem may lose or tear a line — a count may be off by one —
+but can never touch the entry itself. ``gc`` compacts the log when it grows.
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ def record(entry: Entry, outcome: str) -> None:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+
+def stamp(entry: Entry) -> tuple[int, int]:
+    """The log's (inode, size): it changes with every use recorded since, whatever the
+    writers' clocks say, so ``gc`` can tell that a replica used an entry after it planned to
+    evict it even when that replica's node is behind in time."""
+    try:
+        st = log_path(entry).stat()
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_size
 
 
 def usage(entry: Entry) -> Usage:

@@ -154,6 +154,39 @@ def current(entry: Entry) -> tuple[int, dict[str, Any] | None]:
     return gens[-1], read_lease(entry, gens[-1])
 
 
+def stale_at_a_glance(data: dict[str, Any], stale_after: float) -> bool:
+    """Whether one reading of a lease proves it stale: its holder is a dead process on this
+    very host, or its wall-clock heartbeat is older than ``stale_after`` plus the clock skew we
+    tolerate between nodes.
+
+    The one test for every reader that cannot watch a lease over time (``status``, ``gc``'s
+    plan and its eviction); a waiter adds its own observation (:class:`Observer`). Keeping it
+    in one place is what lets ``gc --dry-run`` announce exactly what a real run does."""
+    if process_is_dead(
+        str(data.get("host_id", "")), int(data.get("pid", 0)), str(data.get("pid_start", ""))
+    ):
+        return True
+    try:
+        heartbeat = float(data.get("heartbeat", 0))
+    except (TypeError, ValueError):
+        heartbeat = 0.0
+    return time.time() - heartbeat > stale_after + CLOCK_SKEW
+
+
+def glance(entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float) -> str:
+    """free / held / stale from one look at the current lease (see :func:`stale_at_a_glance`).
+    An unreadable lease file (a crash left it empty) is judged by its age on disk."""
+    if generation == 0 or (data is not None and data.get("released")):
+        return "free"
+    if data is None:
+        try:
+            age = time.time() - lease_path(entry, generation).stat().st_mtime
+        except OSError:
+            return "free"  # replaced this very instant: the next look sees its successor
+        return "stale" if age > stale_after + CLOCK_SKEW else "held"
+    return "stale" if stale_at_a_glance(data, stale_after) else "held"
+
+
 class Observer:
     """A waiter's view of the current lease: free, fresh or stale."""
 
@@ -172,14 +205,7 @@ class Observer:
         else:
             if data.get("released"):
                 return "free"
-            if process_is_dead(
-                str(data.get("host_id", "")),
-                int(data.get("pid", 0)),
-                str(data.get("pid_start", "")),
-            ):
-                return "stale"
-            age = time.time() - float(data.get("heartbeat", 0))
-            if age > self.stale_after + CLOCK_SKEW:
+            if stale_at_a_glance(data, self.stale_after):
                 return "stale"
             seq = data.get("seq")
         seen = self._seen.get(generation)
