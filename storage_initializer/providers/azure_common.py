@@ -49,6 +49,8 @@ TRANSIENT_CODES = frozenset(
 
 
 _URL_IN_MESSAGE = re.compile(r"url: \S+")
+#: Retries of each listing request by the SDK's own policy (reads: none, the engine retries).
+SDK_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,10 @@ def client_options(retry_class: Any) -> dict[str, Any]:
             connection_data_block_size=STREAM_BLOCK,
         ),
         "retry_policy": _without_tls_retries(retry_class)(
-            initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=1
+            initial_backoff=0.5,
+            increment_base=2,
+            retry_total=SDK_RETRIES,
+            random_jitter_range=1,
         ),
         "max_single_get_size": GET_PIECE,
         "max_chunk_get_size": GET_PIECE,
@@ -267,6 +272,17 @@ def _status(exc: Any) -> int | None:
     return status
 
 
+def _error_code(exc: Any) -> str:
+    """The service's error code: the SDK's ``error_code``, else the ``x-ms-error-code`` header
+    (the operation layer's streamed GET raises without parsing it)."""
+    code = getattr(exc, "error_code", None) or ""
+    code = str(getattr(code, "value", code))  # the SDK gives StorageErrorCode enums or text
+    if not code:
+        headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+        code = str(headers.get("x-ms-error-code", "") if hasattr(headers, "get") else "")
+    return code
+
+
 def _retry_after(exc: Any) -> float | None:
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None) or {}
@@ -315,8 +331,7 @@ def translate(
     if isinstance(cause, AzureError):
         exc = cause
     status = _status(exc)
-    code = getattr(exc, "error_code", None) or ""
-    code = str(getattr(code, "value", code))  # the SDK gives StorageErrorCode enums or text
+    code = _error_code(exc)
     detail = f"HTTP {status} {code}".strip() if status else type(exc).__name__
     if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
         using = f" with {credentials}" if credentials else ""
@@ -358,8 +373,18 @@ def translate(
         return TransientError(redact(f"{what}: connection failed mid-response: {_short(exc)}"))
     if isinstance(exc, HttpResponseError):
         if status is None or status >= 500 or status in (408, 429) or code in TRANSIENT_CODES:
+            if reading:  # the engine retries, and says when it gives up
+                return TransientError(
+                    redact(f"{what}: the service is busy or failing ({detail})"),
+                    retry_after=_retry_after(exc),
+                )
             return TransientError(
-                redact(f"{what}: the service is busy or failing ({detail})"),
+                redact(
+                    f"{what}: the service is busy or failing ({detail}); gave up after "
+                    f"{SDK_RETRIES + 1} attempts"
+                ),
+                "The storage account is throttling or failing: wait and run again (the pod "
+                "retries the init container), and check the account's request rate and health",
                 retry_after=_retry_after(exc),
             )
         if isinstance(exc, ResourceExistsError) or status in (400, 409, 416):

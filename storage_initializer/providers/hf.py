@@ -350,7 +350,10 @@ class HfSource(Source):
             return NotFoundError(f"{where}: repository {self.ref.repo_id} not found (HTTP 404)")
         if status == 429 or status >= 500:
             return TransientError(
-                f"{where}: the Hub answered HTTP {status}", retry_after=_retry_after(response)
+                f"{where}: the Hub is rate-limiting requests (HTTP 429)"
+                if status == 429
+                else f"{where}: the Hub answered HTTP {status}",
+                retry_after=_retry_after(response),
             )
         if status == 416:
             return SourceError(f"{where}: range not satisfiable (HTTP 416): the file changed?")
