@@ -305,7 +305,6 @@ class Engine:
                 return
             except RETRYABLE as exc:
                 attempt += 1
-                self.progress.retried()
                 if attempt > self.settings.retries:
                     message = exc.describe() if isinstance(exc, InitializerError) else str(exc)
                     raise TransientError(
@@ -313,6 +312,7 @@ class Engine:
                         "The source kept failing; check its health or raise "
                         "STORAGE_INITIALIZER_RETRIES",
                     ) from exc
+                self.progress.retried()  # counted once a retry is really made
                 if not self.ranged and offset > start:
                     self.guard()
                     self.progress.rewound(offset - start)
