@@ -9,15 +9,18 @@ and refuses a model of another source unless ``--replace``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.concurrency_helpers import object_gets, s3_env
-from tests.helpers import cli, digests, pattern, tree_digest
+from tests.helpers import clean_env, cli, digests, marker_path, pattern, tree_digest
+from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.proxy import CountingProxy
 from tests.servers.s3 import S3Server, s3_server
 
@@ -171,3 +174,76 @@ def test_direct_mode_refuses_another_source_without_replace(
     assert tree_digest(dest) == _local(NEW)
     sha = hashlib.sha256(NEW["model/weights.bin"]).hexdigest()
     assert tree_digest(dest)["weights.bin"] == sha
+
+
+# -- a Hugging Face revision that moves ------------------------------------------------------------
+
+HF_OLD: dict[str, bytes | HubFile] = {
+    "config.json": b'{"v": 1}',
+    "model.safetensors": HubFile(pattern(200_000, 81), lfs=True),
+    "old-only.txt": b"gone in the next commit\n",
+}
+HF_NEW: dict[str, bytes | HubFile] = {
+    "config.json": b'{"v": 2}',
+    "model.safetensors": HubFile(pattern(210_000, 82), lfs=True),
+}
+
+
+def _hf_local(files: dict[str, bytes | HubFile]) -> dict[str, str]:
+    return digests({k: v.data if isinstance(v, HubFile) else v for k, v in files.items()})
+
+
+@pytest.mark.parametrize("mode", ["direct", "cache"])
+def test_hf_main_moving_is_seen_only_with_revalidate(tmp: Path, mode: str) -> None:
+    """hf://owner/repo follows ``main``: the marker records the commit it resolved to. After a
+    new commit on the server a plain pull is a no-op 'complete' (no Hub request at all); with
+    --revalidate the new commit is resolved, downloaded, and recorded."""
+    hub: HubServer = start_hub()
+    try:
+        repo = hub.add_repo("acme/moving")
+        first = repo.add_commit(HF_OLD)
+        env = clean_env(hub.env(home=str(tmp / "hf-home")), STORAGE_INITIALIZER_LOG_FORMAT="json")
+        uri, dest = "hf://acme/moving", tmp / "pod" / "models"
+        cache = ("--cache-dir", str(tmp / "cache")) if mode == "cache" else ()
+        pulled = cli("pull", *cache, uri, dest, env=env)
+        assert pulled.returncode == 0, pulled.describe()
+        assert pulled.outcome() == "downloaded"
+        assert tree_digest(dest) == _hf_local(HF_OLD)
+        assert _marker(dest)["fingerprint"] == first
+
+        second = repo.add_commit(HF_NEW)
+        assert second != first and repo.resolve("main") == second
+        hub.reset_counts()
+        again = cli("pull", *cache, uri, dest, env=env)
+        assert again.returncode == 0, again.describe()
+        assert again.outcome() == "complete"
+        assert hub.requests() == []  # not even the revision was asked for
+        assert tree_digest(dest) == _hf_local(HF_OLD)
+        assert _marker(dest)["fingerprint"] == first
+
+        moved = cli("pull", "--revalidate", *cache, uri, dest, env=env)
+        assert moved.returncode == 0, moved.describe()
+        assert moved.outcome() == "downloaded"
+        assert hub.count("GET", "/revision/main") == 1
+        assert tree_digest(dest) == _hf_local(HF_NEW)  # old-only.txt is gone
+        marker = _marker(dest)
+        assert marker["fingerprint"] == second
+        assert {f["path"] for f in marker["files"]} == set(HF_NEW)
+        verify = cli("verify", dest, env=env)
+        assert verify.returncode == 0, verify.describe()
+
+        hub.reset_counts()
+        settled = cli("pull", "--revalidate", *cache, uri, dest, env=env)
+        assert settled.returncode == 0 and settled.outcome() == "complete"
+        assert hub.count("GET", "/resolve/") == 0  # listed, unchanged, nothing downloaded
+    finally:
+        hub.stop()
+
+
+def _marker(dest: Path) -> dict[str, Any]:
+    """The marker of the model DEST shows: its own in direct mode; in cache mode that of the
+    version directory its links point into."""
+    root = dest if marker_path(dest).is_file() else (dest / "config.json").resolve().parent
+    found = json.loads(marker_path(root).read_text())
+    assert isinstance(found, dict)
+    return found
