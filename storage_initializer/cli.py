@@ -106,22 +106,36 @@ def pull(source: str, dest: Path, **options: Any) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--stale-after", type=float, default=None, help="Staleness threshold to report with.")
+@click.option(
+    "--max-size",
+    help="Quota to check the usage against, e.g. 200GiB. [env STORAGE_INITIALIZER_MAX_SIZE]",
+)
 def status(
-    dest: Path | None, cache_dir: Path | None, as_json: bool, stale_after: float | None
+    dest: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+    stale_after: float | None,
+    max_size: str | None,
 ) -> None:
-    """Show whether DEST is complete, being downloaded (by whom, how far) or stale; with
-    --cache-dir, a table of every entry of the cache and the volume's space."""
+    """Show whether DEST is complete, being downloaded (by whom, how far) or stale, and what it
+    holds on disk now against the quota; with --cache-dir, a table of every entry of the cache
+    and the volume's space."""
     from storage_initializer import settings as settings_mod
+    from storage_initializer.errors import InitializerError
     from storage_initializer.inspect import status as read_status
     from storage_initializer.report import human_bytes
 
-    settings = settings_mod.load(_flags(stale_after=stale_after))
+    try:
+        settings = settings_mod.load(_flags(stale_after=stale_after, max_size=max_size))
+    except InitializerError as exc:  # a bad --max-size or env value: one line, no traceback
+        click.echo(f"status: {exc.describe()}", err=True)
+        sys.exit(2)
     if cache_dir is not None:
         _cache_status(cache_dir, settings.stale_after, as_json)
         return
     if dest is None:
         raise click.UsageError("give DEST or --cache-dir")
-    info = _redacted(read_status(dest, settings.stale_after))
+    info = _redacted(read_status(dest, settings.stale_after, settings.max_size))
     if as_json:
         click.echo(json.dumps(info, indent=1, sort_keys=True))
         # Same exit status as the text form, so scripts can test for a model either way.
@@ -131,7 +145,26 @@ def status(
         if key in info:
             click.echo(f"  {key}: {info[key]}")
     if "size" in info:
-        click.echo(f"  size: {human_bytes(info['size'])}")
+        click.echo(f"  size: {human_bytes(info['size'])} when downloaded (marker)")
+    used = info.get("usage")
+    if used is not None:
+        line = (
+            f"  usage: {human_bytes(used['bytes'])} in {used['files']} files on disk now "
+            f"({human_bytes(used['allocated'])} allocated)"
+        )
+        grown = used["bytes"] - info.get("size", used["bytes"])
+        if grown:
+            line += f", {'+' if grown > 0 else '-'}{human_bytes(abs(grown))} since the download"
+        click.echo(line)
+    if info.get("max_size"):
+        origin = settings.origins.get("max_size", "")
+        click.echo(f"  quota: {human_bytes(info['max_size'])} per entry ({origin})")
+    if info.get("over_quota"):
+        click.echo(
+            f"  WARNING: {human_bytes(used['bytes'])} on disk exceeds the quota of "
+            f"{human_bytes(info['max_size'])}: something wrote into the model directory; remove "
+            "what is not needed, or raise --max-size (STORAGE_INITIALIZER_MAX_SIZE)"
+        )
     for problem in info.get("problems", []):
         click.echo(f"  problem: {problem}")
     lease = info.get("lease")

@@ -55,7 +55,11 @@ def _lease_entry(entry: layout.Entry) -> layout.Entry:
     return entry
 
 
-def status(path: Path, stale_after: float) -> dict[str, Any]:
+def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
+    """What ``path`` holds. ``size`` is what the marker recorded at commit; ``usage`` is measured
+    now, so a writable entry that grew since (a model server writing caches beside the weights)
+    shows, and is flagged ``over_quota`` when it exceeds ``max_size`` (--max-size)."""
+    from storage_initializer.diskspace import usage
     from storage_initializer.store.lease import current, process_is_dead
 
     entry = find_entry(path)
@@ -63,6 +67,17 @@ def status(path: Path, stale_after: float) -> dict[str, Any]:
         return {"path": str(path), "state": "absent"}
     marker = marker_io.read(entry)
     info: dict[str, Any] = {"path": str(path), "entry": str(entry.root), "mode": entry.mode}
+    # A cheap walk (stat only, no hashing) of the model's files; the state directory (lease,
+    # staging areas) is not part of the model.
+    measured = usage(entry.root, skip=STATE_DIR_NAME)
+    info["usage"] = {
+        "bytes": measured.bytes,
+        "allocated": measured.allocated,
+        "files": measured.files,
+    }
+    if max_size:
+        info["max_size"] = max_size
+        info["over_quota"] = measured.bytes > max_size
     if marker is not None:
         bad = marker_io.problems(entry, marker)
         info.update(

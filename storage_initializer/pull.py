@@ -589,9 +589,10 @@ def _download(
         single_archive = (
             len(files) == 1 and _is_archive(files[0].path) and source.extract_single_archive
         )
-        diskspace.check(staging.data, sum(f.size or 0 for f in todo), single_archive)
+        needed = sum(f.size or 0 for f in todo)
+        diskspace.check(staging.data, needed, single_archive, dest=entry.root)
         if settings.max_size:
-            diskspace.check(staging.data, total, single_archive, settings.max_size)
+            diskspace.check(staging.data, total, single_archive, settings.max_size, dest=entry.root)
         results = {r.path: r.checksums for r in staging.verified().values()}
         log.info(
             "downloading %s: %d files, %s%s",
@@ -609,7 +610,10 @@ def _download(
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                raise diskspace.describe_enospc(exc, entry.root, total) from None
+                sized = all(f.size is not None for f in files)
+                raise diskspace.describe_enospc(
+                    exc, entry.root, total if sized else None, staging.dir
+                ) from None
     finally:
         source.close()
     final = [
@@ -624,13 +628,15 @@ def _download(
         progress.set_phase("extract")
         lease.update(phase="extract")
         try:
-            final = _extract_single(staging, files[0].path)
+            final = _extract_single(staging, files[0].path, settings)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            raise diskspace.describe_enospc(exc, entry.root, total) from None
+            # How far the archive would have expanded is unknown: say what was written.
+            raise diskspace.describe_enospc(exc, entry.root, None, staging.dir) from None
         if settings.max_size:
-            diskspace.check(staging.data, sum(f.size for f in final), False, settings.max_size)
+            extracted = sum(f.size for f in final)
+            diskspace.check(staging.data, extracted, False, settings.max_size, dest=entry.root)
     progress.set_phase("commit")
     lease.update(phase="commit")
     lease.ensure_held()
@@ -712,8 +718,8 @@ def _is_archive(path: str) -> bool:
     return is_archive(path)
 
 
-def _extract_single(staging: Any, name: str) -> list[marker_io.MarkerFile]:
-    from storage_initializer.archive import extract
+def _extract_single(staging: Any, name: str, settings: Settings) -> list[marker_io.MarkerFile]:
+    from storage_initializer.archive import Limits, extract
 
     log.info("extracting %s", name)
     target = staging.dir / "extracted"
@@ -721,7 +727,7 @@ def _extract_single(staging: Any, name: str) -> list[marker_io.MarkerFile]:
         from storage_initializer.store.fsutil import remove_tree
 
         remove_tree(target)
-    extracted = extract(staging.data / name, target)
+    extracted = extract(staging.data / name, target, Limits.from_settings(settings))
     old = staging.dir / "archive-data"
     os.rename(staging.data, old)
     os.rename(target, staging.data)

@@ -8,6 +8,7 @@ flags, so there the environment and the config file decide.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -49,6 +50,15 @@ class Settings:
     cache_max_sizes: tuple[int, ...] = ()
     #: gc policy for that automatic gc: lru or lfu.
     cache_policy: str = "lru"
+    #: Archive-bomb limits (archive.py). A model delivered as one archive holds at most this
+    #: many members,
+    archive_max_members: int = 200_000
+    #: expands to at most this many bytes per byte of archive,
+    archive_max_ratio: float = 1000.0
+    #: though a small archive may always expand this far (configs compress very well),
+    archive_ratio_floor: int = 64 << 20
+    #: and never beyond this many bytes in all (0: no cap but the ratio and --max-size).
+    archive_max_size: int = 0
     #: Where each value came from (for `storage-initializer config` and debugging).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -120,6 +130,14 @@ def _positive(convert: Callable[[Any], Any], allow_zero: bool = True) -> Callabl
     return checked
 
 
+def _finite(value: Any) -> float:
+    """A float that can be multiplied by a size: "nan" and "inf" parse, but mean nothing here."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
 def parse_size(value: Any) -> int:
     """'500GiB', '2G', '1048576' → bytes."""
     return _size(value)
@@ -129,7 +147,7 @@ def _size(value: Any) -> int:
     text = str(value).strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
+        return int(_finite(text[:-1]) * units[text[-1]])
     return int(text)
 
 
@@ -158,6 +176,16 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "cache_max_size": (_positive(_size), ()),
     "cache_max_sizes": (_sizes, ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
     "cache_policy": (_choice(("lru", "lfu")), ("STORAGE_INITIALIZER_CACHE_POLICY",)),
+    "archive_max_members": (
+        _positive(int, allow_zero=False),
+        ("STORAGE_INITIALIZER_ARCHIVE_MAX_MEMBERS",),
+    ),
+    "archive_max_ratio": (
+        _positive(_finite, allow_zero=False),
+        ("STORAGE_INITIALIZER_ARCHIVE_MAX_RATIO",),
+    ),
+    "archive_ratio_floor": (_positive(_size), ("STORAGE_INITIALIZER_ARCHIVE_RATIO_FLOOR",)),
+    "archive_max_size": (_positive(_size), ("STORAGE_INITIALIZER_ARCHIVE_MAX_SIZE",)),
 }
 #: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
 ALIASES = {

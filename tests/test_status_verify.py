@@ -152,3 +152,47 @@ def test_verify_of_a_directory_without_a_model(tmp: Path) -> None:
     result = cli("verify", tmp)
     assert result.returncode == 1
     assert str(tmp) in result.output
+
+
+def test_status_measures_usage_and_flags_growth_over_the_quota(nginx: Nginx, tmp: Path) -> None:
+    """The marker records the size at commit; a writable entry can grow after (a model server
+    writing caches into it). status measures what is on disk now, against the quota."""
+    model = sample_model(36)
+    size = sum(len(v) for v in model.values())
+    folder = nginx.new_dir()
+    nginx.put(f"{folder}/model.tar", tar_bytes(model))
+    dest = tmp / "dest"
+    pulled = cli("pull", "--writable", nginx.url(f"{folder}/model.tar"), dest)
+    assert pulled.returncode == 0, pulled.describe()
+    quota = clean_env(STORAGE_INITIALIZER_MAX_SIZE=str(size + 10_000))
+
+    info = json.loads(cli("status", "--json", dest, env=quota).stdout)
+    # The state directory (marker, lease) is not counted: usage is the model, byte for byte.
+    assert info["usage"]["bytes"] == info["size"] == size
+    assert info["usage"]["files"] == len(model)
+    assert (info["max_size"], info["over_quota"]) == (size + 10_000, False)
+    assert "WARNING" not in cli("status", dest, env=quota).stdout
+
+    (dest / "weights" / "cache.bin").write_bytes(b"c" * 50_000)
+    info = json.loads(cli("status", "--json", dest, env=quota).stdout)
+    assert info["size"] == size  # the marker's record does not move
+    assert info["usage"]["bytes"] == size + 50_000
+    assert info["usage"]["files"] == len(model) + 1
+    assert info["over_quota"] is True
+    text = cli("status", dest, env=quota)
+    assert text.returncode == 0, text.describe()
+    assert "+48.8 KiB since the download" in text.stdout
+    assert "quota: " in text.stdout and "env STORAGE_INITIALIZER_MAX_SIZE" in text.stdout
+    warning = [line for line in text.stdout.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "exceeds the quota" in warning[0], text.stdout
+    # A flag sets the quota too, and without one there is no quota and no warning.
+    flagged = json.loads(cli("status", "--json", "--max-size", "1MiB", dest).stdout)
+    assert (flagged["max_size"], flagged["over_quota"]) == (1 << 20, False)
+    plain = json.loads(cli("status", "--json", dest).stdout)
+    assert "max_size" not in plain and "over_quota" not in plain
+
+
+def test_status_with_a_bad_quota_is_a_one_line_error(tmp: Path) -> None:
+    result = cli("status", "--max-size", "lots", tmp)
+    assert result.returncode == 2, result.describe()
+    assert result.stderr.strip().count("\n") == 0 and "invalid value for max_size" in result.stderr
