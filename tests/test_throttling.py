@@ -200,15 +200,7 @@ def test_throttled_downloads_give_up_with_a_clear_last_line(
 @pytest.mark.parametrize(
     "backend",
     [
-        pytest.param(
-            "s3",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="storage_initializer/providers/s3.py ends a throttled listing with "
-                "'the S3 endpoint is overloaded or failing: SlowDown (503)': no attempt count, "
-                "no remedy (outside the files of this change)",
-            ),
-        ),
+        "s3",
         "azure-blob",
         "hf",
     ],

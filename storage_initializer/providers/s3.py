@@ -575,6 +575,15 @@ class S3Source(Source):
             return SourceError(
                 f"{where}: the bucket lives in another region: {detail}: {message}", hint
             )
+        if (code in _TRANSIENT_CODES or status == 429 or status >= 500) and listing:
+            # botocore has already retried (S3_MAX_ATTEMPTS); nothing retries a listing again.
+            attempts = int(meta.get("RetryAttempts") or 0) + 1
+            return TransientError(
+                f"{where}: the S3 endpoint is throttling or failing: {detail}: {message}; "
+                f"gave up after {attempts} attempts",
+                "Wait and run again once the endpoint recovers, or raise S3_MAX_ATTEMPTS",
+                retry_after=_retry_after(headers),
+            )
         if code in _TRANSIENT_CODES or status == 429 or status >= 500:
             return TransientError(
                 f"{where}: the S3 endpoint is overloaded or failing: {detail}: {message}",
