@@ -60,7 +60,7 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     now, so a writable entry that grew since (a model server writing caches beside the weights)
     shows, and is flagged ``over_quota`` when it exceeds ``max_size`` (--max-size)."""
     from storage_initializer.diskspace import usage
-    from storage_initializer.store.lease import current, process_is_dead
+    from storage_initializer.store.lease import current, stale_at_a_glance
 
     entry = find_entry(path)
     if entry is None:
@@ -97,10 +97,9 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     generation, lease = current(_lease_entry(entry))
     if lease is not None and not lease.get("released"):
         age = time.time() - float(lease.get("heartbeat", 0))
-        dead = process_is_dead(
-            str(lease.get("host_id", "")), int(lease.get("pid", 0)), str(lease.get("pid_start", ""))
-        )
-        stale = dead or age > stale_after
+        # The same one-look test as gc and `status --cache-dir`: a dead local holder, or a
+        # heartbeat older than stale-after plus the clock skew tolerated between nodes.
+        stale = stale_at_a_glance(lease, stale_after)
         info["lease"] = {
             "generation": generation,
             "holder": lease.get("pod") or lease.get("host"),
