@@ -19,19 +19,8 @@ from tests import helpers
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "volume"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    try:
+    with helpers.tmpfs(tmp_path / "volume", "64m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 class _EndlessModel(http.server.BaseHTTPRequestHandler):

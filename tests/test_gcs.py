@@ -10,11 +10,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
-from tests.servers.gcs import GcsServer, free_port, gcs_server
+from tests.servers.gcs import GcsServer, TokenServer, free_port, gcs_server
 from tests.servers.proxy import CountingProxy, Fault
 
 __all__ = ["gcs_server"]  # the fixture, imported so that pytest finds it
@@ -565,42 +563,6 @@ def test_no_credentials_at_all_is_anonymous(
     assert all(authorization(r) is None for r in via_proxy.requests)
 
 
-class _TokenServer:
-    """A local OAuth2 token endpoint: the service account key's ``token_uri`` points here."""
-
-    def __init__(self) -> None:
-        self.grants: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                """Quiet."""
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                outer.grants.append(self.rfile.read(length).decode())
-                body = json.dumps(
-                    {"access_token": "tok-local-1234", "expires_in": 3600, "token_type": "Bearer"}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _jwt_payload(grant: str) -> str:
     """The claims part of the JWT assertion in a token request body."""
     from urllib.parse import parse_qs
@@ -640,7 +602,7 @@ def test_key_file_credentials_sign_every_request(
     tmp_path: Path,
 ) -> None:
     bucket = gcs_env.new_bucket({"m/a": b"1", "m/b": b"22"})
-    tokens = _TokenServer()
+    tokens = TokenServer()
     try:
         keyfile = tmp_path / "key.json"
         _service_account_key(keyfile, tokens.url)
@@ -665,7 +627,7 @@ def test_denied_with_credentials_names_the_identity(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    tokens = _TokenServer()
+    tokens = TokenServer()
     try:
         keyfile = tmp_path / "key.json"
         _service_account_key(keyfile, tokens.url)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import poll_until
 from tests.servers.azurite import Azurite, azurite  # noqa: F401 - session fixture
-from tests.servers.gcs import GcsServer, gcs_server  # noqa: F401 - session fixture
+from tests.servers.gcs import GcsServer, TokenServer, gcs_server  # noqa: F401 - session fixture
 from tests.servers.hub import HubServer, start_hub
 from tests.servers.nginx import Nginx
 from tests.servers.s3 import S3Server, s3_server  # noqa: F401 - session fixture
@@ -89,34 +89,6 @@ def hub() -> Iterator[HubServer]:
     other.add_commit({"config.json": b'{"b": 2}'})
     yield server
     server.stop()
-
-
-class TokenServer:
-    """A local OAuth2 token endpoint for a service account key (its ``token_uri``)."""
-
-    def __init__(self) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                body = json.dumps(
-                    {"access_token": "tok-gcs-local", "expires_in": 3600, "token_type": "Bearer"}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def service_account_key(path: Path, token_uri: str, pem: str | None = None) -> str:

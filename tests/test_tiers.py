@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tmpfs
 from tests.servers.proxy import CountingProxy
 from tests.servers.s3 import S3Server, s3_server  # noqa: F401 - session fixture
 
@@ -183,19 +184,8 @@ def test_each_tier_keeps_to_its_own_size_limit_after_a_pull(tmp_path: Path) -> N
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A real 48 MiB tmpfs: a node tier whose free space only this test changes."""
-    mount = tmp_path / "node"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'})")
-    try:
+    with tmpfs(tmp_path / "node", "48m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_keep_free_evicts_from_a_node_tier_until_enough_is_free(

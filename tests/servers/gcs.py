@@ -17,11 +17,14 @@ Use the session-scoped fixture :func:`gcs_server`; every test creates its own bu
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import platform
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -204,3 +207,41 @@ def gcs_server() -> Iterator[GcsServer]:
         yield server
     finally:
         server.stop()
+
+
+class TokenServer:
+    """A local OAuth2 token endpoint: a service account key's ``token_uri`` points here, so a
+    keyed credential is exchanged for a token without leaving loopback. ``grants`` keeps each
+    request body (the signed JWT assertion)."""
+
+    def __init__(self) -> None:
+        self.grants: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet."""
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.grants.append(self.rfile.read(length).decode())
+                body = json.dumps(
+                    {"access_token": "tok-local-1234", "expires_in": 3600, "token_type": "Bearer"}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
