@@ -33,7 +33,13 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
-from tests.servers.gcs import GcsServer, TokenServer, free_port, gcs_server
+from tests.servers.gcs import (
+    GcsServer,
+    TokenServer,
+    free_port,
+    gcs_server,
+    service_account_key,
+)
 from tests.servers.proxy import CountingProxy, Fault
 
 __all__ = ["gcs_server"]  # the fixture, imported so that pytest finds it
@@ -570,31 +576,6 @@ def _jwt_payload(grant: str) -> str:
     return parse_qs(grant)["assertion"][0].split(".")[1]
 
 
-def _service_account_key(path: Path, token_uri: str) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    path.write_text(
-        json.dumps(
-            {
-                "type": "service_account",
-                "project_id": "si-test",
-                "private_key_id": "k1",
-                "private_key": pem,
-                "client_email": "loader@si-test.iam.gserviceaccount.com",
-                "client_id": "1",
-                "token_uri": token_uri,
-            }
-        )
-    )
-
-
 def test_key_file_credentials_sign_every_request(
     gcs_env: GcsServer,
     via_proxy: CountingProxy,
@@ -605,7 +586,7 @@ def test_key_file_credentials_sign_every_request(
     tokens = TokenServer()
     try:
         keyfile = tmp_path / "key.json"
-        _service_account_key(keyfile, tokens.url)
+        service_account_key(keyfile, tokens.url)
         monkeypatch.delenv("STORAGE_EMULATOR_HOST")
         monkeypatch.setenv("API_ENDPOINT_OVERRIDE", via_proxy.url)
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(keyfile))
@@ -630,7 +611,7 @@ def test_denied_with_credentials_names_the_identity(
     tokens = TokenServer()
     try:
         keyfile = tmp_path / "key.json"
-        _service_account_key(keyfile, tokens.url)
+        service_account_key(keyfile, tokens.url)
         monkeypatch.delenv("STORAGE_EMULATOR_HOST")
         monkeypatch.setenv("API_ENDPOINT_OVERRIDE", via_proxy.url)
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(keyfile))

@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import poll_until
 from tests.servers.azurite import Azurite, azurite  # noqa: F401 - session fixture
-from tests.servers.gcs import GcsServer, TokenServer, gcs_server  # noqa: F401 - session fixture
+from tests.servers.gcs import GcsServer, TokenServer, gcs_server, service_account_key  # noqa: F401 - session fixture
 from tests.servers.hub import HubServer, start_hub
 from tests.servers.nginx import Nginx
 from tests.servers.s3 import S3Server, s3_server  # noqa: F401 - session fixture
@@ -89,31 +89,6 @@ def hub() -> Iterator[HubServer]:
     other.add_commit({"config.json": b'{"b": 2}'})
     yield server
     server.stop()
-
-
-def service_account_key(path: Path, token_uri: str, pem: str | None = None) -> str:
-    """Write a service account key file; returns its private key (PEM)."""
-    if pem is None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-    info = {
-        "type": "service_account",
-        "project_id": "si-test",
-        "private_key_id": "k1",
-        "private_key": pem,
-        "client_email": "loader@si-test.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": token_uri,
-    }
-    path.write_text(json.dumps(info))
-    return pem
 
 
 class Recorder:

@@ -245,3 +245,29 @@ class TokenServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def service_account_key(path: Path, token_uri: str, pem: str | None = None) -> str:
+    """Write a service account key file whose ``token_uri`` is ``token_uri`` (a
+    :class:`TokenServer`); returns its private key (PEM). ``pem`` plants a given key."""
+    if pem is None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "si-test",
+        "private_key_id": "k1",
+        "private_key": pem,
+        "client_email": "loader@si-test.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(info))
+    return pem
