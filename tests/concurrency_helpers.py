@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +65,26 @@ def lease_of(entry_root: Path) -> dict[str, Any] | None:
     return current(layout.Entry(entry_root, "", "direct"))[1]
 
 
-def verified_paths(entry_root: Path) -> set[str]:
-    """Files that some owner's staging journal records as verified."""
-    found: set[str] = set()
-    staging = entry_root / STATE_DIR / "staging"
-    if not staging.is_dir():
-        return found
-    for journal in staging.glob("*/verified.jsonl"):
+def _journal_records(entry_root: Path, name: str) -> Iterator[dict[str, Any]]:
+    """The records of every owner's staging journal ``name`` (``verified.jsonl``,
+    ``chunks.jsonl``), read independently of the store's own reader; torn lines skipped."""
+    for journal in (entry_root / STATE_DIR / "staging").glob(f"*/{name}"):
         try:
             lines = journal.read_text(encoding="utf-8").splitlines()
         except OSError:
             continue
         for line in lines:
             try:
-                found.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
+                record = json.loads(line)
+            except ValueError:
                 continue
-    return found
+            if isinstance(record, dict):
+                yield record
+
+
+def verified_paths(entry_root: Path) -> set[str]:
+    """Files that some owner's staging journal records as verified."""
+    return {r["path"] for r in _journal_records(entry_root, "verified.jsonl") if "path" in r}
 
 
 class TightPoller:
@@ -235,15 +238,10 @@ def process_state(pid: int) -> str:
 def staged_chunks(entry_root: Path) -> dict[str, int]:
     """Path -> number of chunks that some owner's staging journal records as on disk."""
     found: dict[str, set[tuple[int, int]]] = {}
-    for journal in (entry_root / STATE_DIR / "staging").glob("*/chunks.jsonl"):
+    for record in _journal_records(entry_root, "chunks.jsonl"):
         try:
-            lines = journal.read_text(encoding="utf-8").splitlines()
-        except OSError:
+            span = (int(record["start"]), int(record["end"]))
+            found.setdefault(record["path"], set()).add(span)
+        except (ValueError, KeyError, TypeError):
             continue
-        for line in lines:
-            try:
-                data = json.loads(line)
-                found.setdefault(data["path"], set()).add((int(data["start"]), int(data["end"])))
-            except (ValueError, KeyError, TypeError):
-                continue
     return {path: len(spans) for path, spans in found.items()}

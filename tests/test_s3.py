@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -428,13 +428,7 @@ def test_bytes_not_matching_their_additional_checksum_fail_the_pull(
     put_with_checksum(s3_server, bucket, "model/weights.bin", data, algorithm, bytes(damaged))
     dest = tmp_path / "out"
     env = {**cli_env(s3_server), s3mod.TRUST_ETAG_ENV: "false", "STORAGE_INITIALIZER_RETRIES": "1"}
-    result = subprocess.run(
-        pull_command(f"s3://{bucket}/model", dest),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_pull(f"s3://{bucket}/model", dest, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert f"s3://{bucket}/model" in last and "weights.bin" in last, last
@@ -444,13 +438,7 @@ def test_bytes_not_matching_their_additional_checksum_fail_the_pull(
     put_with_checksum(
         s3_server, bucket, "model/weights.bin", data, algorithm, _checksum(algorithm, data)
     )
-    again = subprocess.run(
-        pull_command(f"s3://{bucket}/model", dest),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_pull(f"s3://{bucket}/model", dest, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert tree(dest) == {"config.json": b"{}", "weights.bin": data}
 
@@ -874,6 +862,15 @@ def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "storage_initializer", "pull", uri, str(dest), *extra]
 
 
+def run_pull(
+    uri: str, dest: Path, *extra: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``storage-initializer pull`` as its own process, output captured."""
+    return subprocess.run(
+        pull_command(uri, dest, *extra), env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
@@ -893,13 +890,7 @@ def test_cli_pull_downloads_the_tree(s3_server: S3Server, tmp_path: Path) -> Non
     }
     bucket = s3_server.new_bucket(files)
     dest = tmp_path / "out"
-    result = subprocess.run(
-        pull_command(f"s3://{bucket}/model", dest),
-        env=cli_env(s3_server),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_pull(f"s3://{bucket}/model", dest, env=cli_env(s3_server))
     assert result.returncode == 0, result.stderr
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items() if k.startswith("model/")}
 
@@ -909,13 +900,7 @@ def test_cli_pull_failure_names_the_uri_without_secrets(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
     bucket = s3_server.new_bucket({"other/x": b"1"})
-    result = subprocess.run(
-        pull_command(f"s3://{bucket}/model", tmp_path / "out"),
-        env=cli_env(s3_server),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_pull(f"s3://{bucket}/model", tmp_path / "out", env=cli_env(s3_server))
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
     assert f"s3://{bucket}/model" in output.splitlines()[-1]
@@ -971,13 +956,7 @@ def test_cli_pull_survives_a_cut_body_and_throttling(s3_server: S3Server, tmp_pa
                 "SlowDown", "Reduce your request rate.", path_contains="/model/small", times=2
             ),
         )
-        result = subprocess.run(
-            pull_command(f"s3://{bucket}/model", dest),
-            env=cli_env(s3_server, proxy.url),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_pull(f"s3://{bucket}/model", dest, env=cli_env(s3_server, proxy.url))
         assert result.returncode == 0, result.stdout + result.stderr
         big_gets = proxy.select(method="GET", path_contains="/model/big.bin")
         assert len(big_gets) == 2
