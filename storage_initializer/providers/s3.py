@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import boto3
 import botocore.exceptions as bce
 from botocore import UNSIGNED
 from botocore.config import Config
@@ -44,6 +43,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import aws_credentials
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.redact import redact, register_secret
 
@@ -295,7 +295,8 @@ class S3Source(Source):
         kwargs = client_kwargs(max_pool_connections=max(10, workers + 4))
         try:
             # One client for all threads: botocore clients are thread-safe, sessions are not.
-            self.client = boto3.session.Session().client("s3", **kwargs)
+            session = aws_credentials.s3_session(kwargs.get("region_name"))
+            self.client = session.client("s3", **kwargs)
         except ValueError as exc:  # malformed AWS_ENDPOINT_URL
             raise UsageError(
                 f"{uri.redacted}: cannot use AWS_ENDPOINT_URL={self._endpoint!r}: "
@@ -303,8 +304,29 @@ class S3Source(Source):
                 "Set AWS_ENDPOINT_URL to a URL such as https://minio.example:9000",
             ) from exc
         self._endpoint = self._endpoint or self.client.meta.endpoint_url
+        self._resolve_credentials(session, uri)
         #: The directory prefix of the last listing; None when the key named one object.
         self._prefix: str | None = None if key_names_object(self.key) else self.key
+
+    def _resolve_credentials(self, session: Any, uri: SourceUri) -> None:
+        """Fetch credentials now, so that a failure (an STS error, an unreadable token file) is
+        reported as what it is, naming the credential source that was tried, and not as an
+        error of the first S3 request. No credentials at all is left to the first request."""
+        if _is_true("awsAnonymousCredential"):
+            return
+        try:
+            credentials = session.get_credentials()
+            if credentials is not None:
+                credentials.get_frozen_credentials()
+        except Exception as exc:  # any failure of any provider: one explanatory line
+            raise AccessDeniedError(
+                f"{uri.redacted}: could not obtain AWS credentials from "
+                f"{aws_credentials.credential_source()}: {type(exc).__name__}: "
+                f"{redact(str(exc))}",
+                "Check the service account's IAM role and token (AWS_ROLE_ARN, "
+                "AWS_WEB_IDENTITY_TOKEN_FILE) and that STS is reachable (AWS_ENDPOINT_URL_STS; "
+                "AWS_ENDPOINT_URL is the S3 endpoint only), or the s3 secret's keys",
+            ) from None
 
     # ------------------------------------------------------------------ listing
 
@@ -518,13 +540,15 @@ class S3Source(Source):
         text = redact(str(exc))
         if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
             return AccessDeniedError(
-                f"{where}: no usable AWS credentials: {text}",
+                f"{where}: no usable AWS credentials (tried "
+                f"{aws_credentials.credential_source()}): {text}",
                 "Give the pod AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (KServe's s3 secret) or "
                 "an IRSA role, or set awsAnonymousCredential=true for a public bucket",
             )
         if isinstance(exc, bce.CredentialRetrievalError | bce.UnknownCredentialError):
             return AccessDeniedError(
-                f"{where}: could not obtain AWS credentials: {text}",
+                f"{where}: could not obtain AWS credentials from "
+                f"{aws_credentials.credential_source()}: {text}",
                 "Check the service account's IAM role (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE)",
             )
         if isinstance(exc, bce.SSLError):
