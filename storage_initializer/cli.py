@@ -86,6 +86,11 @@ def main() -> None:
 @click.option("--max-size", help="Refuse a model larger than this, e.g. 200GiB. [no limit]")
 @click.option("--metrics-file", help="Write Prometheus metrics of the run to this file.")
 @click.option(
+    "--termination-log",
+    help="Write the JSON result here for the pod status; '' turns it off. "
+    "[/dev/termination-log when the kubelet created it]",
+)
+@click.option(
     "--revalidate/--no-revalidate",
     default=None,
     help="Check the source for changes even when DEST is complete. [no]",

@@ -30,6 +30,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     except InitializerError as exc:
         setup_logging("text")
         log.error("invalid configuration: %s", exc.describe())
+        _termination_message(None, f"invalid configuration: {exc.describe()}", None, [])
         return 1
     setup_logging(settings.log_format)
     runs: list[dict] = []
@@ -40,6 +41,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
             result = pull(source, dest, settings)
         except KeyboardInterrupt:
             log.error("interrupted while downloading %s", source)
+            _termination_message(settings, f"interrupted while downloading {source}", source, runs)
             return 1
         except Exception as exc:  # every failure ends in one explanatory line
             log.debug("failure details", exc_info=True)
@@ -55,13 +57,31 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
                 )
                 _write_metrics(settings.metrics_file, runs)
             # The last line KServe shows: one line, even when a library's message spans several.
-            log.error("%s", " ".join(describe_failure(source, exc).split()))
+            reason = " ".join(describe_failure(source, exc).split())
+            log.error("%s", reason)
+            _termination_message(settings, reason, source, runs)
             return 1
         runs.append(result.fields())
         summary(result.fields(), settings.log_format)
     if settings.metrics_file:
         _write_metrics(settings.metrics_file, runs)
+    _termination_message(settings, None, None, runs)
     return 0
+
+
+def _termination_message(
+    settings: object | None, reason: str | None, source: str | None, runs: list[dict]
+) -> None:
+    """The pod status's record of this run (termination.py): a summary of every pair on
+    success, the one-line reason (and the pairs done before) on failure."""
+    from storage_initializer import termination
+
+    configured = getattr(settings, "termination_log", None)
+    done = [run for run in runs if run.get("outcome") != "failed"]
+    if reason is None:
+        termination.record_success(configured, done)
+    else:
+        termination.record_failure(configured, reason, source, done)
 
 
 def _redacted(uri: str) -> str:

@@ -42,6 +42,8 @@ class Settings:
     max_size: int = 0
     #: Prometheus text file written at the end of every run.
     metrics_file: str = ""
+    #: Where the JSON result goes for the pod status (termination.py); "" turns it off.
+    termination_log: str = "/dev/termination-log"
     #: git sources: keep a valid ``.git`` (shallow, the pulled commit checked out) in the model.
     git_keep_metadata: bool = False
     #: When set, a pull in cache mode ends with a gc of the cache down to this size.
@@ -172,6 +174,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "revalidate": (_bool, ("STORAGE_INITIALIZER_REVALIDATE",)),
     "max_size": (_positive(_size), ("STORAGE_INITIALIZER_MAX_SIZE",)),
     "metrics_file": (str, ("STORAGE_INITIALIZER_METRICS_FILE",)),
+    "termination_log": (str, ("STORAGE_INITIALIZER_TERMINATION_LOG",)),
     "git_keep_metadata": (_bool, ("STORAGE_INITIALIZER_GIT_KEEP_METADATA",)),
     "cache_max_size": (_positive(_size), ()),
     "cache_max_sizes": (_sizes, ("STORAGE_INITIALIZER_CACHE_MAX_SIZE",)),
