@@ -391,9 +391,50 @@ def gc(
 @click.option("--parallel", type=int, default=None, help="Models pulled at once. [file, or 2]")
 @click.option("--cache-dir", "cache_dirs", multiple=True, help="Cache directory for every model.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
-def prefetch(from_file: Path, parallel: int | None, **options: Any) -> None:
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Keep running (a DaemonSet): preload the models whose nodeSelector matches this "
+    "node, remove those that stop matching, re-read both files every --poll-interval.",
+)
+@click.option(
+    "--labels-file",
+    type=click.Path(path_type=Path),
+    help='With --watch: this node\'s labels, key="value" lines or a JSON object.',
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(path_type=Path),
+    help="With --watch: JSON list of the models ready on this node (rewritten atomically). "
+    "[<cache-dir>/.preload-ready.json]",
+)
+@click.option(
+    "--poll-interval",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="With --watch: seconds between two reads of the models and labels files.",
+)
+@click.option(
+    "--min-idle",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="With --watch: a model no longer selected is removed once unused this long.",
+)
+def prefetch(
+    from_file: Path,
+    parallel: int | None,
+    watch: bool,
+    labels_file: Path | None,
+    ready_file: Path | None,
+    poll_interval: float,
+    min_idle: float,
+    **options: Any,
+) -> None:
     """Pull every model listed in a YAML file, several at a time; one table at the end, exit 1
-    if any failed. The Job that seeds an air-gapped cluster."""
+    if any failed. The Job that seeds an air-gapped cluster. With --watch, a node's preloader
+    (docs/kubernetes.md)."""
     from storage_initializer import prefetch as prefetch_mod
     from storage_initializer import settings as settings_mod
     from storage_initializer.errors import InitializerError
@@ -404,6 +445,20 @@ def prefetch(from_file: Path, parallel: int | None, **options: Any) -> None:
         base = settings_mod.load(flags)
         setup_logging(base.log_format)
         items, file_parallel, defaults = prefetch_mod.load_file(from_file)
+        if watch:
+            sys.exit(
+                _watch(
+                    from_file,
+                    labels_file,
+                    ready_file,
+                    poll_interval,
+                    min_idle,
+                    flags,
+                    parallel or file_parallel,
+                    base,
+                    defaults,
+                )
+            )
     except InitializerError as exc:
         setup_logging("text")
         click.echo(f"prefetch: {exc.describe()}", err=True)
@@ -411,3 +466,41 @@ def prefetch(from_file: Path, parallel: int | None, **options: Any) -> None:
     outcomes = prefetch_mod.run(items, parallel or file_parallel, flags, defaults)
     click.echo(prefetch_mod.table(outcomes))
     sys.exit(0 if all(o.ok for o in outcomes) else 1)
+
+
+def _watch(
+    models_file: Path,
+    labels_file: Path | None,
+    ready_file: Path | None,
+    poll_interval: float,
+    min_idle: float,
+    flags: dict[str, Any],
+    parallel: int,
+    base: Any,
+    defaults: dict[str, Any],
+) -> int:
+    from storage_initializer import prefetch_watch
+    from storage_initializer.errors import UsageError
+
+    cache_dirs = base.cache_dirs or tuple(
+        [defaults["cache_dirs"]]
+        if isinstance(defaults.get("cache_dirs"), str)
+        else defaults.get("cache_dirs") or ()
+    )
+    if not cache_dirs or not cache_dirs[0]:
+        raise UsageError(
+            "prefetch --watch needs a cache directory (the node-local tier)",
+            "Give --cache-dir, STORAGE_INITIALIZER_CACHE_DIR, or cache_dir in the file's defaults",
+        )
+    cache_dir = Path(cache_dirs[0])
+    options = prefetch_watch.Options(
+        models_file=models_file,
+        labels_file=labels_file,
+        ready_file=ready_file or cache_dir / ".preload-ready.json",
+        cache_dir=cache_dir,
+        poll_interval=poll_interval,
+        min_idle=min_idle,
+        parallel=parallel,
+        flags=flags,
+    )
+    return prefetch_watch.watch(options)

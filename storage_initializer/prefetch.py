@@ -11,6 +11,8 @@ The Job that seeds an air-gapped cluster's volume runs ``storage-initializer pre
       - uri: s3://models/llama
         dest: /mnt/store/llama                   # optional: a plain directory (direct mode)
         include: ["*.safetensors", "*.json"]     # optional, per-model options
+        nodeSelector:                            # optional, only for `prefetch --watch`:
+          gpu: h100                              # the nodes that preload it (all must match)
 
 Each model is an ordinary pull (lease, staging, marker), so a prefetch and serving replicas
 can run at the same time. A model that fails does not stop the others; the exit code is 1 if
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ class Item:
     uri: str
     dest: str | None
     options: dict[str, Any]
+    #: Node labels a node must carry to preload this model (``prefetch --watch``); {} = all.
+    node_selector: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,11 +75,19 @@ def load_file(path: Path) -> tuple[list[Item], int, dict[str, Any]]:
         raw = dict(raw)
         uri = str(raw.pop("uri"))
         dest = raw.pop("dest", None)
-        items.append(
-            Item(uri, str(dest) if dest else None, settings_mod.normalise_keys(raw, str(path)))
-        )
+        selector = _node_selector(raw.pop("nodeSelector", raw.pop("node_selector", None)), path)
+        options = settings_mod.normalise_keys(raw, str(path))
+        items.append(Item(uri, str(dest) if dest else None, options, selector))
     parallel = int(data.get("parallel", 2))
     return items, max(1, parallel), defaults
+
+
+def _node_selector(raw: Any, path: Path) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise UsageError(f"{path}: nodeSelector must map label names to values")
+    return {key: "" if value is None else str(value) for key, value in raw.items()}
 
 
 def run(

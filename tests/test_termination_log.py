@@ -52,9 +52,7 @@ def test_success_summarises_every_pair(s3_server: S3Server, tmp_path: Path) -> N
     second = _message(log)
     assert second["bytes_from_origin"] == 0
     assert second["bytes_reused"] == first["bytes_from_origin"]
-    assert [p["fingerprint"] for p in second["pulls"]] == [
-        p["fingerprint"] for p in first["pulls"]
-    ]
+    assert [p["fingerprint"] for p in second["pulls"]] == [p["fingerprint"] for p in first["pulls"]]
 
 
 def test_failure_writes_the_last_log_line(s3_server: S3Server, tmp_path: Path) -> None:
