@@ -9,6 +9,9 @@
   the ClusterStorageContainer into the init container), and the resulting pods are validated,
   their volume references resolved, and the env/annotation/config values checked against what
   the tool's settings make of them.
+- LLMInferenceServices are validated against their CRD, and the pods KServe's llmisvc
+  controller builds from them (workload_storage.go: one storage-initializer per pod template,
+  LoRA pairs in the same container, the user's override merged in) are validated strictly.
 - Each kustomization builds with ``kubectl kustomize`` when kubectl is on the machine.
 """
 
@@ -170,6 +173,7 @@ def _crd_validator(kind: str) -> Any:
     files = {
         "ClusterStorageContainer": "serving.kserve.io_clusterstoragecontainers.yaml",
         "InferenceService": "serving.kserve.io_inferenceservices.yaml",
+        "LLMInferenceService": "serving.kserve.io_llminferenceservices.yaml",
     }
     crd = _reference(files[kind])[0]
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
@@ -370,6 +374,8 @@ def test_deploy_has_every_promised_manifest() -> None:
         "PersistentVolumeClaim",
         "InferenceService",
         "Job",
+        "LLMInferenceService",
+        "DaemonSet",
     } <= kinds
     assert (DEPLOY / "kserve-config/storage-initializer/storage-initializer-patch.yaml").is_file()
     assert (DEPLOY / "kserve-config/localmodel/localmodel-patch.yaml").is_file()
@@ -450,7 +456,7 @@ def test_kubernetes_validate_cli_strict() -> None:
 # KServe kinds: the CRD schemas
 # --------------------------------------------------------------------------------------------
 
-KSERVE_KINDS = ("ClusterStorageContainer", "InferenceService")
+KSERVE_KINDS = ("ClusterStorageContainer", "InferenceService", "LLMInferenceService")
 
 
 @needs_reference
@@ -1034,3 +1040,264 @@ def test_kustomize_image_override_reaches_the_clusterstoragecontainers(tmp_path:
     )
     images = {d["spec"]["container"]["image"] for d in _kustomize(tmp_path)}
     assert images == {"registry.internal/ml/storage-initializer:1.2.3"}
+
+
+# --------------------------------------------------------------------------------------------
+# LLMInferenceService: the pods KServe's llmisvc controller builds
+# --------------------------------------------------------------------------------------------
+
+#: The emptyDir KServe's llmisvc controller adds (constants.StorageInitializerVolumeName).
+LLMISVC_VOLUME = "kserve-provision-location"
+LORA_ROOT = "/mnt/lora"
+#: The main container's image in KServe's config-llm-template (the template merged under ours).
+LLM_IMAGE = "ghcr.io/llm-d/llm-d-cuda:v0.9.0"
+#: utils.AddDefaultHuggingFaceEnvVars: added to the init container for hf:// sources.
+KSERVE_HF_ENV = {
+    "HF_HUB_ENABLE_HF_TRANSFER": "1",
+    "HF_XET_HIGH_PERFORMANCE": "1",
+    "HF_XET_NUM_CONCURRENT_RANGE_GETS": "8",
+}
+
+
+def _llmisvcs() -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in _by_kind("LLMInferenceService")}
+
+
+def _storage_initializer_config() -> dict[str, Any]:
+    """The storageInitializer JSON the llmisvc controller builds its init container from (our
+    inferenceservice-config patch: it does not consult ClusterStorageContainers)."""
+    patch = _one("kserve-config/storage-initializer/storage-initializer-patch.yaml")
+    return json.loads(patch["data"]["storageInitializer"])
+
+
+def _lora_path(name: str) -> str:
+    """sanitizeLoRAPathSegment: invalid characters become '-', '.' and '..' become adapter."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    return f"{LORA_ROOT}/{'adapter' if clean in ('', '.', '..') else clean}"
+
+
+def _common_parent(paths: list[str]) -> str:
+    """utils.FindCommonParentPath."""
+    if len(paths) == 1:
+        return paths[0]
+    parts = [p.strip("/").split("/") for p in paths]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/" + "/".join(common)
+
+
+def llmisvc_pairs(llmisvc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (uri, path) pairs of the one storage-initializer: the model, then the hf:// and
+    s3:// LoRA adapters sorted by name (collectLoRADownloadPairs)."""
+    model = llmisvc["spec"]["model"]
+    pairs = [(model["uri"], MODEL_MOUNT)]
+    adapters = sorted((model.get("lora") or {}).get("adapters") or [], key=lambda a: a["name"])
+    for adapter in adapters:
+        if adapter["uri"].startswith(("hf://", "s3://")):
+            pairs.append((adapter["uri"], _lora_path(adapter["name"])))
+    return pairs
+
+
+def _llmisvc_pod(
+    llmisvc: dict[str, Any], template: dict[str, Any], name: str
+) -> dict[str, Any] | None:
+    """One pod as attachModelArtifacts leaves it (None: storageInitializer.enabled false)."""
+    if (llmisvc["spec"].get("storageInitializer") or {}).get("enabled") is False:
+        return None
+    spec = copy.deepcopy(template)
+    override = next(
+        (c for c in spec.get("initContainers", []) if c["name"] == "storage-initializer"), None
+    )
+    spec["initContainers"] = [
+        c for c in spec.get("initContainers", []) if c["name"] != "storage-initializer"
+    ]
+    config = _storage_initializer_config()
+    pairs = llmisvc_pairs(llmisvc)
+    parent = _common_parent([path for _, path in pairs])
+    init: dict[str, Any] = {
+        "name": "storage-initializer",
+        "image": config["image"],
+        "args": [item for pair in pairs for item in pair],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {
+            "limits": {"cpu": config["cpuLimit"], "memory": config["memoryLimit"]},
+            "requests": {"cpu": config["cpuRequest"], "memory": config["memoryRequest"]},
+        },
+    }
+    if override is not None:
+        merged = _strategic_merge(init, override)
+        merged["name"], merged["args"] = init["name"], init["args"]
+        merged.pop("command", None)
+        init = merged
+    init.setdefault("volumeMounts", []).append(
+        {"name": LLMISVC_VOLUME, "mountPath": parent, "readOnly": False}
+    )
+    if any(uri.startswith("hf://") for uri, _ in pairs):
+        names = {e["name"] for e in init.get("env", [])}
+        init.setdefault("env", []).extend(
+            {"name": k, "value": v} for k, v in KSERVE_HF_ENV.items() if k not in names
+        )
+    spec["initContainers"].append(init)
+    containers = spec.setdefault("containers", [])
+    main = next((c for c in containers if c["name"] == "main"), None)
+    if main is None:
+        main = {"name": "main"}
+        containers.append(main)
+    main.setdefault("image", LLM_IMAGE)
+    main.setdefault("volumeMounts", []).append(
+        {"name": LLMISVC_VOLUME, "mountPath": parent, "readOnly": True}
+    )
+    spec.setdefault("volumes", []).append({"name": LLMISVC_VOLUME, "emptyDir": {}})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def _group_size(spec: dict[str, Any]) -> int:
+    """Pods per multi-node replica (leader + workers): data / dataLocal ranks, one per node."""
+    parallelism = spec.get("parallelism") or {}
+    return max(2, int(parallelism.get("data", 2)) // int(parallelism.get("dataLocal", 1)))
+
+
+def llmisvc_pods(llmisvc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod of the service: decode (spec.template, or leader + workers with spec.worker)
+    and prefill (spec.prefill likewise), replicas included."""
+    name = llmisvc["metadata"]["name"]
+    pods = []
+    roles = [("", llmisvc["spec"])]
+    if "prefill" in llmisvc["spec"]:
+        roles.append(("-prefill", llmisvc["spec"]["prefill"]))
+    for suffix, role in roles:
+        for replica in range(int(role.get("replicas", 1))):
+            members = [("", role["template"])]
+            if "worker" in role:
+                size = _group_size(llmisvc["spec"])
+                members += [(f"-worker-{i}", role["worker"]) for i in range(1, size)]
+            for member, template in members:
+                pod = _llmisvc_pod(llmisvc, template, f"{name}{suffix}-{replica}{member}")
+                if pod is not None:
+                    pods.append(pod)
+    return pods
+
+
+def test_llmisvc_examples_cover_every_layout() -> None:
+    found = _llmisvcs()
+    assert any("prefill" in d["spec"] for d in found.values()), "no prefill/decode example"
+    assert any("worker" in d["spec"] for d in found.values()), "no multi-node example"
+    assert any(d["spec"]["model"].get("lora") for d in found.values()), "no LoRA example"
+    assert any(
+        int(d["spec"].get("replicas", 1)) > 1 and "worker" not in d["spec"] for d in found.values()
+    ), "no single-node example with replicas"
+
+
+@needs_reference
+@pytest.mark.parametrize("name", sorted(_llmisvcs()))
+def test_llmisvc_built_pods_are_valid(name: str) -> None:
+    llmisvc = _llmisvcs()[name]
+    pods = llmisvc_pods(llmisvc)
+    assert len(pods) >= 2
+    for pod in pods:
+        spec = pod["spec"]
+        assert not _dangling_mounts(spec), _dangling_mounts(spec)
+        names = [c["name"] for c in spec["initContainers"]]
+        assert names.count("storage-initializer") == 1, names
+        init = spec["initContainers"][names.index("storage-initializer")]
+        env = {e["name"]: e for e in init["env"]}
+        assert env["STORAGE_INITIALIZER_CACHE_DIR"]["value"] == CACHE_MOUNT
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "hf-secret",
+            "key": "HF_TOKEN",
+            "optional": True,
+        }
+        mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+        assert mounts[CACHE_MOUNT] == "model-cache"
+        assert mounts[CONFIG_MOUNT] == "storage-initializer-config"
+        main = next(c for c in spec["containers"] if c["name"] == "main")
+        assert {"name": "model-cache", "mountPath": CACHE_MOUNT, "readOnly": True} in main[
+            "volumeMounts"
+        ], "the symlinks into the cache would dangle in the model server"
+        claims = [v for v in spec["volumes"] if v["name"] == "model-cache"]
+        assert claims[0]["persistentVolumeClaim"]["claimName"] == "model-cache"
+        for version in K8S_VERSIONS:
+            _k8s_validate(pod, version)
+
+
+def test_llmisvc_lora_shares_the_init_container() -> None:
+    lora = next(d for d in _llmisvcs().values() if d["spec"]["model"].get("lora"))
+    init = next(
+        c
+        for c in llmisvc_pods(lora)[0]["spec"]["initContainers"]
+        if c["name"] == "storage-initializer"
+    )
+    assert len(init["args"]) == 4 and init["args"][1] == MODEL_MOUNT
+    assert init["args"][3].startswith(LORA_ROOT + "/")
+    assert {"name": LLMISVC_VOLUME, "mountPath": "/mnt", "readOnly": False} in init["volumeMounts"]
+
+
+def test_llmisvc_storage_initializer_can_be_disabled() -> None:
+    llmisvc = copy.deepcopy(next(iter(_llmisvcs().values())))
+    llmisvc["spec"]["storageInitializer"] = {"enabled": False}
+    assert not _crd_errors(llmisvc)
+    assert llmisvc_pods(llmisvc) == []
+
+
+@needs_reference
+def test_strict_llmisvc_schema_rejects_a_misspelt_override() -> None:
+    llmisvc = copy.deepcopy(next(iter(_llmisvcs().values())))
+    llmisvc["spec"]["template"]["initContainers"][0]["volumeMount"] = []
+    assert any("volumeMount" in e for e in _crd_errors(llmisvc))
+
+
+# --------------------------------------------------------------------------------------------
+# node preloading: the DaemonSet running `prefetch --watch`
+# --------------------------------------------------------------------------------------------
+
+PRELOAD = "node-preload/daemonset.yaml"
+
+
+def _flag_values(args: list[str]) -> dict[str, str]:
+    return {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+
+
+def test_preload_daemonset_speaks_the_cli_and_mounts_what_it_uses(tmp_path: Path) -> None:
+    from storage_initializer import prefetch as prefetch_mod
+    from storage_initializer.cli import prefetch as prefetch_command
+
+    spec = _one(PRELOAD)["spec"]["template"]["spec"]
+    preload = next(c for c in spec["containers"] if c["name"] == "preload")
+    sidecar = next(c for c in spec["containers"] if c["name"] == "node-labels")
+    args = preload["args"]
+    assert args[0] == "prefetch" and "--watch" in args
+    known = {opt for param in prefetch_command.params for opt in param.opts}
+    unknown = [a for a in args if a.startswith("--") and a not in known]
+    assert not unknown, f"flags prefetch does not have: {unknown}"
+    flags = _flag_values(args)
+    for flag in ("--from-file", "--labels-file", "--cache-dir", "--ready-file"):
+        assert _under_a_mount(preload, flags[flag]), f"{flag} {flags[flag]} is on no volume"
+    assert not _under_a_mount(preload, flags["--cache-dir"]).get("readOnly")
+    assert float(flags["--poll-interval"]) > 0
+    # The sidecar writes the labels file the preloader reads, on the same volume.
+    labels_mount = _under_a_mount(preload, flags["--labels-file"])
+    assert labels_mount.get("readOnly")
+    assert flags["--labels-file"] in sidecar["command"][-1]
+    assert _under_a_mount(sidecar, flags["--labels-file"])["name"] == labels_mount["name"]
+    # The models file is the ConfigMap's key, and the real loader reads its selectors.
+    directory, _, key = flags["--from-file"].rpartition("/")
+    mount = _under_a_mount(preload, flags["--from-file"])
+    assert mount["mountPath"] == directory and not mount.get("subPath"), "subPath never updates"
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    configmap = _one("node-preload/models-configmap.yaml")
+    assert configmap["metadata"]["name"] == volume["configMap"]["name"]
+    models = tmp_path / key
+    models.write_text(configmap["data"][key])
+    items, _parallel, _defaults = prefetch_mod.load_file(models)
+    assert any(item.node_selector for item in items)
+    assert any(not item.node_selector for item in items)
+    # The readiness probe looks at the file the preloader writes.
+    assert flags["--ready-file"] in preload["readinessProbe"]["exec"]["command"]
+    # The sidecar's kubectl needs get on nodes, granted to the pod's service account.
+    role = next(d for _, d in _by_kind("ClusterRole") if "nodes" in d["rules"][0]["resources"])
+    binding = next(d for _, d in _by_kind("ClusterRoleBinding"))
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == spec["serviceAccountName"]
