@@ -113,3 +113,26 @@ def test_unreadable_token_file_names_the_source_without_the_token(
     assert "could not obtain AWS credentials from web identity (IRSA)" in done.last_line
     assert "missing-token" in done.last_line
     assert TOKEN not in done.output
+
+
+def test_access_denied_names_the_static_keys_without_the_secret(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A 403 of the endpoint (a fault at the proxy, as MinIO answers a wrong secret) says which
+    credential source was used, never the secret."""
+    from tests.servers.proxy import s3_error
+    from tests.servers.s3 import SECRET_KEY
+
+    bucket = s3_server.new_bucket(MODEL)
+    with CountingProxy(s3_server.endpoint) as s3:
+        s3.set_faults(s3_error("SignatureDoesNotMatch", "bad signature", status=403))
+        env = clean_env(
+            s3_server.env(s3.url),
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        done = _pull(f"s3://{bucket}/model", tmp_path / "out", env)
+    assert done.returncode == 1, done.describe()
+    assert "static keys from the environment" in done.last_line, done.last_line
+    assert SECRET_KEY not in done.output

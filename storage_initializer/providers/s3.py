@@ -590,7 +590,8 @@ class S3Source(Source):
             return NotFoundError(f"{where}: bucket {self.bucket!r} does not exist")
         if code in _DENIED_CODES or status in (401, 403):
             return AccessDeniedError(
-                f"{where}: access denied by the S3 endpoint: {detail}: {message}",
+                f"{where}: access denied by the S3 endpoint: {detail}: {message} (credentials "
+                f"tried: {aws_credentials.credential_source()})",
                 _DENIED_HINTS.get(code),
             )
         if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "301") or status == 301:
