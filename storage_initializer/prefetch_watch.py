@@ -41,6 +41,7 @@ from typing import Any
 from storage_initializer import prefetch
 from storage_initializer import settings as settings_mod
 from storage_initializer.errors import InitializerError, UsageError
+from storage_initializer.uri import parse
 
 log = logging.getLogger("storage_initializer.watch")
 
@@ -158,14 +159,11 @@ class Watcher:
                     "cache_dirs": [str(self.options.cache_dir)],
                 }
             )
-            from storage_initializer.uri import parse
-
             key = parse(item.uri).key(settings.include, settings.exclude)
-            # Node preloading fills the node's cache: a per-model dest makes no sense here.
-            wanted.append(
-                Wanted(prefetch.Item(item.uri, None, item.options, item.node_selector), key)
-            )
-        return wanted, defaults
+            # Node preloading fills the node's cache: a per-model dest or cache makes no sense.
+            options = {k: v for k, v in item.options.items() if k != "cache_dirs"}
+            wanted.append(Wanted(prefetch.Item(item.uri, None, options, item.node_selector), key))
+        return wanted, {k: v for k, v in defaults.items() if k != "cache_dirs"}
 
     # ------------------------------------------------------------------ one poll
 

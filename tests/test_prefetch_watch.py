@@ -50,14 +50,16 @@ class ConfigMapMount:
         return visible
 
 
-def _models_yaml(bucket: str, entries: dict[str, dict[str, str]]) -> str:
+def _models_yaml(
+    bucket: str, entries: dict[str, dict[str, str]], defaults: dict[str, str] | None = None
+) -> str:
     models: list[dict[str, Any]] = []
     for name, selector in entries.items():
         model: dict[str, Any] = {"uri": f"s3://{bucket}/{name}"}
         if selector:
             model["nodeSelector"] = selector
         models.append(model)
-    return yaml.safe_dump({"models": models})
+    return yaml.safe_dump({"models": models, **({"defaults": defaults} if defaults else {})})
 
 
 def _write_labels(path: Path, labels: dict[str, str]) -> None:
@@ -150,7 +152,12 @@ def test_watch_follows_labels_and_models(s3_server: S3Server, tmp_path: Path) ->
 def test_min_idle_keeps_a_recently_used_model(s3_server: S3Server, tmp_path: Path) -> None:
     bucket = s3_server.new_bucket({f"{k}/w.bin": v for k, v in MODELS.items()})
     mount = ConfigMapMount(tmp_path / "configmap")
-    models = mount.write("models.yaml", _models_yaml(bucket, {"a": {"gpu": "h100"}, "b": {}}))
+    # A cache_dir in the file's defaults (written for `prefetch` Jobs) does not move the node's.
+    elsewhere = tmp_path / "elsewhere"
+    models = mount.write(
+        "models.yaml",
+        _models_yaml(bucket, {"a": {"gpu": "h100"}, "b": {}}, {"cache_dir": str(elsewhere)}),
+    )
     _write_labels(tmp_path / "labels", {"gpu": "h100"})
     ready = tmp_path / "ready.json"
     env = clean_env(s3_server.env(), AWS_EC2_METADATA_DISABLED="true")
@@ -162,6 +169,7 @@ def test_min_idle_keeps_a_recently_used_model(s3_server: S3Server, tmp_path: Pat
         # Used (preloaded) moments ago: within --min-idle it stays on the node, still managed.
         assert _entry_dirs(tmp_path / "node-cache") == 2
         assert len(json.loads(ready.read_text())["managed"]) == 2
+        assert not elsewhere.exists()
     finally:
         proc.popen.send_signal(signal.SIGTERM)
         done = proc.wait(timeout=60)
