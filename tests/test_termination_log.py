@@ -120,3 +120,31 @@ def test_an_empty_setting_writes_nothing(s3_server: S3Server, tmp_path: Path) ->
     done = entrypoint(f"s3://{bucket}/base", tmp_path / "m", env=env)
     assert done.returncode == 0, done.describe()
     assert not (tmp_path / "unused").exists()
+
+
+def test_the_message_fits_whatever_it_is_given() -> None:
+    """Multi-byte text, hundreds of pairs, a reason longer than the limit: always valid JSON
+    within 4096 bytes (the kubelet counts bytes, not characters), totals over every pair."""
+    from storage_initializer import termination
+
+    runs = [
+        {
+            "source": f"hf://org/模型-{i}-" + "é" * 300,
+            "dest": "/mnt/" + "ü" * 500,
+            "outcome": "downloaded",
+            "fingerprint": "f" * 64,
+            "bytes_from_origin": i,
+            "bytes_reused": 1,
+            "seconds": 0.5,
+        }
+        for i in range(300)
+    ]
+    ok = termination.success_message(runs)
+    assert len(ok.encode()) <= LIMIT
+    data = json.loads(ok)
+    assert data["models"] == 300 and data["bytes_from_origin"] == sum(range(300))
+    assert len(data["pulls"]) + data["omitted"] == 300
+    failed = termination.failure_message("ß" * 10_000, "s3://b/" + "k" * 10_000, runs)
+    assert len(failed.encode()) <= LIMIT
+    data = json.loads(failed)
+    assert data["outcome"] == "failed" and data["reason"].startswith("ßßß")
