@@ -414,6 +414,7 @@ def test_every_file_is_reachable_from_a_kustomization() -> None:
 # core kinds: kubernetes-validate --strict
 # --------------------------------------------------------------------------------------------
 
+
 def _is_core(doc: dict[str, Any]) -> bool:
     """Kinds kubernetes-validate knows: the core and named groups of Kubernetes itself
     (apps, batch, rbac.authorization.k8s.io...), not CRDs (serving.kserve.io)."""
@@ -1308,3 +1309,31 @@ def test_preload_daemonset_speaks_the_cli_and_mounts_what_it_uses(tmp_path: Path
     binding = next(d for _, d in _by_kind("ClusterRoleBinding"))
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["name"] == spec["serviceAccountName"]
+
+
+HF_SECRET_REF = {"name": "hf-secret", "key": "HF_TOKEN", "optional": True}
+
+
+@pytest.mark.parametrize(
+    "csc",
+    ["cluster/clusterstoragecontainer.yaml", "cluster/clusterstoragecontainer-localmodel.yaml"],
+)
+def test_cscs_map_an_optional_hf_token(csc: str) -> None:
+    env = {e["name"]: e for e in _csc(csc)["spec"]["container"]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == HF_SECRET_REF
+
+
+def test_hf_token_reaches_the_pods_kserve_builds() -> None:
+    """Through the shared-cache overlay and KServe's merge, into the init container only."""
+    pod = _kserve_pod(_examples()["qwen-shared-cache"], _shared_cache_csc())
+    init = pod["spec"]["initContainers"][0]
+    token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == HF_SECRET_REF
+    for llmisvc in _llmisvcs().values():
+        for built in llmisvc_pods(llmisvc):
+            init = next(
+                c for c in built["spec"]["initContainers"] if c["name"] == "storage-initializer"
+            )
+            assert "storage-initializer" in init["image"], "not this project's image"
+            token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+            assert token["valueFrom"]["secretKeyRef"] == HF_SECRET_REF
