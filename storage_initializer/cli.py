@@ -90,6 +90,15 @@ def main() -> None:
     default=None,
     help="Check the source for changes even when DEST is complete. [no]",
 )
+@click.option(
+    "--require-signature",
+    metavar="TRUST",
+    help="Refuse a model not signed (model_signing, model.sig) under TRUST: key:PEM, "
+    "certificate:CA[,CA...] or sigstore:IDENTITY,ISSUER. "
+    "[env STORAGE_INITIALIZER_REQUIRE_SIGNATURE]",
+)
+@click.option("--signature-uri", help="The signature's URI when it is not model.sig in SOURCE.")
+@click.option("--signature-trust-root", help="sigstore: the trust root file (offline clusters).")
 def pull(source: str, dest: Path, **options: Any) -> None:
     """Download SOURCE into DEST once, however many replicas ask at the same time."""
     from storage_initializer.entrypoint import run_pairs
