@@ -566,3 +566,33 @@ def test_sigstore_without_a_trust_root_is_a_clear_error_offline(keys: Keys, tmp_
     assert done.returncode == 1
     assert "--signature-trust-root" in last_line(done)
     assert tree(tmp_path / "dest") == {}
+
+
+def test_tiered_caches_verify_a_copy_up_from_a_tier_filled_without_a_signature(
+    s3: tuple[S3Server, dict[str, str]], keys: Keys, tmp_path: Path
+) -> None:
+    """The shared tier was filled by a pull that required nothing while the origin held a
+    tampered file; a pull through a node tier that requires a signature must not copy it up
+    unverified. The KServe entrypoint, configured by the environment alone."""
+    server, env = s3
+    files = model_files()
+    name = "tokenizer.json"
+    bucket = server.new_bucket(
+        {**files, name: b'{"vocab": ["evil"]}', "model.sig": sign(files, keys, tmp_path)}
+    )
+    shared, node = tmp_path / "shared", tmp_path / "node"
+    first = cli("pull", f"s3://{bucket}", tmp_path / "first", "--cache-dir", shared, env=env)
+    assert first.returncode == 0, first.stderr
+    required = {
+        **env,
+        "STORAGE_INITIALIZER_CACHE_DIR": f"{node},{shared}",
+        "STORAGE_INITIALIZER_REQUIRE_SIGNATURE": f"key:{keys.public}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "storage_initializer.entrypoint", f"s3://{bucket}",
+         str(tmp_path / "dest")],
+        env=required, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"{name}: differs from the signed manifest" in last_line(done)
+    assert not (tmp_path / "dest").exists() or tree(tmp_path / "dest") == {}
