@@ -411,6 +411,8 @@ def _digests(
             todo.append(path)
     if not todo:
         return found
+    if streamed is not None:  # the download computed no SHA-256 for these: read them back
+        log.info("signature check: hashing %d file(s) again from staging", len(todo))
     config = hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False)
     if method == "shards":
         config.use_shard_serialization(
