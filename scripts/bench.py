@@ -932,7 +932,7 @@ def scenario_signature(bench: Bench, endpoint: str, uri: str, files: dict[str, P
         extra = checked.median - plain.median
         bench.extra["--require-signature"] = (
             f"{human(bench.shape.total)} from S3: {fmt_s(plain.median)} without, "
-            f"{fmt_s(checked.median)} with (+{extra:.2f} s, +{extra / plain.median * 100:.0f} %; "
+            f"{fmt_s(checked.median)} with ({extra:+.2f} s, {extra / plain.median * 100:+.0f} %; "
             f"CPU {plain.cpu or 0:.1f} s → {checked.cpu or 0:.1f} s); signing it took "
             f"{signing_seconds:.1f} s"
         )
