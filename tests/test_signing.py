@@ -600,3 +600,27 @@ def test_tiered_caches_verify_a_copy_up_from_a_tier_filled_without_a_signature(
     assert done.returncode == 1, done.stderr
     assert f"{name}: differs from the signed manifest" in last_line(done)
     assert not (tmp_path / "dest").exists() or tree(tmp_path / "dest") == {}
+
+
+def test_repair_keeps_a_model_verified_against_its_signature(
+    s3: tuple[S3Server, dict[str, str]], keys: Keys, tmp_path: Path
+) -> None:
+    server, env = s3
+    files = model_files()
+    bucket = server.new_bucket({**files, "model.sig": sign(files, keys, tmp_path)})
+    dest = tmp_path / "dest"
+    pulled = cli(
+        "pull", f"s3://{bucket}", dest, "--require-signature", f"key:{keys.public}", env=env
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    damaged = dest / "tokenizer.json"
+    damaged.chmod(0o644)
+    damaged.write_bytes(b'{"vocab": [1]}')
+
+    repaired = cli("verify", dest, "--repair", "--source", f"s3://{bucket}", env=env)
+
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "REPAIRED 1 file(s): tokenizer.json" in repaired.stdout
+    assert "signature verified" in repaired.stderr
+    assert marker(dest)["signature"]["signer"] == f"key sha256:{keys.fingerprint()}"
+    assert "OK signature model.sig" in cli("verify", dest, env=env).stdout
