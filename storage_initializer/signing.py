@@ -367,8 +367,9 @@ def _signed_manifest(trust: Trust, bundle: bytes, where: str) -> tuple[dict[str,
     except SignatureError:
         raise
     except Exception as exc:  # the library raises ValueError, OSError, crypto errors...
+        root = f" (trust root {trust.paths[0]})" if trust.kind == "sigstore" else ""
         raise SignatureError(
-            f"cannot load the {trust.kind} trust {trust.spec}: {_one_line(exc)}"
+            f"cannot load the {trust.kind} trust {trust.spec}{root}: {_one_line(exc)}"
         ) from None
     with tempfile.TemporaryDirectory(prefix="si-signature-") as scratch:
         path = Path(scratch) / SIGNATURE_NAME

@@ -571,6 +571,19 @@ def test_sigstore_without_a_trust_root_is_a_clear_error_offline(keys: Keys, tmp_
     assert "--signature-trust-root" in last_line(done)
     assert tree(tmp_path / "dest") == {}
 
+    # A trust root that is not a Sigstore trust configuration: named, explained, refused.
+    bogus = tmp_path / "trusted_root.json"
+    bogus.write_text("{}")
+    done = cli(
+        "pull", source, tmp_path / "dest", "--require-signature",
+        "sigstore:someone@example.com,https://accounts.google.com",
+        "--signature-trust-root", bogus, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot load the sigstore trust" in last_line(done)
+    assert f"(trust root {bogus})" in last_line(done)
+    assert tree(tmp_path / "dest") == {}
+
 
 def test_tiered_caches_verify_a_copy_up_from_a_tier_filled_without_a_signature(
     s3: tuple[S3Server, dict[str, str]], keys: Keys, tmp_path: Path
