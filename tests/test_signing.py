@@ -304,7 +304,7 @@ def test_s3_one_flipped_byte_at_the_origin_fails_the_pull_and_leaves_dest_as_it_
     assert tree(fresh) == {}
 
 
-def test_s3_unsigned_model_and_unsigned_extra_file_are_refused(
+def test_s3_unsigned_model_missing_file_and_unsigned_extra_file_are_refused(
     s3: tuple[S3Server, dict[str, str]], keys: Keys, tmp_path: Path
 ) -> None:
     server, env = s3
@@ -315,6 +315,17 @@ def test_s3_unsigned_model_and_unsigned_extra_file_are_refused(
     assert done.returncode == 1
     assert "model.sig: missing" in last_line(done)
     assert tree(tmp_path / "a") == {}
+
+    missing = server.new_bucket(
+        {
+            **{k: v for k, v in files.items() if k != "tokenizer.json"},
+            "model.sig": sign(files, keys, tmp_path),
+        }
+    )
+    done = cli("pull", f"s3://{missing}", tmp_path / "m", *trust, env=env)
+    assert done.returncode == 1
+    assert "tokenizer.json: signed but missing from the model" in last_line(done)
+    assert tree(tmp_path / "m") == {}
 
     extra = server.new_bucket(
         {**files, "model.sig": sign(files, keys, tmp_path), "extra/run.py": b"import os"}
@@ -486,6 +497,7 @@ def test_hub_model_signed_with_the_model_signing_cli(
 
     done = cli("pull", "hf://acme/signed", tmp_path / "dest", *trust, env=env)
     assert done.returncode == 0, done.stderr
+    assert "hashing" not in done.stderr  # LFS sha256 verified in the stream, others computed
     assert marker(tmp_path / "dest")["signature"]["signer"] == f"key sha256:{keys.fingerprint()}"
 
     name = "weights/model-00002.safetensors"
