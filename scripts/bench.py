@@ -14,7 +14,9 @@ Scenarios:
 - 8 replicas at once on one volume vs 8 stock initializers, through an nginx reverse proxy in
   front of SeaweedFS whose access log counts the bytes that left the origin;
 - peak RSS for the model and for one 4x larger;
-- the cost of verification with one worker on one core (``taskset -c 0``).
+- the cost of verification with one worker on one core (``taskset -c 0``);
+- the cost of ``--require-signature`` (a model_signing signature over every file, checked
+  before the marker) against the same pull without it.
 
 Run it through ``scripts/bench``, which installs what is missing first.
 """
@@ -865,6 +867,79 @@ def scenario_s3(bench: Bench, servers: Servers, files: dict[str, Path], args: An
         scenario_rss(bench, endpoint, args)
     if not args.skip_verify:
         scenario_verify(bench, endpoint, files, weed.pid)
+    if not args.skip_signature:
+        scenario_signature(bench, endpoint, uri, files)
+
+
+def scenario_signature(bench: Bench, endpoint: str, uri: str, files: dict[str, Path]) -> None:
+    """The same S3 pull with and without ``--require-signature``, rounds alternated.
+
+    The model is signed here with the model_signing library (an EC key, as ``model_signing
+    sign key`` does) and the signature uploaded beside the bucket's model prefix, named with
+    ``STORAGE_INITIALIZER_SIGNATURE_URI``, so the model itself is the one the other scenarios
+    pulled. The difference is the whole price: importing model_signing (about a second of
+    CPU), authenticating the bundle and hashing every file whose SHA-256 the stream did not
+    give (S3 announces MD5s and CRCs, so here: all of them, read back from the page cache)."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from model_signing import hashing, signing
+    except ImportError as exc:
+        bench.notes.append(f"signature cost not measured: {exc} (pip install model-signing)")
+        return
+    keys = bench.work / "signing"
+    keys.mkdir(exist_ok=True)
+    private = ec.generate_private_key(ec.SECP256R1())
+    (keys / "key.pem").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (keys / "key.pub").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    model = Path(os.path.commonpath([str(p.parent) for p in files.values()]))
+    for name, path in files.items():  # the model directory is where make_model wrote it
+        assert path == model / name, (path, model)
+    signed = time.monotonic()
+    signing.Config().set_hashing_config(
+        hashing.Config().set_ignored_paths(paths=["model.sig"], ignore_git_paths=True)
+    ).use_elliptic_key_signer(private_key=keys / "key.pem").sign(model, keys / "model.sig")
+    signing_seconds = time.monotonic() - signed
+    upload_s3(endpoint, {"model.sig": keys / "model.sig"}, "signatures")
+    base = s3_env(endpoint)
+    variants: dict[str, Callable[[Path], tuple[list[str], dict]]] = {
+        "no signature": lambda d: (ours_cmd(uri, d), clean_env(base)),
+        "--require-signature": lambda d: (
+            ours_cmd(uri, d),
+            clean_env(
+                base
+                | {
+                    "STORAGE_INITIALIZER_REQUIRE_SIGNATURE": f"key:{keys / 'key.pub'}",
+                    "STORAGE_INITIALIZER_SIGNATURE_URI": f"s3://{BUCKET}/signatures/model.sig",
+                }
+            ),
+        ),
+    }
+    bench.measure("_signature", variants)
+    table = bench.results["_signature"]
+    plain, checked = table["no signature"], table["--require-signature"]
+    if plain.median and checked.median:
+        extra = checked.median - plain.median
+        bench.extra["--require-signature"] = (
+            f"{human(bench.shape.total)} from S3: {fmt_s(plain.median)} without, "
+            f"{fmt_s(checked.median)} with ({extra:+.2f} s, {extra / plain.median * 100:+.0f} %; "
+            f"CPU {plain.cpu or 0:.1f} s → {checked.cpu or 0:.1f} s); signing it took "
+            f"{signing_seconds:.1f} s"
+        )
+    else:
+        failure = checked.failure() or plain.failure()
+        bench.extra["--require-signature"] = f"not measured: {failure}"
+    log(bench.extra["--require-signature"])
 
 
 def scenario_replicas(bench: Bench, servers: Servers, endpoint: str, uri: str) -> None:
@@ -1033,6 +1108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-replicas", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--skip-signature", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
 

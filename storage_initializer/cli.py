@@ -95,6 +95,15 @@ def main() -> None:
     default=None,
     help="Check the source for changes even when DEST is complete. [no]",
 )
+@click.option(
+    "--require-signature",
+    metavar="TRUST",
+    help="Refuse a model not signed (model_signing, model.sig) under TRUST: key:PEM, "
+    "certificate:CA[,CA...] or sigstore:IDENTITY,ISSUER. "
+    "[env STORAGE_INITIALIZER_REQUIRE_SIGNATURE]",
+)
+@click.option("--signature-uri", help="The signature's URI when it is not model.sig in SOURCE.")
+@click.option("--signature-trust-root", help="sigstore: the trust root file (offline clusters).")
 def pull(source: str, dest: Path, **options: Any) -> None:
     """Download SOURCE into DEST once, however many replicas ask at the same time."""
     from storage_initializer.entrypoint import run_pairs
@@ -149,6 +158,13 @@ def status(
     for key in ("entry", "source", "fingerprint", "files", "completed_at", "downloaded_by"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
+    signed = info.get("signature")
+    if signed:
+        click.echo(
+            f"  signature: verified {signed.get('verified_at')} against {signed.get('trust')}, "
+            f"signed by {signed.get('signer')} ({signed.get('signature')} "
+            f"{signed.get('signature_sha256')})"
+        )
     if "size" in info:
         click.echo(f"  size: {human_bytes(info['size'])} when downloaded (marker)")
     used = info.get("usage")
@@ -197,12 +213,19 @@ def status(
     help="With --repair: the URI to download from (with credentials), "
     "when the marker's redacted one will not do.",
 )
+@click.option(
+    "--require-signature",
+    metavar="TRUST",
+    help="Also require a signature verified under TRUST (as for pull). Without it, a model "
+    "verified at download is re-checked under the trust its marker recorded.",
+)
 def verify(
     dest: Path | None,
     cache_dir: Path | None,
     entry_ref: str | None,
     repair: bool,
     source: str | None,
+    require_signature: str | None,
 ) -> None:
     """Re-hash every file of DEST (or of every cache entry) against its marker; exit 1 listing
     the bad ones. With --repair, fetch the bad files again (exit 0 once repaired)."""
@@ -225,9 +248,18 @@ def verify(
         targets = [dest]
     else:
         raise click.UsageError("give DEST or --cache-dir")
+    from storage_initializer.errors import InitializerError
+
+    try:
+        trust = settings_mod.load(_flags(require_signature=require_signature))
+    except InitializerError as exc:  # a malformed TRUST: one line, no traceback
+        click.echo(f"verify: {exc.describe()}", err=True)
+        sys.exit(2)
     failed = 0
     for target in targets:
-        entry, bad, checked = run_verify(target)
+        entry, bad, checked = run_verify(
+            target, trust.require_signature, trust.signature_trust_root
+        )
         if bad and repair and entry is not None and _repair(entry, source):
             continue
         if bad:
@@ -238,7 +270,20 @@ def verify(
         else:
             assert entry is not None
             click.echo(f"OK {checked} files in {entry.root} match the marker")
+            _echo_signature(entry)
     sys.exit(1 if failed else 0)
+
+
+def _echo_signature(entry: Any) -> None:
+    from storage_initializer.store import marker as marker_io
+
+    found = marker_io.read(entry)
+    signed = found.signature if found is not None else None
+    if signed:
+        click.echo(
+            f"OK signature {signed.get('signature')} by {signed.get('signer')} "
+            f"({signed.get('trust')}) matches the files"
+        )
 
 
 def _repair(entry: Any, source: str | None) -> bool:

@@ -81,6 +81,9 @@ class _FileJob:
     crc_update: Callable[[bytes, int], int] | None = None
     #: Chunk start -> CRC of that chunk (with ``crc_update``).
     crcs: dict[int, int] = field(default_factory=dict)
+    #: --require-signature: the file's SHA-256 as well, for the signed manifest (signing.py),
+    #: when the source's checksum is another algorithm. Chunked files are hashed in order.
+    sha256: checksums.Hasher | None = None
 
     @property
     def inline_hash(self) -> bool:
@@ -222,6 +225,7 @@ class Engine:
                 self.guard()
                 job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             job.hasher = checksums.new_hasher(job.algorithm)
+            job.sha256 = self._new_sha256(job)
             job.hashed_to = 0
             if job.file.size and not job.inline_hash and not job.resumed:
                 os.ftruncate(job.fd, job.file.size)
@@ -249,7 +253,7 @@ class Engine:
         with job.lock:
             if start >= 0:
                 job.finished[start] = job.hashed_to if end is None else end
-            if not job.inline_hash and not job.combined:
+            if not job.inline_hash and (not job.combined or job.sha256 is not None):
                 self._hash_in_order(job)
             job.remaining -= 1
             if job.remaining:
@@ -291,6 +295,8 @@ class Engine:
                         crc = crc_update(block, crc)
                     elif job.inline_hash and job.hasher is not None:
                         job.hasher.update(block)
+                        if job.sha256 is not None:
+                            job.sha256.update(block)
                         job.hashed_to = offset + size
                     offset += size
                     self.progress.transferred(size)
@@ -319,6 +325,7 @@ class Engine:
                     offset = start
                     crc = 0
                     job.hasher = checksums.new_hasher(job.algorithm)
+                    job.sha256 = self._new_sha256(job)
                     job.hashed_to = 0
                     os.ftruncate(job.fd, 0)
                 delay = backoff(attempt, getattr(exc, "retry_after", None))
@@ -335,7 +342,8 @@ class Engine:
                     raise Cancelled() from exc
 
     def _hash_in_order(self, job: _FileJob) -> None:
-        """Hash every chunk that is now contiguous with what was hashed (job.lock held)."""
+        """Hash every chunk that is now contiguous with what was hashed (job.lock held); for a
+        file verified by combined CRCs, only its SHA-256 (--require-signature)."""
         assert job.hasher is not None
         while job.hashed_to in job.finished:
             end = job.finished.pop(job.hashed_to)
@@ -344,9 +352,17 @@ class Engine:
                 block = os.pread(job.fd, min(BLOCK, end - position), position)
                 if not block:
                     break
-                job.hasher.update(block)
+                if not job.combined:
+                    job.hasher.update(block)
+                if job.sha256 is not None:
+                    job.sha256.update(block)
                 position += len(block)
             job.hashed_to = end
+
+    def _new_sha256(self, job: _FileJob) -> checksums.Hasher | None:
+        if not self.settings.require_signature or job.algorithm == "sha256":
+            return None
+        return checksums.new_hasher("sha256")
 
     def _crc_resumed(self, job: _FileJob) -> None:
         """CRCs of the chunks a previous owner left on disk (read back once)."""
@@ -407,6 +423,8 @@ class Engine:
                 return job
             raise IntegrityError(f"{job.file.path} failed verification: {problem}")
         verified = {job.algorithm: digest}
+        if job.sha256 is not None and job.hashed_to == size:  # every byte hashed in order
+            verified["sha256"] = job.sha256.hexdigest()
         staging.record(job.file.path, size, verified)
         with self._results_lock:
             self.results[job.file.path] = verified

@@ -92,6 +92,8 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
             downloaded_by=marker.downloaded_by,
             read_only=marker.read_only,
         )
+        if marker.signature is not None:  # what --require-signature verified (signing.py)
+            info["signature"] = {k: v for k, v in marker.signature.items() if k != "bundle"}
     else:
         info["state"] = "incomplete"
     generation, lease = current(_lease_entry(entry))
@@ -123,8 +125,13 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     return info
 
 
-def verify(path: Path) -> tuple[layout.Entry | None, list[str], int]:
-    """Re-hash every file against the marker: (entry, problems, files checked)."""
+def verify(
+    path: Path, require_signature: str = "", trust_root: str = ""
+) -> tuple[layout.Entry | None, list[str], int]:
+    """Re-hash every file against the marker: (entry, problems, files checked). A model verified
+    against a signature at download is checked against it again (under ``require_signature``
+    when given, else the trust the marker recorded); ``require_signature`` also flags a model
+    that was never verified."""
     entry = find_entry(path)
     if entry is None:
         return None, [f"{path}: no storage-initializer entry here"], 0
@@ -148,4 +155,8 @@ def verify(path: Path) -> tuple[layout.Entry | None, list[str], int]:
         digest = checksums.file_digest(str(full), algorithm)
         if digest != item.checksums[algorithm].lower():
             bad.append(f"{item.path}: {algorithm} {digest}, expected {item.checksums[algorithm]}")
+    if not bad and (marker.signature is not None or require_signature):
+        from storage_initializer.signing import recheck
+
+        bad.extend(recheck(entry.root, marker, require_signature, trust_root))
     return entry, bad, len(marker.files)

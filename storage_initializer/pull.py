@@ -93,8 +93,25 @@ def _prepare_dir(path: Path, what: str) -> None:
         )
 
 
-def _valid(entry: layout.Entry, marker: marker_io.Marker | None) -> bool:
-    return marker is not None and marker.key == entry.key and not marker_io.problems(entry, marker)
+def _valid(
+    entry: layout.Entry, marker: marker_io.Marker | None, settings: Settings | None = None
+) -> bool:
+    if marker is None or marker.key != entry.key or marker_io.problems(entry, marker):
+        return False
+    # --require-signature: a model verified under this trust, never one pulled unsigned.
+    return settings is None or not settings.require_signature or _signed(marker, settings)
+
+
+def _always_selected(path: str, settings: Settings) -> bool:
+    from storage_initializer.signing import always_selected
+
+    return always_selected(path, settings)
+
+
+def _signed(marker: marker_io.Marker | None, settings: Settings) -> bool:
+    from storage_initializer.signing import accepts
+
+    return accepts(marker, settings)
 
 
 def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | None]:
@@ -230,7 +247,7 @@ def _pull_one(uri: SourceUri, dest: Path | None, settings: Settings, started: fl
         _prepare_dir(entry.root, "cache entry")
     checking = time.monotonic()
     model, current = _published(entry)
-    if _valid(model, current) and not settings.revalidate:
+    if _valid(model, current, settings) and not settings.revalidate:
         assert current is not None
         checked = {"verify": time.monotonic() - checking}  # the marker check: stat sizes
         with contextlib.suppress(EntryVanished):  # evicted this instant: the slow path
@@ -284,7 +301,7 @@ def _locked_pull(
     try:
         while True:
             model, existing = _published(entry)
-            if _valid(model, existing) and not (settings.revalidate and not waited):
+            if _valid(model, existing, settings) and not (settings.revalidate and not waited):
                 assert existing is not None
                 try:
                     _finish(model, dest, existing, settings)
@@ -372,7 +389,9 @@ def _select(uri: SourceUri, files: list[RemoteFile], settings: Settings) -> list
     seen: dict[str, str] = {}
     for item in files:
         path = safe_relpath(item.path, "file")
-        if not selected(path, settings.include, settings.exclude):
+        if not selected(path, settings.include, settings.exclude) and not (
+            settings.require_signature and _always_selected(path, settings)
+        ):
             continue
         if path.lower() in seen:
             raise UsageError(
@@ -541,7 +560,7 @@ def _download(
     from storage_initializer.store.staging import Staging
 
     model, existing = _published(entry)
-    if _valid(model, existing) and not settings.revalidate:
+    if _valid(model, existing, settings) and not settings.revalidate:
         assert existing is not None
         _finish(model, dest, existing, settings)
         return _found(uri, dest, entry, existing, "complete", 0.0)
@@ -558,7 +577,7 @@ def _download(
         files = _select(uri, listing.files, settings)
         if (
             settings.revalidate
-            and _valid(model, existing)
+            and _valid(model, existing, settings)
             and existing is not None
             and existing.fingerprint == listing.fingerprint
         ):
@@ -567,6 +586,8 @@ def _download(
             return _found(uri, dest, entry, existing, "complete", 0.0)
         if entry.mode == "cache":
             ready = find_version(entry, listing.fingerprint)
+            if ready is not None and settings.require_signature:
+                ready = ready if _signed(marker_io.read(entry.version(ready)), settings) else None
             if ready is not None:
                 # Published by an owner that died before switching, or an earlier version
                 # the source went back to: switch without downloading.
@@ -637,6 +658,13 @@ def _download(
         if settings.max_size:
             extracted = sum(f.size for f in final)
             diskspace.check(staging.data, extracted, False, settings.max_size, dest=entry.root)
+    signature = None
+    if settings.require_signature:  # verified before anything is published (signing.py)
+        from storage_initializer.signing import check_staged
+
+        progress.set_phase("verify")
+        lease.update(phase="signature")
+        signature = check_staged(uri.redacted, staging.data, final, settings)
     progress.set_phase("commit")
     lease.update(phase="commit")
     lease.ensure_held()
@@ -650,6 +678,7 @@ def _download(
         downloaded_by={"host": owner.host, "pod": owner.pod, "pid": owner.pid},
         read_only=settings.read_only,
         tool_version=__version__,
+        signature=signature,
     )
     if entry.mode == "cache":
         name = commit_version(entry, staging, new_marker, lease, settings.read_only)

@@ -61,6 +61,13 @@ class Settings:
     archive_ratio_floor: int = 64 << 20
     #: and never beyond this many bytes in all (0: no cap but the ratio and --max-size).
     archive_max_size: int = 0
+    #: Signed models (signing.py): ``key:PATH``, ``certificate:PATH[,PATH...]`` or
+    #: ``sigstore:IDENTITY,ISSUER``; empty: no signature required.
+    require_signature: str = ""
+    #: Where the signature is when it is not ``model.sig`` at the model's root.
+    signature_uri: str = ""
+    #: sigstore: the trust root (trusted_root.json / trust config) for offline clusters.
+    signature_trust_root: str = ""
     #: Where each value came from (for `storage-initializer config` and debugging).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -153,6 +160,12 @@ def _size(value: Any) -> int:
     return int(text)
 
 
+def _signature_trust(value: Any) -> str:
+    from storage_initializer.signing import validate_setting
+
+    return validate_setting(value)
+
+
 #: name -> (converter, environment variables in priority order)
 SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "cache_dirs": (_paths, ("STORAGE_INITIALIZER_CACHE_DIR",)),
@@ -189,6 +202,9 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     ),
     "archive_ratio_floor": (_positive(_size), ("STORAGE_INITIALIZER_ARCHIVE_RATIO_FLOOR",)),
     "archive_max_size": (_positive(_size), ("STORAGE_INITIALIZER_ARCHIVE_MAX_SIZE",)),
+    "require_signature": (_signature_trust, ("STORAGE_INITIALIZER_REQUIRE_SIGNATURE",)),
+    "signature_uri": (str, ("STORAGE_INITIALIZER_SIGNATURE_URI",)),
+    "signature_trust_root": (str, ("STORAGE_INITIALIZER_SIGNATURE_TRUST_ROOT",)),
 }
 #: Config-file aliases for readability ("cache_dir: /cache" as well as "cache_dirs: [...]").
 ALIASES = {

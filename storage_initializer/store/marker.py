@@ -41,6 +41,9 @@ class Marker:
     read_only: bool = True
     tool_version: str = ""
     format: int = FORMAT
+    #: What ``--require-signature`` verified (signing.py): kind, trust, signer, signature
+    #: digest. Absent (None) for a model pulled without a signature requirement.
+    signature: dict[str, Any] | None = None
 
     @property
     def total_size(self) -> int:
@@ -69,6 +72,7 @@ class Marker:
             read_only=bool(data.get("read_only", True)),
             tool_version=data.get("tool_version", ""),
             format=int(data.get("format", FORMAT)),
+            signature=data["signature"] if isinstance(data.get("signature"), dict) else None,
         )
 
 
