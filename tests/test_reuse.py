@@ -1,0 +1,318 @@
+"""Reuse by content: a file the volume already holds is linked (or copied), never fetched again.
+
+Origin bytes are counted at the origin (the counting proxy in front of S3, the Hub's request
+counters), inode sharing is read from ``stat``, and every destination is checked by ``verify``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.concurrency_helpers import object_gets, s3_env
+from tests.helpers import clean_env, cli, digests, pattern, sha256, tree_digest
+from tests.servers.hub import HubFile, HubServer, start_hub
+from tests.servers.nginx import Nginx
+from tests.servers.proxy import CountingProxy
+from tests.servers.s3 import S3Server, s3_server
+
+__all__ = ["s3_server"]
+
+SHARD = pattern(400_000, 11)
+TOKENIZER = pattern(50_000, 12)
+OLD = {
+    "model/config.json": b'{"v": 1}',
+    "model/tokenizer.json": TOKENIZER,
+    "model/weights/shard-1.bin": SHARD,
+}
+NEW = {**OLD, "model/config.json": b'{"v": 22}'}
+
+
+def _local(files: dict[str, bytes]) -> dict[str, str]:
+    return digests({k.split("/", 1)[1]: v for k, v in files.items()})
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
+    with CountingProxy(s3_server.endpoint) as counting:
+        yield counting
+
+
+def _fetched(proxy: CountingProxy, bucket: str) -> int:
+    return sum(r.bytes for r in object_gets(proxy, bucket))
+
+
+def _summary(run: object) -> dict[str, object]:
+    events = run.json_events("summary")  # type: ignore[attr-defined]
+    assert events, run.describe()  # type: ignore[attr-defined]
+    return events[-1]
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def _inode(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def test_cache_revalidate_fetches_only_the_changed_file(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, cache = f"s3://{bucket}/model", tmp / "cache"
+    old_pod = tmp / "old" / "models"
+    assert cli("pull", "--cache-dir", cache, uri, old_pod, env=env).returncode == 0
+
+    s3_server.upload(bucket, {"model/config.json": NEW["model/config.json"]})
+    proxy.reset()
+    new_pod = tmp / "new" / "models"
+    again = cli("pull", "--revalidate", "--cache-dir", cache, uri, new_pod, env=env)
+    assert again.returncode == 0, again.describe()
+    assert again.outcome() == "downloaded"
+    # Only the changed file's bytes crossed the network.
+    assert _fetched(proxy, bucket) == len(NEW["model/config.json"])
+    summary = _summary(again)
+    assert summary["files_fetched"] == 1 and summary["files_reused"] == 2
+    assert summary["bytes_from_origin"] == len(NEW["model/config.json"])
+    assert summary["bytes_reused"] == len(SHARD) + len(TOKENIZER)
+    assert tree_digest(new_pod) == _local(NEW)
+    assert tree_digest(old_pod) == _local(OLD)  # the old version is untouched
+    # The unchanged files are one inode shared by both versions.
+    (entry,) = _entries(cache)
+    versions = sorted(p for p in entry.iterdir() if p.name.startswith("v"))
+    assert len(versions) == 2
+    old_v, new_v = versions
+    assert _inode(old_v / "weights/shard-1.bin") == _inode(new_v / "weights/shard-1.bin")
+    assert _inode(old_v / "config.json") != _inode(new_v / "config.json")
+    for pod in (old_pod, new_pod):
+        assert cli("verify", pod).returncode == 0
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+def test_direct_revalidate_fetches_only_the_changed_file(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, dest = f"s3://{bucket}/model", tmp / "models"
+    assert cli("pull", uri, dest, env=env).returncode == 0
+    shard_inode = _inode(dest / "weights/shard-1.bin")
+
+    s3_server.upload(bucket, {"model/config.json": NEW["model/config.json"]})
+    proxy.reset()
+    again = cli("pull", "--revalidate", uri, dest, env=env)
+    assert again.returncode == 0, again.describe()
+    assert _fetched(proxy, bucket) == len(NEW["model/config.json"])
+    assert _summary(again)["files_reused"] == 2
+    assert tree_digest(dest) == _local(NEW)
+    assert _inode(dest / "weights/shard-1.bin") == shard_inode  # kept, not rewritten
+    assert cli("verify", dest).returncode == 0
+
+
+def test_a_rotted_copy_on_the_volume_is_fetched_not_reused(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """The marker says sha/md5 X; the bytes on disk no longer are X: re-hashing catches it."""
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, dest = f"s3://{bucket}/model", tmp / "models"
+    assert cli("pull", uri, dest, env=env).returncode == 0
+    shard = dest / "weights/shard-1.bin"
+    os.chmod(shard, 0o644)
+    with open(shard, "r+b") as handle:  # same size, other content
+        handle.write(b"\0" * 16)
+    s3_server.upload(bucket, {"model/config.json": NEW["model/config.json"]})
+    proxy.reset()
+    again = cli("pull", "--revalidate", uri, dest, env=env)
+    assert again.returncode == 0, again.describe()
+    assert _fetched(proxy, bucket) == len(NEW["model/config.json"]) + len(SHARD)
+    assert tree_digest(dest) == _local(NEW)
+    assert cli("verify", dest).returncode == 0
+
+
+def test_two_models_share_a_tokenizer_and_a_shard(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """Different buckets, different entries: the second fetches only what the first lacks."""
+    base = s3_server.new_bucket(OLD)
+    tuned = {**OLD, "model/config.json": b'{"tuned": true}', "model/adapter.bin": pattern(9_000, 5)}
+    other = s3_server.new_bucket(tuned)
+    env = s3_env(s3_server, proxy)
+    cache = tmp / "cache"
+    assert (
+        cli("pull", "--cache-dir", cache, f"s3://{base}/model", tmp / "a", env=env).returncode == 0
+    )
+    proxy.reset()
+    second = cli("pull", "--cache-dir", cache, f"s3://{other}/model", tmp / "b", env=env)
+    assert second.returncode == 0, second.describe()
+    unique = len(tuned["model/config.json"]) + len(tuned["model/adapter.bin"])
+    assert _fetched(proxy, other) == unique
+    assert tree_digest(tmp / "b") == _local(tuned)
+    first_entry, second_entry = (
+        next(p for p in e.iterdir() if p.name.startswith("v")) for e in _entries(cache)
+    )
+    assert _inode(first_entry / "tokenizer.json") == _inode(second_entry / "tokenizer.json")
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+def test_filtered_pull_then_full_pull_fetches_only_the_rest(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, cache = f"s3://{bucket}/model", tmp / "cache"
+    some = cli("pull", "--include", "*.json", "--cache-dir", cache, uri, tmp / "a", env=env)
+    assert some.returncode == 0, some.describe()
+    assert _fetched(proxy, bucket) == len(OLD["model/config.json"]) + len(TOKENIZER)
+    proxy.reset()
+    full = cli("pull", "--cache-dir", cache, uri, tmp / "b", env=env)
+    assert full.returncode == 0, full.describe()
+    assert _fetched(proxy, bucket) == len(SHARD)
+    assert tree_digest(tmp / "b") == _local(OLD)
+
+
+def test_writable_replica_cannot_alter_the_shared_copy(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, cache = f"s3://{bucket}/model", tmp / "cache"
+    writer, reader = tmp / "writer" / "models", tmp / "reader" / "models"
+    for mode in ("symlink", "hardlink"):
+        for pod in (writer, reader):
+            run = cli(
+                "pull", "--writable", "--link-mode", mode, "--cache-dir", cache, uri, pod, env=env
+            )
+            assert run.returncode == 0, run.describe()
+        # The writer's model server rewrites a file in place, as a writable volume allows.
+        target = writer / "weights" / "shard-1.bin"
+        with open(target, "r+b") as handle:
+            handle.write(b"overwritten")
+        with open(writer / "config.json", "w") as handle:
+            handle.write("{}")
+        assert tree_digest(reader) == _local(OLD), mode
+        assert cli("verify", "--cache-dir", cache).returncode == 0, mode
+        late = tmp / f"late-{mode}" / "models"
+        assert cli("pull", "--cache-dir", cache, uri, late, env=env).returncode == 0
+        assert tree_digest(late) == _local(OLD), mode
+
+
+# -- HTTP: a pinned digest is an identity across URLs; no pin, no identity --------------------
+
+
+def test_http_same_pinned_file_at_two_urls_is_fetched_once(nginx: Nginx, tmp: Path) -> None:
+    data = pattern(200_000, 21)
+    folder = nginx.new_dir()
+    nginx.put(f"{folder}/a/model.bin", data)
+    nginx.put(f"{folder}/b/model.bin", data)
+    pin = f"#sha256={sha256(data)}"
+    cache = tmp / "cache"
+    with CountingProxy(nginx.url("").rstrip("/")) as proxy:
+        env = clean_env(STORAGE_INITIALIZER_LOG_FORMAT="json")
+        first = cli(
+            "pull",
+            "--cache-dir",
+            cache,
+            f"{proxy.url}/{folder}/a/model.bin{pin}",
+            tmp / "a",
+            env=env,
+        )
+        assert first.returncode == 0, first.describe()
+        proxy.reset()
+        second = cli(
+            "pull",
+            "--cache-dir",
+            cache,
+            f"{proxy.url}/{folder}/b/model.bin{pin}",
+            tmp / "b",
+            env=env,
+        )
+        assert second.returncode == 0, second.describe()
+        assert sum(r.bytes for r in proxy.select(method="GET")) == 0
+        assert _summary(second)["files_reused"] == 1
+        # Unpinned, the same bytes have no identity the source vouches for: fetched in full.
+        proxy.reset()
+        third = cli(
+            "pull", "--cache-dir", cache, f"{proxy.url}/{folder}/b/model.bin", tmp / "c", env=env
+        )
+        assert third.returncode == 0, third.describe()
+        assert sum(r.bytes for r in proxy.select(method="GET")) == len(data)
+    for pod in ("a", "b", "c"):
+        assert (tmp / pod / "model.bin").read_bytes() == data
+
+
+# -- Hugging Face: LFS sha256 and git blob ids -------------------------------------------------
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    server = start_hub()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _hub_env(hub: HubServer, tmp: Path) -> dict[str, str]:
+    return clean_env(hub.env(str(tmp / "hf-home")), STORAGE_INITIALIZER_LOG_FORMAT="json")
+
+
+def _resolved(hub: HubServer) -> list[str]:
+    """The files whose content was fetched (GETs of /resolve/, LFS ones redirect to the CDN)."""
+    return sorted(
+        {
+            path.rsplit("/", 1)[-1]
+            for method, path, _n in hub.requests()
+            if method == "GET" and "/resolve/" in path
+        }
+    )
+
+
+HUB_FILES = {
+    "config.json": HubFile(b'{"hidden": 8}'),
+    "tokenizer.json": HubFile(pattern(30_000, 31)),
+    "model.safetensors": HubFile(pattern(500_000, 32), lfs=True),
+}
+
+
+def test_hub_new_commit_fetches_only_the_changed_file(hub: HubServer, tmp: Path) -> None:
+    repo = hub.add_repo("acme/update")
+    repo.add_commit(HUB_FILES)
+    env, cache = _hub_env(hub, tmp), tmp / "cache"
+    assert cli("pull", "--cache-dir", cache, "hf://acme/update", tmp / "a", env=env).returncode == 0
+    repo.add_commit({**HUB_FILES, "config.json": HubFile(b'{"hidden": 16}')})
+    hub.reset_counts()
+    again = cli(
+        "pull", "--revalidate", "--cache-dir", cache, "hf://acme/update", tmp / "b", env=env
+    )
+    assert again.returncode == 0, again.describe()
+    assert _resolved(hub) == ["config.json"]
+    assert _summary(again)["files_reused"] == 2
+    assert (tmp / "b" / "config.json").read_bytes() == b'{"hidden": 16}'
+    assert cli("verify", tmp / "b").returncode == 0
+
+
+def test_hub_fine_tune_reuses_the_base_models_files(hub: HubServer, tmp: Path) -> None:
+    """Another repository (another entry): the shared LFS shard (sha256) and the shared small
+    tokenizer (git blob id) are linked; only the fine-tune's own files are fetched."""
+    hub.add_repo("acme/base").add_commit(HUB_FILES)
+    tuned = {
+        **HUB_FILES,
+        "config.json": HubFile(b'{"tuned": 1}'),
+        "adapter.safetensors": HubFile(pattern(20_000, 33), lfs=True),
+    }
+    hub.add_repo("acme/tuned").add_commit(tuned)
+    env, cache = _hub_env(hub, tmp), tmp / "cache"
+    assert cli("pull", "--cache-dir", cache, "hf://acme/base", tmp / "a", env=env).returncode == 0
+    hub.reset_counts()
+    second = cli("pull", "--cache-dir", cache, "hf://acme/tuned", tmp / "b", env=env)
+    assert second.returncode == 0, second.describe()
+    assert _resolved(hub) == ["adapter.safetensors", "config.json"]
+    for name, item in tuned.items():
+        assert (tmp / "b" / name).read_bytes() == item.data
+    assert cli("verify", "--cache-dir", cache).returncode == 0
