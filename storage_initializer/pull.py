@@ -623,6 +623,7 @@ def _download(
                 ) from None
     finally:
         source.close()
+    _dedupe_fetched(entry, uri, todo, staging, settings)
     final = [
         marker_io.MarkerFile(
             f.path,
@@ -697,6 +698,20 @@ def _reuse_volume(
 
     may_link = settings.read_only or entry.mode == "cache"
     return reuse.from_volume(entry, uri.redacted, todo, staging, progress, may_link).todo
+
+
+def _dedupe_fetched(
+    entry: layout.Entry,
+    uri: SourceUri,
+    fetched: list[RemoteFile],
+    staging: Any,
+    settings: Settings,
+) -> None:
+    """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
+    from storage_initializer.store import reuse
+
+    may_link = settings.read_only or entry.mode == "cache"
+    reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
 
 
 def _cancel_on_loss(lease: Lease) -> Any:

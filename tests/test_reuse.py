@@ -7,17 +7,29 @@ counters), inode sharing is read from ``stat``, and every destination is checked
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.concurrency_helpers import object_gets, s3_env
-from tests.helpers import clean_env, cli, digests, pattern, sha256, tree_digest
+from tests.helpers import (
+    clean_env,
+    cli,
+    cli_argv,
+    digests,
+    pattern,
+    poll_until,
+    sha256,
+    start,
+    tree_digest,
+)
 from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.nginx import Nginx
-from tests.servers.proxy import CountingProxy
+from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
+from tests.test_cache_ops import du
 
 __all__ = ["s3_server"]
 
@@ -315,4 +327,87 @@ def test_hub_fine_tune_reuses_the_base_models_files(hub: HubServer, tmp: Path) -
     assert _resolved(hub) == ["adapter.safetensors", "config.json"]
     for name, item in tuned.items():
         assert (tmp / "b" / name).read_bytes() == item.data
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+# -- concurrency: real processes, held by gates in the proxy -----------------------------------
+
+
+def _gate(bucket: str, name: str) -> Fault:
+    return Fault(
+        kind="gate", method="GET", path_contains=f"/{bucket}/model/{name}", gate=threading.Event()
+    )
+
+
+def test_two_models_pulled_at_once_store_their_shared_file_once(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """Both pulls list and start fetching before either commits (gates hold both shards): the
+    second to commit finds the first's copy and links to it instead of keeping its own."""
+    one = s3_server.new_bucket(OLD)
+    two = s3_server.new_bucket({**OLD, "model/config.json": b'{"other": 1}'})
+    gates = [_gate(one, "weights"), _gate(two, "weights")]
+    proxy.set_faults(*gates)
+    env, cache = s3_env(s3_server, proxy), tmp / "cache"
+    procs = [
+        start(cli_argv("pull", "--cache-dir", cache, f"s3://{b}/model", tmp / b), env, tmp)
+        for b in (one, two)
+    ]
+    try:
+        poll_until(lambda: all(g.hits for g in gates), what="both pulls fetching the shard")
+        gates[0].gate.set()  # type: ignore[union-attr]
+        first = procs[0].wait()
+        assert first.returncode == 0, first.describe()
+        gates[1].gate.set()  # type: ignore[union-attr]
+        second = procs[1].wait()
+        assert second.returncode == 0, second.describe()
+    finally:
+        for gate in gates:
+            gate.gate.set()  # type: ignore[union-attr]
+        for proc in procs:
+            proc.kill()
+    versions = [next(p for p in e.iterdir() if p.name.startswith("v")) for e in _entries(cache)]
+    shards = {_inode(v / "weights/shard-1.bin") for v in versions}
+    assert len(shards) == 1, "the shared shard is stored twice"
+    assert tree_digest(tmp / two) == _local({**OLD, "model/config.json": b'{"other": 1}'})
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+def test_gc_during_a_pull_never_frees_what_the_pull_linked(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """A pull has linked the shared files of entry A into its staging and waits for its own
+    file; gc evicts A meanwhile. The pull completes with intact bytes, and what gc reports as
+    freed is exactly what du of the cache lost (the shared files were not freed)."""
+    from storage_initializer import gc
+
+    base = s3_server.new_bucket(OLD)
+    tuned = {**OLD, "model/config.json": b'{"tuned": 2}'}
+    other = s3_server.new_bucket(tuned)
+    env, cache = s3_env(s3_server, proxy), tmp / "cache"
+    assert (
+        cli("pull", "--cache-dir", cache, f"s3://{base}/model", tmp / "a", env=env).returncode == 0
+    )
+    held = _gate(other, "config.json")
+    proxy.set_faults(held)
+    proxy.reset()
+    pulling = start(
+        cli_argv("pull", "--cache-dir", cache, f"s3://{other}/model", tmp / "b"), env, tmp
+    )
+    try:
+        poll_until(lambda: held.hits, what="the pull waiting for its own file")
+        before = du(cache)
+        _planned, done = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=False)
+        after = du(cache)
+        assert [a.kind for a in done] == ["evict"], done
+        assert before - after == sum(a.bytes for a in done)
+        assert sum(a.bytes for a in done) < len(SHARD)  # the shared shard stayed
+        held.gate.set()  # type: ignore[union-attr]
+        result = pulling.wait()
+        assert result.returncode == 0, result.describe()
+    finally:
+        held.gate.set()  # type: ignore[union-attr]
+        pulling.kill()
+    assert _fetched(proxy, other) == len(tuned["model/config.json"])
+    assert tree_digest(tmp / "b") == _local(tuned)
     assert cli("verify", "--cache-dir", cache).returncode == 0

@@ -225,3 +225,44 @@ def _hash(path: Path, size: int, kinds: Iterable[str]) -> dict[str, str] | None:
 def reflink_or_copy(source: Path, target: Path) -> None:
     """A private copy of a cache file for a writable destination (see store.links)."""
     _copy(source, target)
+
+
+def dedupe_fetched(
+    entry: Entry, source: str, fetched: list[RemoteFile], staging: Staging, may_link: bool
+) -> int:
+    """Right before commit: a file we fetched that another pull committed meanwhile (two
+    models sharing a file, pulled at the same time) is replaced by a link to that copy, so the
+    volume stores it once. The other copy is linked to a temporary name first and hashed there,
+    and only a verified link replaces ours. Returns the files replaced."""
+    wanted = [f for f in fetched if f.size and content.identities(f.checksums, True)]
+    if not wanted or not may_link:
+        return 0
+    try:
+        index = content.volume_index(entry)
+    except OSError:
+        return 0
+    replaced = 0
+    for item in wanted:
+        size = int(item.size or 0)
+        staged = staging.data / item.path
+        for candidate, kind, value in index.matches(size, item.checksums, source):
+            if not (candidate.read_only and content.hashable(kind)):
+                continue
+            spare = staged.with_name(f".{staged.name}.dedupe")
+            if _place(candidate, spare, True) != "link":
+                continue
+            digests = _hash(spare, size, {kind})
+            if digests is None or digests.get(kind) != value:
+                with contextlib.suppress(OSError):
+                    spare.unlink()
+                continue
+            os.replace(spare, staged)
+            replaced += 1
+            break
+    if replaced:
+        log.info(
+            "%s: %d fetched files were committed meanwhile by another pull: linked",
+            source,
+            replaced,
+        )
+    return replaced
