@@ -25,13 +25,15 @@ from tests.helpers import (
     start,
     tree_digest,
 )
+from tests.servers import azurite as azurite_server
+from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
 from tests.test_cache_ops import du
 
-__all__ = ["s3_server"]
+__all__ = ["gcs_server", "s3_server"]
 
 SHARD = pattern(400_000, 11)
 TOKENIZER = pattern(50_000, 12)
@@ -410,4 +412,56 @@ def test_gc_during_a_pull_never_frees_what_the_pull_linked(
         pulling.kill()
     assert _fetched(proxy, other) == len(tuned["model/config.json"])
     assert tree_digest(tmp / "b") == _local(tuned)
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+# -- GCS and Azure Blob: MD5 (and CRC32C within one source) as identity --------------------------
+
+
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[azurite_server.Azurite]:
+    yield from azurite_server.serve()
+
+
+def test_gcs_revalidate_fetches_only_the_changed_file(gcs_server: GcsServer, tmp: Path) -> None:
+    bucket = gcs_server.new_bucket(OLD)
+    cache = tmp / "cache"
+    with CountingProxy(gcs_server.endpoint) as proxy:
+        env = clean_env(gcs_server.env(proxy.url), STORAGE_INITIALIZER_LOG_FORMAT="json")
+        uri = f"gs://{bucket}/model"
+        assert cli("pull", "--cache-dir", cache, uri, tmp / "a", env=env).returncode == 0
+        gcs_server.upload(bucket, {"model/config.json": NEW["model/config.json"]})
+        proxy.reset()
+        again = cli("pull", "--revalidate", "--cache-dir", cache, uri, tmp / "b", env=env)
+        assert again.returncode == 0, again.describe()
+        assert proxy.bytes_served(method="GET", path_contains="/download/") == len(
+            NEW["model/config.json"]
+        )
+    assert _summary(again)["files_reused"] == 2
+    assert tree_digest(tmp / "b") == _local(NEW)
+    assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+def test_azure_revalidate_fetches_only_the_changed_file(
+    azurite: azurite_server.Azurite, tmp: Path
+) -> None:
+    container = azurite.new_container_name("reuse")
+    azurite.upload(container, OLD)
+    cache = tmp / "cache"
+    with CountingProxy(f"http://127.0.0.1:{azurite.port}") as proxy:
+        env = clean_env(
+            azurite.env(endpoint=f"{proxy.url}/{azurite.account}"),
+            STORAGE_INITIALIZER_LOG_FORMAT="json",
+        )
+        uri = azurite.uri(container, "model")
+        first = cli("pull", "--cache-dir", cache, uri, tmp / "a", env=env)
+        assert first.returncode == 0, first.describe()
+        azurite.upload(container, {"model/config.json": NEW["model/config.json"]})
+        proxy.reset()
+        again = cli("pull", "--revalidate", "--cache-dir", cache, uri, tmp / "b", env=env)
+        assert again.returncode == 0, again.describe()
+        fetched = proxy.bytes_served(method="GET", path_contains=f"/{container}/model/")
+        assert fetched == len(NEW["model/config.json"])
+    assert _summary(again)["files_reused"] == 2
+    assert tree_digest(tmp / "b") == _local(NEW)
     assert cli("verify", "--cache-dir", cache).returncode == 0
