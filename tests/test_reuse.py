@@ -465,3 +465,48 @@ def test_azure_revalidate_fetches_only_the_changed_file(
     assert _summary(again)["files_reused"] == 2
     assert tree_digest(tmp / "b") == _local(NEW)
     assert cli("verify", "--cache-dir", cache).returncode == 0
+
+
+def test_direct_filtered_pull_then_full_pull_fetches_only_the_rest(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """Direct mode: the full pull replaces the filtered model in DEST (--replace) and reuses
+    its files."""
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, dest = f"s3://{bucket}/model", tmp / "models"
+    assert cli("pull", "--include", "*.json", uri, dest, env=env).returncode == 0
+    proxy.reset()
+    full = cli("pull", "--replace", uri, dest, env=env)
+    assert full.returncode == 0, full.describe()
+    assert _fetched(proxy, bucket) == len(SHARD)
+    assert tree_digest(dest) == _local(OLD)
+    assert cli("verify", dest).returncode == 0
+
+
+# -- the identity rules themselves -----------------------------------------------------------
+
+
+def test_identity_rules_crc_only_within_one_source_weak_never(tmp: Path) -> None:
+    """Which announced checksums make two files "the same" (docs/store.md, Content reuse)."""
+    from storage_initializer.store.content import Candidate, Index
+
+    def candidate(name: str, source: str, sums: dict[str, str]) -> Candidate:
+        return Candidate(tmp / name, 10, sums, source, True)
+
+    index = Index(
+        [
+            candidate("crc", "s3://a/m", {"crc32c": "0badf00d"}),
+            candidate("md5", "s3://a/m", {"md5": "0" * 32}),
+        ]
+    )
+
+    def found(sums: dict[str, str], source: str) -> list[str]:
+        return [c.path.name for c, _k, _v in index.matches(10, sums, source)]
+
+    assert found({"crc32c": "0badf00d"}, "s3://a/m") == ["crc"]  # same source: a CRC counts
+    assert found({"crc32c": "0badf00d"}, "gs://b/m") == []  # another source: never
+    assert found({"md5": "0" * 32}, "gs://b/m") == ["md5"]  # a digest counts across sources
+    assert [c.path.name for c, _k, _v in index.matches(11, {"md5": "0" * 32}, "x")] == []
+    # A multipart ETag is no md5 (providers never announce it as one), nor is a version.
+    assert found({"etag": "abc-3", "version": "0" * 32}, "s3://a/m") == []

@@ -39,6 +39,9 @@ CROSS_SOURCE = ("sha256", "md5", "gitsha1")
 SAME_SOURCE_ONLY = ("crc64nvme", "crc32c", "crc32")
 #: A git blob id is not recorded in markers: it is computed on demand, for small files only.
 GITSHA1_MAX = 64 << 20
+#: …and for at most this many files of the right size, so a cache of many same-sized files
+#: cannot turn one lookup into a scan of the volume.
+GITSHA1_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,9 @@ class Index:
         seen: set[tuple[Path, str]] = set()
         for kind, value in identities(checksums, same_source=True):
             if kind == "gitsha1":
+                # Computed on demand: try a few files of that size, this source's first.
                 pool = self._by_size.get(size, []) if size <= GITSHA1_MAX else []
+                pool = sorted(pool, key=lambda c: c.source != source)[:GITSHA1_TRIES]
             else:
                 pool = self._by_digest.get((size, kind, value), [])
             for candidate in sorted(pool, key=lambda c: (not c.replaced, not c.read_only)):

@@ -121,11 +121,11 @@ def _take(
             continue
         digests = _hash(target, size, {kind, record_kind})
         if digests is None or digests.get(kind) != value:
-            log.warning(
-                "%s on the volume does not hold the content its marker claims; fetching %s",
-                candidate.path,
-                item.path,
-            )
+            if kind != "gitsha1":  # a git blob id is only tried on files of the same size
+                log.warning(
+                    "%s on the volume does not hold the content its marker claims; not reused",
+                    candidate.path,
+                )
             with contextlib.suppress(OSError):
                 target.unlink()
             continue
