@@ -6,6 +6,7 @@ counters), inode sharing is read from ``stat``, and every destination is checked
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -172,6 +173,19 @@ def test_two_models_share_a_tokenizer_and_a_shard(
     )
     assert _inode(first_entry / "tokenizer.json") == _inode(second_entry / "tokenizer.json")
     assert cli("verify", "--cache-dir", cache).returncode == 0
+    # status: each entry shares the tokenizer and the shard with the other.
+    status = cli("status", "--json", "--cache-dir", cache)
+    assert status.returncode == 0, status.describe()
+    shared = [e["shared_bytes"] for e in json.loads(status.stdout)["entries"]]
+    assert shared == [len(TOKENIZER) + len(SHARD)] * 2
+    # gc evicting both frees the shared files once, with the second eviction, and says so.
+    from storage_initializer import gc
+
+    before = du(cache)
+    planned, _ = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=True)
+    _planned, done = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=False)
+    assert [a.kind for a in done] == ["evict", "evict"]
+    assert sum(a.bytes for a in planned) == sum(a.bytes for a in done) == before - du(cache)
 
 
 def test_filtered_pull_then_full_pull_fetches_only_the_rest(
