@@ -80,14 +80,15 @@ def from_volume(
         return Outcome(list(files))
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="reuse") as pool:
-        taken = list(pool.map(lambda f: _take(f, index, source, staging, may_link), wanted))
+        taken = list(
+            pool.map(lambda f: _take(f, index, source, staging, may_link, progress), wanted)
+        )
     done: dict[str, tuple[int, bool]] = {}
     for item, how in zip(wanted, taken, strict=True):
         if how is not None:
             done[item.path] = (int(item.size or 0), how == "link")
     outcome = Outcome([f for f in files if f.path not in done])
     for size, linked in done.values():
-        progress.reused(size)
         outcome.files += 1
         outcome.bytes += size
         outcome.linked += int(linked)
@@ -107,7 +108,12 @@ def from_volume(
 
 
 def _take(
-    item: RemoteFile, index: content.Index, source: str, staging: Staging, may_link: bool
+    item: RemoteFile,
+    index: content.Index,
+    source: str,
+    staging: Staging,
+    may_link: bool,
+    progress: Any,
 ) -> str | None:
     """Try the candidates for ``item`` in turn; "link" or "copy" when one verified, else None."""
     size = int(item.size or 0)
@@ -135,6 +141,7 @@ def _take(
                 target.unlink()
             continue  # the source announced two checksums that disagree: let the engine say so
         staging.record(item.path, size, {record_kind: digests[record_kind]})
+        progress.reused(size)  # as it happens: waiters see the holder's progress move
         return how
     return None
 
