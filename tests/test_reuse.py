@@ -524,3 +524,25 @@ def test_identity_rules_crc_only_within_one_source_weak_never(tmp: Path) -> None
     assert [c.path.name for c, _k, _v in index.matches(11, {"md5": "0" * 32}, "x")] == []
     # A multipart ETag is no md5 (providers never announce it as one), nor is a version.
     assert found({"etag": "abc-3", "version": "0" * 32}, "s3://a/m") == []
+
+
+def test_writable_direct_revalidate_copies_and_rehashes(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """A writable DEST's files may have been rewritten by the model server: they are copied
+    (never linked) into the new version and re-hashed; a rewritten one is fetched again."""
+    bucket = s3_server.new_bucket(OLD)
+    env = s3_env(s3_server, proxy)
+    uri, dest = f"s3://{bucket}/model", tmp / "models"
+    assert cli("pull", "--writable", uri, dest, env=env).returncode == 0
+    with open(dest / "tokenizer.json", "r+b") as handle:
+        handle.write(b"rewritten by the server")
+    shard_inode = _inode(dest / "weights/shard-1.bin")
+    s3_server.upload(bucket, {"model/config.json": NEW["model/config.json"]})
+    proxy.reset()
+    again = cli("pull", "--writable", "--revalidate", uri, dest, env=env)
+    assert again.returncode == 0, again.describe()
+    assert _fetched(proxy, bucket) == len(NEW["model/config.json"]) + len(TOKENIZER)
+    assert tree_digest(dest) == _local(NEW)
+    assert _inode(dest / "weights/shard-1.bin") != shard_inode  # a copy, not the old inode
+    assert cli("verify", dest).returncode == 0
