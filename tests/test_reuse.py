@@ -228,6 +228,16 @@ def test_writable_replica_cannot_alter_the_shared_copy(
         late = tmp / f"late-{mode}" / "models"
         assert cli("pull", "--cache-dir", cache, uri, late, env=env).returncode == 0
         assert tree_digest(late) == _local(OLD), mode
+    # A pod that first linked read-only (symlinks into the cache), then restarts writable.
+    switched = tmp / "switched" / "models"
+    assert cli("pull", "--cache-dir", cache, uri, switched, env=env).returncode == 0
+    again = cli("pull", "--writable", "--cache-dir", cache, uri, switched, env=env)
+    assert again.returncode == 0, again.describe()
+    assert not (switched / "weights").is_symlink()
+    with open(switched / "weights" / "shard-1.bin", "r+b") as handle:
+        handle.write(b"overwritten")
+    assert tree_digest(reader) == _local(OLD)
+    assert cli("verify", "--cache-dir", cache).returncode == 0
 
 
 # -- HTTP: a pinned digest is an identity across URLs; no pin, no identity --------------------

@@ -79,6 +79,10 @@ def populate(
     for name in sorted(wanted):
         source = entry.root / name
         target = dest / name
+        if mode != "symlink" and target.is_symlink():
+            # A link into the cache from an earlier symlink-mode pull: copying or linking
+            # *through* it would write into the cache itself.
+            target.unlink()
         if mode == "symlink":
             _symlink(source, target, replace)
         elif source.is_dir():
