@@ -134,17 +134,20 @@ class Index:
                 self._by_size.setdefault(candidate.size, []).append(candidate)
 
     def matches(
-        self, size: int, checksums: Mapping[str, str], source: str
+        self, size: int, checksums: Mapping[str, str], source: str, path: str = ""
     ) -> Iterator[tuple[Candidate, str, str]]:
         """Candidates that may hold exactly this content, each with the identity (kind, value)
         to confirm by hashing; files of the replaced directory and read-only ones first
-        (they can be linked rather than copied)."""
+        (they can be linked rather than copied). ``path``: the file's own path, whose earlier
+        versions are the likeliest holders of a git blob id."""
         seen: set[tuple[Path, str]] = set()
         for kind, value in identities(checksums, same_source=True):
             if kind == "gitsha1":
                 # Computed on demand: try a few files of that size, this source's first.
                 pool = self._by_size.get(size, []) if size <= GITSHA1_MAX else []
-                pool = sorted(pool, key=lambda c: c.source != source)[:GITSHA1_TRIES]
+                pool = sorted(
+                    pool, key=lambda c: (c.source != source, not str(c.path).endswith("/" + path))
+                )[:GITSHA1_TRIES]
             else:
                 pool = self._by_digest.get((size, kind, value), [])
             for candidate in sorted(pool, key=lambda c: (not c.replaced, not c.read_only)):

@@ -119,7 +119,7 @@ def _take(
     size = int(item.size or 0)
     target = staging.data / item.path
     record_kind = sums.choose(item.checksums) or sums.local_default()
-    for candidate, kind, value in index.matches(size, item.checksums, source):
+    for candidate, kind, value in index.matches(size, item.checksums, source, item.path):
         if not content.hashable(kind):
             continue
         how = _place(candidate, target, may_link and (candidate.read_only or candidate.replaced))
@@ -252,7 +252,7 @@ def dedupe_fetched(
     for item in wanted:
         size = int(item.size or 0)
         staged = staging.data / item.path
-        for candidate, kind, value in index.matches(size, item.checksums, source):
+        for candidate, kind, value in index.matches(size, item.checksums, source, item.path):
             if not (candidate.read_only and content.hashable(kind)):
                 continue
             spare = staged.with_name(f".{staged.name}.dedupe")
