@@ -361,7 +361,11 @@ def test_hub_fine_tune_reuses_the_base_models_files(hub: HubServer, tmp: Path) -
 
 def _gate(bucket: str, name: str) -> Fault:
     return Fault(
-        kind="gate", method="GET", path_contains=f"/{bucket}/model/{name}", gate=threading.Event()
+        kind="gate",
+        method="GET",
+        path_contains=f"/{bucket}/model/{name}",
+        gate=threading.Event(),
+        gate_timeout=300,
     )
 
 
@@ -380,7 +384,9 @@ def test_two_models_pulled_at_once_store_their_shared_file_once(
         for b in (one, two)
     ]
     try:
-        poll_until(lambda: all(g.hits for g in gates), what="both pulls fetching the shard")
+        poll_until(
+            lambda: all(g.hits for g in gates), deadline=120, what="both pulls fetching the shard"
+        )
         gates[0].gate.set()  # type: ignore[union-attr]
         first = procs[0].wait()
         assert first.returncode == 0, first.describe()
@@ -421,7 +427,7 @@ def test_gc_during_a_pull_never_frees_what_the_pull_linked(
         cli_argv("pull", "--cache-dir", cache, f"s3://{other}/model", tmp / "b"), env, tmp
     )
     try:
-        poll_until(lambda: held.hits, what="the pull waiting for its own file")
+        poll_until(lambda: held.hits, deadline=120, what="the pull waiting for its own file")
         before = du(cache)
         _planned, done = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=False)
         after = du(cache)
