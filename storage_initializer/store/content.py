@@ -175,7 +175,7 @@ def volume_index(entry: layout.Entry) -> Index:
         if name.startswith("."):
             continue
         other = layout.cached(cache_dir, name)
-        if not other.state.is_dir() or other.state.is_symlink():
+        if other.root.is_symlink() or other.state.is_symlink() or not other.state.is_dir():
             continue
         places.extend(_version_markers(other))
     return Index(candidates_of(places))
