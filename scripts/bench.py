@@ -1098,7 +1098,7 @@ def scenario_simple(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a small model, for CI")
-    parser.add_argument("--backends", default="s3,gcs,azure,http,hf")
+    parser.add_argument("--backends", default="s3,gcs,azure,http,hf,reuse")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per scenario [3; small 1]")
     parser.add_argument("--shards", type=int)
     parser.add_argument("--shard-mib", type=int)
@@ -1181,6 +1181,10 @@ def main(argv: list[str] | None = None) -> int:
                         "hf: the test Hub server is a Python ThreadingHTTPServer in the "
                         "benchmark's own process; it, not the tools, bounds the throughput"
                     )
+                elif backend == "reuse":
+                    import bench_reuse  # scripts/bench_reuse.py, beside this file
+
+                    bench_reuse.scenario_reuse(bench, servers, files, sys.modules[__name__])
                 else:
                     bench.notes.append(f"unknown backend {backend!r} skipped")
             except Exception as exc:  # one backend's trouble must not end the run

@@ -38,6 +38,9 @@ class EntryInfo:
     lease: str = "free"
     #: The lease's last heartbeat (Unix time): the last sign of life of its downloader.
     heartbeat: float | None = None
+    #: Bytes of its files that other entries hold too (hard links: content reuse), which
+    #: evicting this entry alone would not free.
+    shared_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +53,24 @@ def _tree_size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+def shared_bytes(entry: layout.Entry) -> int:
+    """Bytes of the entry's files (every version) that are also linked from outside it: an
+    inode counted once, shared when its link count exceeds the links found inside the entry."""
+    inside: dict[tuple[int, int], list[int]] = {}  # inode -> [links inside, nlink, size]
+    places = [entry.root / v for v in entry.versions()] if entry.mode == "cache" else []
+    for place in places or [entry.root]:
+        for dirpath, dirs, files in os.walk(place):
+            dirs[:] = [d for d in dirs if d != STATE_DIR_NAME]
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                seen = inside.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_size])
+                seen[0] += 1
+    return sum(size for links, nlink, size in inside.values() if nlink > links)
 
 
 def lease_state(entry: layout.Entry, stale_after: float) -> tuple[str, dict[str, Any] | None]:
@@ -109,6 +130,7 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
         old_versions_bytes=old_bytes,
         lease=lease,
         heartbeat=_heartbeat(data),
+        shared_bytes=shared_bytes(entry) if state == "complete" else 0,
     )
 
 

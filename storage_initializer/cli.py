@@ -346,7 +346,7 @@ def _cache_status(cache_dir: Path, stale_after: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(survey, indent=1, sort_keys=True))
         return
-    header = ("KEY", "STATE", "SIZE", "FILES", "CREATED", "LAST USED", "HITS", "SOURCE")
+    header = ("KEY", "STATE", "SIZE", "SHARED", "FILES", "CREATED", "LAST USED", "HITS", "SOURCE")
     rows = [header]
     for e in survey["entries"]:
         state = e["state"]
@@ -358,6 +358,7 @@ def _cache_status(cache_dir: Path, stale_after: float, as_json: bool) -> None:
                 e["key"],
                 state,
                 human_bytes(e["size"]),
+                human_bytes(e.get("shared_bytes", 0)),
                 str(e["files"]),
                 _when(e["created"]),
                 _when(e["last_used"]),

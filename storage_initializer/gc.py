@@ -102,6 +102,41 @@ def disk_usage(paths: Iterable[Path]) -> int:
     )
 
 
+def _action_paths(action: Action) -> list[Path]:
+    if action.scope == "leftovers":
+        return [action.entry.root / name for name in action.paths]
+    return [action.entry.root]
+
+
+def _account_shared(actions: list[Action]) -> None:
+    """Give each action the space it frees *after* the ones before it: a file hard-linked from
+    several entries or versions (content reuse, store.reuse) frees its blocks only with the
+    last of its links, so it counts for the action that removes that last link, once, and the
+    sum over the plan is exactly what ``du`` of the cache loses when the plan runs."""
+    seen: dict[tuple[int, int], int] = {}
+    for action in actions:
+        freed = 0
+        for top in _action_paths(action):
+            try:
+                stack = [(str(top), os.lstat(top))]
+            except OSError:
+                continue
+            while stack:
+                path, st = stack.pop()
+                key = (st.st_dev, st.st_ino)
+                count = seen[key] = seen.get(key, 0) + 1
+                if _is_file(st.st_mode):
+                    freed += st.st_blocks * 512 if count == st.st_nlink else 0
+                elif count == 1:
+                    freed += st.st_blocks * 512
+                if _is_dir(st.st_mode):
+                    with contextlib.suppress(OSError), os.scandir(path) as listing:
+                        for child in listing:
+                            with contextlib.suppress(OSError):
+                                stack.append((child.path, child.stat(follow_symlinks=False)))
+        action.bytes = freed
+
+
 def _is_dir(mode: int) -> bool:
     return stat.S_ISDIR(mode)
 
@@ -263,6 +298,7 @@ def plan(cache_dir: Path, policy: Policy, now: float | None = None) -> list[Acti
             info,
             f"{policy.policy}: hits {info.hits}, last used {now - _last_use(info):.0f}s ago",
         )
+    _account_shared(actions)
     return actions
 
 

@@ -66,6 +66,9 @@ class Result:
     retries: int = 0
     takeovers: int = 0
     verify_failures: int = 0
+    #: Files fetched from the origin, and files reused from the volume or a staging area.
+    files_fetched: int = 0
+    files_reused: int = 0
 
     def fields(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -148,6 +151,7 @@ def _found(
         entry.key,
         marker.fingerprint,
         phases=phases,
+        files_reused=len(marker.files),
     )
 
 
@@ -179,6 +183,7 @@ def _finish(
             top_level([f.path for f in marker.files]),
             settings.link_mode,
             settings.replace,
+            private=not settings.read_only,
         )
 
 
@@ -607,6 +612,8 @@ def _download(
         if entry.mode == "direct":
             recover_interrupted(entry, staging)
         todo = _reuse_staged(files, staging, progress)
+        # Same content already on the volume (any version, entry or DEST): link, not fetch.
+        todo = _reuse_volume(entry, uri, todo, staging, progress, settings)
         single_archive = (
             len(files) == 1 and _is_archive(files[0].path) and source.extract_single_archive
         )
@@ -637,6 +644,7 @@ def _download(
                 ) from None
     finally:
         source.close()
+    _dedupe_fetched(entry, uri, todo, staging, settings)
     final = [
         marker_io.MarkerFile(
             f.path,
@@ -676,12 +684,14 @@ def _download(
         include=list(settings.include),
         exclude=list(settings.exclude),
         downloaded_by={"host": owner.host, "pod": owner.pod, "pid": owner.pid},
-        read_only=settings.read_only,
+        read_only=settings.read_only or entry.mode == "cache",
         tool_version=__version__,
         signature=signature,
     )
     if entry.mode == "cache":
-        name = commit_version(entry, staging, new_marker, lease, settings.read_only)
+        # A cache version is shared by every pod and other entries' links: always read-only;
+        # a --writable pod gets private copies of it (_finish).
+        name = commit_version(entry, staging, new_marker, lease, True)
         _finish(entry.version(name), dest, new_marker, settings)
     else:
         commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
@@ -698,7 +708,39 @@ def _download(
         0.0,
         entry.key,
         listing.fingerprint,
+        files_fetched=len(todo),
+        files_reused=len(files) - len(todo),
     )
+
+
+def _reuse_volume(
+    entry: layout.Entry,
+    uri: SourceUri,
+    todo: list[RemoteFile],
+    staging: Any,
+    progress: Any,
+    settings: Settings,
+) -> list[RemoteFile]:
+    """The files still to fetch once those the volume holds are in staging (store.reuse).
+    Cache versions are always committed read-only, so they may share inodes."""
+    from storage_initializer.store import reuse
+
+    may_link = settings.read_only or entry.mode == "cache"
+    return reuse.from_volume(entry, uri.redacted, todo, staging, progress, may_link).todo
+
+
+def _dedupe_fetched(
+    entry: layout.Entry,
+    uri: SourceUri,
+    fetched: list[RemoteFile],
+    staging: Any,
+    settings: Settings,
+) -> None:
+    """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
+    from storage_initializer.store import reuse
+
+    may_link = settings.read_only or entry.mode == "cache"
+    reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
 
 
 def _cancel_on_loss(lease: Lease) -> Any:

@@ -152,13 +152,18 @@ def summary(fields: dict[str, Any], log_format: str) -> None:
         "copied-up": "copied up from a slower cache tier",
         "no-op": "nothing to download",
     }.get(outcome, outcome)
+    split = ""
+    if fields.get("files_fetched") or fields.get("files_reused"):
+        fetched, reused = fields.get("files_fetched", 0), fields.get("files_reused", 0)
+        split = f" ({fetched} fetched, {reused} reused)"
     log.info(
-        "summary: %s %s -> %s: %s from origin, %s reused, %d files, %.2fs",
+        "summary: %s %s -> %s: %s from origin, %s reused, %d files%s, %.2fs",
         what,
         fields["source"],
         fields["dest"],
         human_bytes(fields.get("bytes_from_origin", 0)),
         human_bytes(fields.get("bytes_reused", 0)),
         fields.get("files", 0),
+        split,
         fields.get("seconds", 0.0),
     )

@@ -186,7 +186,8 @@ def test_listing_is_at_the_resolved_commit(hub: Hub, hf_env: dict[str, str]) -> 
             assert item.checksums == {"sha256": hashlib.sha256(data).hexdigest()}
             assert item.version == item.checksums["sha256"]
         else:
-            assert item.checksums == {}
+            # The blob id identifies the content for reuse (store.content), under its own name.
+            assert item.checksums == {"gitsha1": git_blob_oid(data)}
             assert item.version == git_blob_oid(data)
 
 

@@ -468,6 +468,9 @@ class HfSource(Source):
             size = int(lfs.get("size", size))
         # The git blob id ("oid") is sha1("blob <size>\0" + content), not a sha1 of the content:
         # it is kept as the version, never announced as a "sha1" checksum.
+        # It does identify the content, as "gitsha1" (store.content), for reuse on the volume.
+        if not checksums and re.fullmatch(r"[0-9a-f]{40}", version):
+            checksums["gitsha1"] = version
         return RemoteFile(
             path=safe_relpath(relative, "Hub file"),
             size=size,

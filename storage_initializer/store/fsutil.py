@@ -22,7 +22,9 @@ def remove_tree(path: Path) -> None:
     def make_writable_and_retry(func, target, _exc):  # type: ignore[no-untyped-def]
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(target), 0o700)
-            if not os.path.islink(target):
+            # Never a file: it may be hard-linked from other versions and entries (content
+            # reuse), which would change mode with it; unlinking needs only the directory.
+            if os.path.isdir(target) and not os.path.islink(target):
                 os.chmod(target, 0o700)
         func(target)
 

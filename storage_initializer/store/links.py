@@ -4,6 +4,11 @@
 must mount the cache volume at the same path. ``hardlink`` rebuilds the directories and links
 each file: the destination must be on the same filesystem. ``copy`` copies: for a destination
 on another volume (emptyDir) when the server cannot see the cache.
+
+A ``--writable`` destination (``private=True``) always gets private copies (a reflink where the
+filesystem shares extents, else the bytes), whatever the link mode: a symlink or a hard link
+would let a replica that rewrites a file change the bytes every other pod, every other entry
+sharing that file, and ``verify`` of the cache see. The cache itself stays read-only.
 """
 
 from __future__ import annotations
@@ -52,8 +57,12 @@ def read_pointer(dest: Path) -> dict[str, str] | None:
     return data if isinstance(data, dict) and "entry" in data else None
 
 
-def populate(entry: Entry, dest: Path, items: list[str], mode: str, replace: bool) -> None:
+def populate(
+    entry: Entry, dest: Path, items: list[str], mode: str, replace: bool, private: bool = False
+) -> None:
     dest.mkdir(parents=True, exist_ok=True)
+    if private:
+        mode = "private"
     wanted = set(items)
     for name in sorted(os.listdir(dest)):
         if name in wanted or name in (STATE_DIR_NAME, "lost+found"):
@@ -70,6 +79,10 @@ def populate(entry: Entry, dest: Path, items: list[str], mode: str, replace: boo
     for name in sorted(wanted):
         source = entry.root / name
         target = dest / name
+        if mode != "symlink" and target.is_symlink():
+            # A link into the cache from an earlier symlink-mode pull: copying or linking
+            # *through* it would write into the cache itself.
+            target.unlink()
         if mode == "symlink":
             _symlink(source, target, replace)
         elif source.is_dir():
@@ -108,10 +121,21 @@ def _file(source: Path, target: Path, mode: str) -> None:
         same = os.stat(source)
         have = os.stat(target)
         if (mode == "hardlink" and same.st_ino == have.st_ino) or (
-            mode == "copy" and same.st_size == have.st_size
+            mode in ("copy", "private")
+            and same.st_size == have.st_size
+            and same.st_ino != have.st_ino
         ):
             return
         remove_path(target)
+    if mode == "private":
+        from storage_initializer.store.fsutil import WRITABLE_FILE
+        from storage_initializer.store.reuse import reflink_or_copy
+
+        if target.is_symlink():
+            target.unlink()
+        reflink_or_copy(source, target)
+        os.chmod(target, WRITABLE_FILE)
+        return
     if mode == "hardlink":
         try:
             os.link(source, target)
@@ -136,12 +160,12 @@ def _tree(source: Path, target: Path, mode: str) -> None:
         out_dir = target / relative if relative != "." else target
         out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(PermissionError):
-            os.chmod(out_dir, 0o755)
+            os.chmod(out_dir, 0o2775 if mode == "private" else 0o755)
         for name in filenames:
             _file(Path(dirpath) / name, out_dir / name, mode)
         dirnames.sort()
     read_only = (os.stat(source).st_mode & 0o222) == 0
-    if read_only:
+    if read_only and mode != "private":
         for dirpath, _d, _f in os.walk(target, topdown=False):
             with contextlib.suppress(PermissionError):
                 os.chmod(dirpath, READ_ONLY_DIR)
