@@ -90,7 +90,7 @@ def _bool(value: Any) -> bool:
 
 def _whole(value: Any) -> int:
     """A whole number: ``8``, not ``8.5``, ``eight`` or a YAML ``true``."""
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise BadValue("is not a whole number; use e.g. 8")
     try:
         return int(value) if isinstance(value, int | float) else int(str(value).strip())
@@ -125,7 +125,7 @@ def _patterns(value: Any) -> tuple[str, ...]:
                 'is not a JSON list of patterns; use e.g. ["*.bin", "*.json"] or *.bin,*.json'
             ) from None
         if not isinstance(loaded, list):
-            raise BadValue("is not a JSON list of patterns; use e.g. [\"*.bin\", \"*.json\"]")
+            raise BadValue('is not a JSON list of patterns; use e.g. ["*.bin", "*.json"]')
         return _patterns(loaded)
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
