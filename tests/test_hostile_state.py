@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import helpers
 from tests.helpers import STATE_DIR
@@ -315,3 +318,59 @@ def test_a_garbage_cache_pointer_in_dest_is_ignored(nginx: Nginx, tmp: Path) -> 
         assert "Traceback" not in status.stderr, status.describe()
         assert f"ignoring {pointer}" in status.stderr, status.describe()
         assert "/etc" not in json.loads(status.stdout).get("entry", "")
+
+
+# -- property: whatever a journal holds, what we read from it stays inside the entry ----------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["weights.bin", "../x", "/etc/passwd", "a/../../b", ".storage-initializer/x"])
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "path": _json,
+        "size": _json,
+        "start": _json,
+        "end": _json,
+        "checksums": _json,
+        "items": st.lists(_json, max_size=4) | _json,
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(_record | _json, max_size=6))
+def test_any_journal_content_reads_safely(lines: list[object]) -> None:
+    """Staging and commit journals hold any JSON at all: reading them never raises, and every
+    path that comes out is a clean relative path inside the entry (a top-level name for the
+    commit journal), every size and offset a non-negative whole number."""
+    from storage_initializer.paths import safe_relpath
+    from storage_initializer.store import layout
+    from storage_initializer.store.commit import _journal_items
+    from storage_initializer.store.staging import Staging
+
+    with tempfile.TemporaryDirectory() as root:
+        entry = layout.direct(Path(root) / "dest", "k")
+        staging = Staging(entry, "0123456789ab")
+        staging.dir.mkdir(parents=True)
+        text = "\n".join(json.dumps(line) for line in lines) + "\n"
+        (staging.dir / "verified.jsonl").write_text(text)
+        (staging.dir / "chunks.jsonl").write_text(text)
+        entry.commit_journal.write_text(json.dumps(lines[0] if lines else {}))
+        for path, record in staging.verified().items():
+            assert safe_relpath(path) == path == record.path
+            assert type(record.size) is int and record.size >= 0
+        for path, ranges in staging.chunks().items():
+            assert safe_relpath(path) == path
+            assert all(type(a) is int and type(b) is int and 0 <= a < b for a, b in ranges)
+        for item in _journal_items(entry):
+            assert safe_relpath(item) == item and "/" not in item
