@@ -374,3 +374,28 @@ def test_any_journal_content_reads_safely(lines: list[object]) -> None:
             assert all(type(a) is int and type(b) is int and 0 <= a < b for a, b in ranges)
         for item in _journal_items(entry):
             assert safe_relpath(item) == item and "/" not in item
+
+
+def test_a_link_planted_in_a_resumed_staging_area_is_not_written_through(
+    nginx: Nginx, tmp: Path
+) -> None:
+    """A staging area of the same source version whose data holds a link named like a model
+    file: resuming must not write the download through it (it would overwrite the target)."""
+    uri, _folder = _source(nginx)
+    first = tmp / "first"
+    assert _pull(uri, first).returncode == 0
+    genuine = json.loads(helpers.marker_path(first).read_text())
+    victim = tmp / "victim.conf"
+    victim.write_bytes(b"precious settings\n")
+    dest = tmp / "second"
+    area = dest / STATE_DIR / "staging" / "0123456789ab"
+    (area / "data").mkdir(parents=True)
+    os.symlink(victim, area / "data" / "weights.bin")
+    meta = {"key": genuine["key"], "fingerprint": genuine["fingerprint"]}
+    (area / "source.json").write_text(json.dumps(meta))
+    (area / "chunks.jsonl").write_text('{"path": "weights.bin", "start": 0, "end": 1}\n')
+    run = _pull(uri, dest)
+    assert victim.read_bytes() == b"precious settings\n"
+    _model_ok(run, dest)
+    assert not (dest / "weights.bin").is_symlink()
+    assert "removed 1 symbolic link(s) from the staging area" in run.stderr, run.stderr

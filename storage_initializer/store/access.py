@@ -46,7 +46,10 @@ def record(entry: Entry, outcome: str) -> None:
     UID without group write) only loses the record."""
     pod = "".join(c for c in os.environ.get("POD_NAME", "") if c.isprintable() and c != " ")
     line = f"{time.time():.3f} {outcome} {pod}\n"
-    # Never through a link planted in its place: it would append to the file it names.
+    # Never through a link planted in its place (or as the state directory): it would
+    # append to the file it names.
+    if os.path.islink(entry.state):
+        return
     with contextlib.suppress(OSError):
         append_state_line(log_path(entry), line)
 

@@ -18,7 +18,12 @@ from pathlib import Path
 
 from storage_initializer.errors import DestinationError
 from storage_initializer.paths import STATE_DIR_NAME
-from storage_initializer.store.fsutil import READ_ONLY_DIR, read_state_text, remove_path
+from storage_initializer.store.fsutil import (
+    READ_ONLY_DIR,
+    read_state_text,
+    remove_path,
+    unlink_planted_link,
+)
 from storage_initializer.store.layout import Entry
 from storage_initializer.store.marker import write_atomic
 
@@ -104,6 +109,7 @@ def populate(entry: Entry, dest: Path, items: list[str], mode: str, replace: boo
             _file(source, target, mode)
     note = {"entry": str(entry.root), "key": entry.key, "link_mode": mode}
     if read_pointer(dest) != note:
+        unlink_planted_link(pointer(dest).parent, "the state directory")
         pointer(dest).parent.mkdir(exist_ok=True)
         write_atomic(pointer(dest), json.dumps(note) + "\n")
 

@@ -153,6 +153,13 @@ def read(entry: Entry) -> Marker | None:
     """The entry's marker, or None when there is none or it is not one we wrote (a link, a
     truncated or forged file: the entry is then incomplete, and the warning says what to
     delete). Never raises on bad content: a malformed marker must not crash-loop a pod."""
+    if os.path.islink(entry.state):
+        log.warning(
+            "the state directory %s is a symbolic link, which storage-initializer never "
+            "creates; treating the model as incomplete (delete the link)",
+            entry.state,
+        )
+        return None
     try:
         text = read_state_text(entry.marker)
     except FileNotFoundError:

@@ -90,6 +90,7 @@ class Staging:
                 log.info("fetching the files that verify --repair found bad (%s)", adopted[1].name)
             else:
                 log.info("resuming the download left by a previous owner (%s)", adopted[1].name)
+            _unlink_links_below(adopted[1] / "data")
             os.rename(adopted[1], staging.dir)
         staging.data.mkdir(parents=True, exist_ok=True)
         meta = {"key": key, "fingerprint": fingerprint, **({"made_by": made_by} if made_by else {})}
@@ -179,6 +180,27 @@ def _adoptable(area: Path) -> bool:
             )
             return False
     return True
+
+
+def _unlink_links_below(tree: Path) -> None:
+    """Remove every symbolic link in an adopted area's data (the links, not their targets).
+    No source stages a link (archive and OCI links become copies), so one there was planted,
+    and writing a resumed file through it would write wherever it points."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                found.append(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    if found:
+        log.warning(
+            "removed %d symbolic link(s) from the staging area being resumed (first: %s), "
+            "which storage-initializer never stages; their targets were not touched",
+            len(found),
+            found[0],
+        )
 
 
 # -- reading the journals: every line is input (torn by a crash, or written by another process
