@@ -473,10 +473,11 @@ def _as_holder(
         raise
     finally:
         lease.release(outcome)
-        if outcome == "failed":
+        if outcome == "failed":  # a first pull that got nothing leaves no state
             from storage_initializer.store.tidy import forget_empty_entry
 
-            forget_empty_entry(entry, lease.path)
+            with contextlib.suppress(OSError):
+                forget_empty_entry(entry, lease.path)
 
 
 def _phase_seconds(wait: float, progress: Any) -> dict[str, float]:
