@@ -72,7 +72,7 @@ def _intact(directory: Path, files: dict[str, bytes]) -> None:
 # -- the commit journal ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["climbing", "absolute", "nested"])
+@pytest.mark.parametrize("how", ["climbing", "absolute", "nested", "not-json", "items-wrong"])
 def test_a_planted_commit_journal_touches_nothing_outside(
     nginx: Nginx, tmp: Path, how: str
 ) -> None:
@@ -85,9 +85,13 @@ def test_a_planted_commit_journal_touches_nothing_outside(
         "climbing": "../../outside",
         "absolute": str(outside),
         "nested": "a/../../../outside",
-    }[how]
+    }.get(how, "")
     journal = dest / STATE_DIR / "commit.json"
     journal.write_text(json.dumps({"items": [item], "owner": "planted"}))
+    if how == "not-json":
+        journal.write_text('{"items": ["../../outside"')
+    elif how == "items-wrong":
+        journal.write_text(json.dumps({"items": [["../../outside"], 5]}))
     run = _pull(uri, dest)
     _intact(outside, files)
     _model_ok(run, dest)
