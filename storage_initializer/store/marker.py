@@ -154,7 +154,8 @@ def read(entry: Entry) -> Marker | None:
     truncated or forged file: the entry is then incomplete, and the warning says what to
     delete). Never raises on bad content: a malformed marker must not crash-loop a pod."""
     if os.path.islink(entry.state):
-        log.warning(
+        _warn_once(
+            entry.state,
             "the state directory %s is a symbolic link, which storage-initializer never "
             "creates; treating the model as incomplete (delete the link)",
             entry.state,
@@ -166,7 +167,8 @@ def read(entry: Entry) -> Marker | None:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            log.warning(
+            _warn_once(
+                entry.marker,
                 "the marker %s is a symbolic link, which storage-initializer never creates; "
                 "treating the model as incomplete (delete the link)",
                 entry.marker,
@@ -176,7 +178,8 @@ def read(entry: Entry) -> Marker | None:
         return Marker.from_dict(json.loads(text))
     except (ValueError, RecursionError) as exc:
         detail = exc if isinstance(exc, MalformedMarker) else "it is not valid JSON (truncated?)"
-        log.warning(
+        _warn_once(
+            entry.marker,
             "ignoring the marker %s: %s; treating the model as incomplete (delete %s if this "
             "repeats)",
             entry.marker,
@@ -184,6 +187,16 @@ def read(entry: Entry) -> Marker | None:
             entry.marker,
         )
         return None
+
+
+_warned: set[Path] = set()
+
+
+def _warn_once(path: Path, message: str, *args: Any) -> None:
+    """A waiter re-reads the marker at every poll: one warning per path and process."""
+    if path not in _warned:
+        _warned.add(path)
+        log.warning(message, *args)
 
 
 def problems(entry: Entry, marker: Marker) -> list[str]:
