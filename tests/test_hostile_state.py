@@ -403,3 +403,25 @@ def test_a_link_planted_in_a_resumed_staging_area_is_not_written_through(
     _model_ok(run, dest)
     assert not (dest / "weights.bin").is_symlink()
     assert "removed 1 symbolic link(s) from the staging area" in run.stderr, run.stderr
+
+
+def test_removing_an_orphaned_staging_area_never_descends_through_a_link(
+    nginx: Nginx, tmp: Path
+) -> None:
+    """An orphaned staging area (another source version) holding a link to a directory: the
+    area is removed, the directory it names keeps its files and its mode."""
+    uri, _folder = _source(nginx)
+    victim = tmp / "victim"
+    files = _precious(victim)
+    os.chmod(victim / "sub", 0o750)
+    dest = tmp / "dest"
+    area = dest / STATE_DIR / "staging" / "0123456789ab"
+    (area / "data" / "shards").mkdir(parents=True)
+    os.symlink(victim, area / "data" / "shards" / "linked")
+    os.symlink(victim / "sub", area / "data" / "linked-sub")
+    (area / "source.json").write_text('{"key": "another", "fingerprint": "version"}')
+    run = _pull(uri, dest)
+    _model_ok(run, dest)
+    _intact(victim, files)
+    assert oct(os.stat(victim / "sub").st_mode & 0o777) == oct(0o750)
+    assert not area.exists()
