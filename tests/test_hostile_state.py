@@ -425,3 +425,20 @@ def test_removing_an_orphaned_staging_area_never_descends_through_a_link(
     _intact(victim, files)
     assert oct(os.stat(victim / "sub").st_mode & 0o777) == oct(0o750)
     assert not area.exists()
+
+
+def test_status_does_not_report_what_a_linked_staging_directory_names(
+    nginx: Nginx, tmp: Path
+) -> None:
+    uri, _folder = _source(nginx)
+    dest = tmp / "dest"
+    assert _pull(uri, dest).returncode == 0
+    victim = tmp / "victim"
+    _precious(victim)
+    staging = dest / STATE_DIR / "staging"
+    if staging.exists():
+        os.rmdir(staging)
+    os.symlink(victim, staging)
+    info = json.loads(helpers.cli("status", "--json", dest).stdout)
+    assert info["state"] == "complete"
+    assert "sub" not in info.get("staging_areas", [])
