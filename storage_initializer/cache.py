@@ -92,7 +92,9 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
     marker = marker_io.read(model)
     usage = access.usage(entry)
     lease, data = lease_state(entry, stale_after)
-    staging_bytes = _tree_size(entry.staging_root) if entry.staging_root.exists() else 0
+    # A linked staging root is planted (store/planted.py): its target is not ours to count.
+    staging = entry.staging_root
+    staging_bytes = _tree_size(staging) if staging.is_dir() and not staging.is_symlink() else 0
     current_name = model.root.name if model is not entry else None
     old = [v for v in entry.versions() if v != current_name] if entry.mode == "cache" else []
     old_bytes = sum(_tree_size(entry.root / v) for v in old)

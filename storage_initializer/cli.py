@@ -66,19 +66,17 @@ def main() -> None:
 )
 @click.option(
     "--stale-after",
-    type=float,
     help="Seconds without a heartbeat before a download is taken over. [30]",
 )
 @click.option(
     "--lock-timeout",
-    type=float,
     help="Give up waiting for another replica after this many seconds; "
     "0 waits as long as it makes progress. [0]",
 )
-@click.option("--workers", type=int, help="Parallel requests. [backend default]")
+@click.option("--workers", help="Parallel requests. [backend default]")
 @click.option("--chunk-size", help="Size of ranged chunks of large files, e.g. 32MiB. [32MiB]")
-@click.option("--retries", type=int, help="Retries of a failing request. [5]")
-@click.option("--progress-interval", type=float, help="Seconds between progress lines. [10]")
+@click.option("--retries", help="Retries of a failing request. [5]")
+@click.option("--progress-interval", help="Seconds between progress lines. [10]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format. [text]")
 @click.option(
     "--replace/--no-replace", default=None, help="Replace a different model found in DEST. [no]"

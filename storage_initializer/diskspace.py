@@ -83,13 +83,12 @@ def check(
     staging_dir: Path, needed: int, is_archive: bool, max_size: int = 0, *, dest: Path
 ) -> None:
     """Refuse ``needed`` bytes into ``dest`` (staged in ``staging_dir``) when over the per-entry
-    quota or when the volume cannot hold them."""
-    if max_size and needed > max_size:
-        raise DestinationError(
-            f"the model is {human_bytes(needed)}, more than the {human_bytes(max_size)} "
-            "allowed per entry (--max-size)",
-            "Raise --max-size (STORAGE_INITIALIZER_MAX_SIZE) or filter files with --include",
-        )
+    quota or when the volume cannot hold them. ``needed`` counts only bytes still to be
+    written: nothing left to fetch (a run after a disk-full commit, every file verified and on
+    disk) demands no space, not even the margin — the marker is a few kilobytes."""
+    check_quota(needed, max_size)
+    if needed <= 0:
+        return
     wanted = needed * (ARCHIVE_FACTOR if is_archive else 1) + MARGIN
     available = free_bytes(staging_dir)
     if wanted > available:
@@ -98,6 +97,35 @@ def check(
             f"{human_bytes(wanted)} needed, {human_bytes(available)} free",
             "Free space on the volume, use a larger one, or download fewer files (--include)",
         )
+
+
+def check_quota(size: int, max_size: int) -> None:
+    """Refuse a model of ``size`` bytes over the per-entry quota (--max-size). Only the size
+    of the model counts here, not the free space: bytes already staged are on the volume."""
+    if max_size and size > max_size:
+        raise DestinationError(
+            f"the model is {human_bytes(size)}, more than the {human_bytes(max_size)} "
+            "allowed per entry (--max-size)",
+            "Raise --max-size (STORAGE_INITIALIZER_MAX_SIZE) or filter files with --include",
+        )
+
+
+class FullAtCommit(DestinationError):
+    """The volume filled up after every file was verified (writing the commit journal or the
+    marker): the staged files are kept, so the next run after space is freed fetches nothing."""
+
+    keep_staging = True
+
+
+def full_at_commit(exc: OSError, dest: Path, files: int) -> FullAtCommit:
+    assert exc.errno == errno.ENOSPC
+    mount = mount_point(dest)
+    return FullAtCommit(
+        f"the volume mounted at {mount} filled up while committing the verified model into "
+        f"{dest} ({human_bytes(free_bytes(mount))} free now)",
+        f"Free some space on the volume and run again: the {files} verified file(s) are kept "
+        "and will not be downloaded again",
+    )
 
 
 def describe_enospc(

@@ -120,8 +120,10 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     elif lease is not None:
         info["last_outcome"] = lease.get("outcome")
     staging = _lease_entry(entry).staging_root
-    if staging.is_dir():
-        info["staging_areas"] = sorted(p.name for p in staging.iterdir() if p.is_dir())
+    if staging.is_dir() and not staging.is_symlink():  # a link there is planted, not ours
+        info["staging_areas"] = sorted(
+            p.name for p in staging.iterdir() if p.is_dir() and not p.is_symlink()
+        )
     return info
 
 

@@ -478,6 +478,8 @@ def _as_holder(
         keep = isinstance(exc, TransientError | KeyboardInterrupt) or lost
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             keep = False
+        # Full while committing: every file is verified, keep them for the next run.
+        keep = keep or getattr(exc, "keep_staging", False)
         staging = made.get("staging")
         if staging is not None and not keep:
             with contextlib.suppress(OSError):
@@ -495,6 +497,11 @@ def _as_holder(
         raise
     finally:
         lease.release(outcome)
+        if outcome == "failed":  # a first pull that got nothing leaves no state
+            from storage_initializer.store.tidy import forget_empty_entry
+
+            with contextlib.suppress(OSError):
+                forget_empty_entry(entry, lease.path)
 
 
 def _phase_seconds(wait: float, progress: Any) -> dict[str, float]:
@@ -620,7 +627,7 @@ def _download(
         needed = sum(f.size or 0 for f in todo)
         diskspace.check(staging.data, needed, single_archive, dest=entry.root)
         if settings.max_size:
-            diskspace.check(staging.data, total, single_archive, settings.max_size, dest=entry.root)
+            diskspace.check_quota(total, settings.max_size)
         results = {r.path: r.checksums for r in staging.verified().values()}
         log.info(
             "downloading %s: %d files, %s%s",
@@ -665,7 +672,7 @@ def _download(
             raise diskspace.describe_enospc(exc, entry.root, None, staging.dir) from None
         if settings.max_size:
             extracted = sum(f.size for f in final)
-            diskspace.check(staging.data, extracted, False, settings.max_size, dest=entry.root)
+            diskspace.check_quota(extracted, settings.max_size)
     signature = None
     if settings.require_signature:  # verified before anything is published (signing.py)
         from storage_initializer.signing import check_staged
@@ -688,13 +695,19 @@ def _download(
         tool_version=__version__,
         signature=signature,
     )
+    try:
+        if entry.mode == "cache":
+            # A cache version is shared by every pod and other entries' links: always
+            # read-only; a --writable pod gets private copies of it (_finish).
+            name = commit_version(entry, staging, new_marker, lease, True)
+        else:
+            commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise diskspace.full_at_commit(exc, entry.root, len(final)) from None
     if entry.mode == "cache":
-        # A cache version is shared by every pod and other entries' links: always read-only;
-        # a --writable pod gets private copies of it (_finish).
-        name = commit_version(entry, staging, new_marker, lease, True)
         _finish(entry.version(name), dest, new_marker, settings)
-    else:
-        commit(entry, staging, new_marker, lease, settings.read_only, remove_others=True)
     progress.set_phase("done")
     snap = progress.snapshot()
     log.info("committed %s into %s", uri.redacted, entry.root)
@@ -765,12 +778,10 @@ def _reuse_staged(files: list[RemoteFile], staging: Any, progress: Any) -> list[
     todo = []
     for item in files:
         record = verified.get(item.path)
-        staged = staging.data / item.path
         ok = (
             record is not None
             and (item.size is None or record.size == item.size)
-            and staged.is_file()
-            and staged.stat().st_size == record.size
+            and staging.staged_size(item.path) == record.size
             and all(item.checksums.get(a, v) == v for a, v in record.checksums.items())
         )
         if ok:

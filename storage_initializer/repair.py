@@ -87,7 +87,9 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
     if lease is None:
         raise DestinationError(f"another replica took the lease of {keyed.root}; try again")
     try:
-        staging = Staging.prepare(keyed, owner.id, marker.key, marker.fingerprint)
+        staging = Staging.prepare(
+            keyed, owner.id, marker.key, marker.fingerprint, made_by="verify --repair"
+        )
         for item in marker.files:
             if item.path in bad:
                 continue

@@ -80,6 +80,12 @@ class Settings:
         return max(0.05, min(1.0, self.stale_after / 10))
 
 
+class BadValue(ValueError):
+    """A value an option cannot take, said in the user's terms ("is not a size; use e.g.
+    32MiB"): :func:`load` prefixes the flag, variable or config key it came from and the value.
+    A converter's own exception text (``invalid literal for int()``) never reaches the user."""
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -88,7 +94,30 @@ def _bool(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off", "n", ""):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise BadValue("is not true or false; use e.g. true")
+
+
+def _whole(value: Any) -> int:
+    """A whole number: ``8``, not ``8.5``, ``eight`` or a YAML ``true``."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise BadValue("is not a whole number; use e.g. 8")
+    try:
+        return int(value) if isinstance(value, int | float) else int(str(value).strip())
+    except (ValueError, TypeError, OverflowError):
+        raise BadValue("is not a whole number; use e.g. 8") from None
+
+
+def _number(value: Any) -> float:
+    """A finite number (seconds, ratios): ``30``, ``0.5``; not ``soon``, ``nan`` or ``inf``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value) if isinstance(value, int | float) else float(str(value).strip())
+    except (ValueError, TypeError, OverflowError):
+        raise BadValue("is not a number; use e.g. 30") from None
+    if not math.isfinite(number):
+        raise BadValue("is not a finite number; use e.g. 30")
+    return number
 
 
 def _patterns(value: Any) -> tuple[str, ...]:
@@ -98,9 +127,14 @@ def _patterns(value: Any) -> tuple[str, ...]:
     if not text:
         return ()
     if text.startswith("["):
-        loaded = json.loads(text)
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            raise BadValue(
+                'is not a JSON list of patterns; use e.g. ["*.bin", "*.json"] or *.bin,*.json'
+            ) from None
         if not isinstance(loaded, list):
-            raise ValueError("expected a JSON list of patterns")
+            raise BadValue('is not a JSON list of patterns; use e.g. ["*.bin", "*.json"]')
         return _patterns(loaded)
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -115,7 +149,7 @@ def _sizes(value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     sizes = tuple(_size(v) for v in items if str(v).strip())
     if any(s < 0 for s in sizes):
-        raise ValueError(f"sizes must be ≥ 0, got {value!r}")
+        raise BadValue("holds a negative size; use sizes ≥ 0, e.g. 500GiB,2TiB")
     return sizes
 
 
@@ -123,17 +157,21 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+            raise BadValue(f"is not one of {', '.join(options)}")
         return text
 
     return convert
 
 
 def _positive(convert: Callable[[Any], Any], allow_zero: bool = True) -> Callable[[Any], Any]:
+    # The built-in int() and float() speak Python ("invalid literal for int()"): use ours.
+    convert = {int: _whole, float: _number}.get(convert, convert)  # type: ignore[call-overload]
+
     def checked(value: Any) -> Any:
         number = convert(value)
         if number < 0 or (number == 0 and not allow_zero):
-            raise ValueError(f"must be {'≥' if allow_zero else '>'} 0, got {value!r}")
+            bound = "≥ 0" if allow_zero else "> 0"
+            raise BadValue(f"is {'negative' if number < 0 else 'zero'}; use a value {bound}")
         return number
 
     return checked
@@ -141,10 +179,7 @@ def _positive(convert: Callable[[Any], Any], allow_zero: bool = True) -> Callabl
 
 def _finite(value: Any) -> float:
     """A float that can be multiplied by a size: "nan" and "inf" parse, but mean nothing here."""
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
+    return _number(value)
 
 
 def parse_size(value: Any) -> int:
@@ -153,11 +188,16 @@ def parse_size(value: Any) -> int:
 
 
 def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise BadValue("is not a size; use e.g. 32MiB")
     text = str(value).strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in units:
-        return int(_finite(text[:-1]) * units[text[-1]])
-    return int(text)
+    try:
+        if text and text[-1] in units:
+            return int(_number(text[:-1]) * units[text[-1]])
+        return int(text)
+    except (ValueError, OverflowError):
+        raise BadValue("is not a size; use e.g. 32MiB") from None
 
 
 def _signature_trust(value: Any) -> str:
@@ -268,8 +308,25 @@ def _normalise_config(data: Mapping[str, Any], path: str) -> dict[str, Any]:
                 f"config file {path}: unknown option {raw_key!r}",
                 f"Known options: {', '.join(sorted(SPEC))}",
             )
-        result[key] = (not _bool(value)) if negate else value
+        if negate:
+            try:
+                value = not _bool(value)
+            except BadValue as exc:
+                raise UsageError(
+                    f"config file {path}, key {raw_key}: {value!r} {exc}",
+                    "Fix the value or remove it to use the default",
+                ) from None
+        result[key] = value
     return result
+
+
+def _keys_as_written(data: Mapping[str, Any]) -> dict[str, str]:
+    """Option name → the key as the config file wrote it (``chunk-size``), for messages."""
+    written = {}
+    for raw_key in data:
+        key = str(raw_key).strip().replace("-", "_").lower()
+        written[ALIASES.get(key, key).lstrip("!")] = str(raw_key)
+    return written
 
 
 def load(
@@ -279,6 +336,7 @@ def load(
     environ = os.environ if environ is None else environ
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
     config, config_path = _read_config_file(environ)
+    written = _keys_as_written(config)
     config = _normalise_config(config, config_path)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -297,13 +355,34 @@ def load(
         origin, raw = candidates[0]
         try:
             values[name] = convert(raw)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"invalid value for {name} ({origin}): {exc}") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise _bad_value(name, origin, raw, exc, written) from None
         origins[name] = origin
     if values.get("cache_max_sizes"):
         values["cache_max_size"] = values["cache_max_sizes"][0]
     settings = Settings(**values)
     return replace(settings, origins=origins)
+
+
+def _bad_value(
+    name: str, origin: str, raw: Any, exc: Exception, written: Mapping[str, str]
+) -> UsageError:
+    """``--chunk-size: 'lots' is not a size; use e.g. 32MiB``: where the value came from, as the
+    user wrote it (the flag, the variable, the config file and its key), the value, and what
+    would be right; never a converter's Python text."""
+    if origin == "flag":
+        where = f"--{name.replace('_', '-')}"
+    elif origin.startswith("env "):
+        where = origin.removeprefix("env ")
+    else:
+        key = written.get(name, name)
+        where = f"{origin.replace('config ', 'config file ', 1)}, key {key}"
+    detail = str(exc) if isinstance(exc, BadValue) else "is not a valid value for this option"
+    shown = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    hint = "Fix the value or remove it to use the default"
+    return UsageError(f"{where}: {shown!r} {detail}", hint)
 
 
 def names() -> list[str]:

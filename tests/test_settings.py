@@ -76,10 +76,10 @@ def test_chunk_size_units() -> None:
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"STORAGE_READONLY": "maybe"}, "read_only"),
-        ({"STORAGE_INITIALIZER_STALE_AFTER": "0"}, "stale_after"),
-        ({"STORAGE_INITIALIZER_LINK_MODE": "reflink"}, "link_mode"),
-        ({"STORAGE_INITIALIZER_WORKERS": "-1"}, "workers"),
+        ({"STORAGE_READONLY": "maybe"}, "STORAGE_READONLY: 'maybe' is not true or false"),
+        ({"STORAGE_INITIALIZER_STALE_AFTER": "0"}, "STORAGE_INITIALIZER_STALE_AFTER: '0' is zero"),
+        ({"STORAGE_INITIALIZER_LINK_MODE": "reflink"}, "'reflink' is not one of symlink"),
+        ({"STORAGE_INITIALIZER_WORKERS": "-1"}, "STORAGE_INITIALIZER_WORKERS: '-1' is negative"),
     ],
 )
 def test_bad_values_are_errors_naming_the_option(env: dict[str, str], needle: str) -> None:

@@ -19,8 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
+from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.store import marker as marker_io
-from storage_initializer.store.fsutil import remove_path, set_dir_modes, set_file_modes
+from storage_initializer.store.fsutil import (
+    read_state_text,
+    remove_path,
+    set_dir_modes,
+    set_file_modes,
+)
 from storage_initializer.store.layout import CURRENT_NAME, Entry
 from storage_initializer.store.lease import Lease
 from storage_initializer.store.staging import Staging
@@ -28,28 +34,67 @@ from storage_initializer.store.staging import Staging
 log = logging.getLogger(__name__)
 
 
+class MalformedJournal(ValueError):
+    """A commit journal that is not one we wrote (see :func:`_journal_items`)."""
+
+
 def _journal_items(entry: Entry) -> list[str]:
+    """The top-level names a commit was moving, or [] when there is no usable journal.
+
+    The journal lives in the group-writable state directory, so it is input: each item must be
+    one plain top-level name of the model (no ``/``, no ``..``, not our state directory), or
+    recovery would move or delete whatever a planted journal names — ``../../etc`` included.
+    A journal that is not what :func:`commit` writes is ignored as a whole, with a warning."""
     try:
-        data = json.loads(entry.commit_journal.read_text(encoding="utf-8"))
-        return [str(i) for i in data.get("items", [])]
-    except (OSError, ValueError, AttributeError):
+        return _parse_journal(read_state_text(entry.commit_journal))
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc if isinstance(exc, MalformedJournal) else "it is not valid JSON"
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            reason = f"it cannot be read safely ({exc.strerror})"
+        log.warning(
+            "ignoring the commit journal %s: %s; nothing it names is touched (delete %s if "
+            "this repeats)",
+            entry.commit_journal,
+            reason,
+            entry.commit_journal,
+        )
+        return []
+
+
+def _parse_journal(text: str) -> list[str]:
+    data = json.loads(text)
+    items = data.get("items") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise MalformedJournal("it has no list of items")
+    for item in items:
+        if not isinstance(item, str):
+            raise MalformedJournal(f"it names {item!r}, which is not a file name")
+        try:
+            clean = safe_relpath(item, "commit journal item")
+        except UnsafePathError as exc:
+            raise MalformedJournal(str(exc)) from None
+        if clean != item or "/" in item or item == "lost+found":
+            raise MalformedJournal(f"it names {item!r}, which is not a top-level model item")
+    return list(items)
 
 
 def recover_interrupted(entry: Entry, staging: Staging | None) -> None:
     """Undo the visible half of a commit that a crash interrupted."""
     items = _journal_items(entry)
-    if not items and not entry.commit_journal.exists():
+    if not items and not os.path.lexists(entry.commit_journal):
         return
     log.info("recovering a commit interrupted by a crash (%d items)", len(items))
     for name in items:
         source = entry.root / name
-        if not (source.exists() or source.is_symlink()):
+        if not os.path.lexists(source):
             continue
         target = staging.data / name if staging is not None else None
-        if target is not None and not (target.exists() or target.is_symlink()):
-            with contextlib.suppress(OSError):
-                os.chmod(source, 0o755) if source.is_dir() else None
+        if target is not None and not os.path.lexists(target):
+            if source.is_dir() and not source.is_symlink():  # chmod would follow a link
+                with contextlib.suppress(OSError):
+                    os.chmod(source, 0o755)
             os.rename(source, target)
         else:
             remove_path(source)

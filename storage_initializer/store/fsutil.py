@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 READ_ONLY_FILE = 0o444
 READ_ONLY_DIR = 0o555
@@ -34,13 +37,59 @@ def remove_tree(path: Path) -> None:
         path.unlink()
         return
     if path.exists():
+        # os.walk lists a link to a directory among ``dirs`` (without descending into it):
+        # chmod would follow it and change the mode of a directory outside the tree.
         for root, dirs, _files in os.walk(path):
             for name in dirs:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(root, name), 0o700)
+                full = os.path.join(root, name)
+                if not os.path.islink(full):
+                    with contextlib.suppress(OSError):
+                        os.chmod(full, 0o700)
         with contextlib.suppress(OSError):
             os.chmod(path, 0o700)
         shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def read_state_text(path: Path) -> str:
+    """Read one of our state files without following a symbolic link (``ELOOP`` when it is
+    one): the state directory is group-writable, so a link there is planted, not ours."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def append_state_line(path: Path, line: str) -> None:
+    """Append one line to a state journal, never through a symbolic link planted in its
+    place (it would append to whatever file the link names, with our privileges)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o664)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def unlink_planted_link(
+    path: Path, what: str, why: str = "which storage-initializer never creates"
+) -> bool:
+    """Remove ``path`` when it is a symbolic link (the link itself, never what it names),
+    saying what was found; True when it was one. Our state files and directories are never
+    links: one there was planted by another process of the pod's group."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False  # absent, or not a link
+    log.warning(
+        "%s %s is a symbolic link to %s, %s; removing the link, not its target. If this "
+        "repeats, find what writes there and delete %s",
+        what,
+        path,
+        target,
+        why,
+        path,
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
 
 
 def remove_path(path: Path) -> None:

@@ -70,7 +70,10 @@ class Entry:
         except OSError:
             return None
         name = os.path.basename(os.path.normpath(target))
-        return name if VERSION_RE.match(name) else None
+        # A version directory is never a link: one there was planted (store/planted.py).
+        if not VERSION_RE.match(name) or os.path.islink(self.root / name):
+            return None
+        return name
 
     def version(self, name: str) -> Entry:
         """Cache mode: one immutable version of this entry, itself laid out like a direct
@@ -84,7 +87,7 @@ class Entry:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if VERSION_RE.match(n))
+        return sorted(n for n in names if VERSION_RE.match(n) and not os.path.islink(self.root / n))
 
     def model_items(self) -> list[str]:
         """Top-level names of the model (everything but our state directory)."""
@@ -105,7 +108,11 @@ def cached(cache_dir: Path, key: str) -> Entry:
 
 def ensure_state_dir(entry: Entry) -> None:
     """Create the state directory group-writable, so replicas running as other UIDs of the
-    same group (fsGroup) can lock and lease too."""
+    same group (fsGroup) can lock and lease too. Links planted where our state lives are
+    removed first, so that nothing below follows one (store/planted.py)."""
+    from storage_initializer.store.planted import remove_planted_links
+
+    remove_planted_links(entry)
     with contextlib.suppress(FileExistsError):
         entry.state.mkdir(parents=True, exist_ok=True)
     # Created by another UID: its mode is already right, and we may not change it.

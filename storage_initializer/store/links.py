@@ -23,7 +23,12 @@ from pathlib import Path
 
 from storage_initializer.errors import DestinationError
 from storage_initializer.paths import STATE_DIR_NAME
-from storage_initializer.store.fsutil import READ_ONLY_DIR, remove_path
+from storage_initializer.store.fsutil import (
+    READ_ONLY_DIR,
+    read_state_text,
+    remove_path,
+    unlink_planted_link,
+)
 from storage_initializer.store.layout import Entry
 from storage_initializer.store.marker import write_atomic
 
@@ -50,11 +55,37 @@ def pointer(dest: Path) -> Path:
 
 
 def read_pointer(dest: Path) -> dict[str, str] | None:
+    """DEST's note, or None when there is none or it is not one we wrote. It sits in DEST's
+    group-writable state directory and tells ``status`` and ``verify --repair`` which entry to
+    work on, so it must name an absolute, normalised directory path; a link in its place is
+    not read."""
     try:
-        data = json.loads(pointer(dest).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_state_text(pointer(dest)))
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) and "entry" in data else None
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("ignoring %s: %s (delete it)", pointer(dest), _why(exc))
+        return None
+    entry = data.get("entry") if isinstance(data, dict) else None
+    fields_ok = isinstance(data, dict) and all(
+        isinstance(data.get(name, ""), str) for name in ("key", "link_mode")
+    )
+    if (
+        not fields_ok
+        or not isinstance(entry, str)
+        or not entry.startswith("/")
+        or os.path.normpath(entry) != entry
+        or "\0" in entry
+    ):
+        log.warning("ignoring %s: it does not name a cache entry (delete it)", pointer(dest))
+        return None
+    return data
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return "it is a symbolic link" if exc.errno == errno.ELOOP else str(exc.strerror)
+    return "it is not valid JSON"
 
 
 def populate(
@@ -91,6 +122,7 @@ def populate(
             _file(source, target, mode)
     note = {"entry": str(entry.root), "key": entry.key, "link_mode": mode}
     if read_pointer(dest) != note:
+        unlink_planted_link(pointer(dest).parent, "the state directory")
         pointer(dest).parent.mkdir(exist_ok=True)
         write_atomic(pointer(dest), json.dumps(note) + "\n")
 
