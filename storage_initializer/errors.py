@@ -57,6 +57,18 @@ class IntegrityError(InitializerError):
     hint = "The transfer was retried and still did not match; check the source object or proxy"
 
 
+class SourceChangedError(InitializerError):
+    """The file changed at the source between the listing and a read (HTTP 412 to a pinned
+    request, another ETag, generation or Last-Modified in the answer). Retrying the same range
+    cannot help and mixing would stitch two versions: the file's staged bytes are discarded and
+    the pull lists the source again (a bounded number of times)."""
+
+    hint = (
+        "The model was being replaced while it downloaded; wait until the upload is finished, "
+        "or point the URI at an immutable version"
+    )
+
+
 class DestinationError(InitializerError):
     """The destination cannot hold the model: not writable, full, or holds something else."""
 

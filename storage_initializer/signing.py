@@ -124,9 +124,17 @@ def parse_trust(text: str, trust_root: str = "") -> Trust:
 def validate_setting(value: Any) -> str:
     """Settings converter: the syntax is checked when the settings load (one line naming the
     option); the files are read when a pull needs them."""
+    from storage_initializer.settings import BadValue
+
     text = str(value).strip()
     if text:
-        parse_trust(text)
+        try:
+            parse_trust(text)
+        except ValueError:
+            raise BadValue(
+                "is not a trust; use key:PATH, certificate:PATH[,PATH...] "
+                "or sigstore:IDENTITY,ISSUER"
+            ) from None
     return text
 
 

@@ -561,7 +561,7 @@ def test_bad_trust_values_are_one_line_usage_errors(tmp_path: Path) -> None:
     env = clean_env()
     done = cli("pull", tmp_path / "src", tmp_path / "dest", "--require-signature", "pgp:x", env=env)
     assert done.returncode != 0
-    assert "require_signature" in last_line(done)
+    assert "--require-signature: 'pgp:x' is not a trust" in last_line(done)
     assert "key:PATH" in last_line(done)
     assert "Traceback" not in done.stderr
 

@@ -275,7 +275,10 @@ class Lease:
     def ensure_held(self) -> None:
         if self.lost.is_set() or not self.still_held():
             self.lost.set()
-            raise LeaseLostError(f"lost the download lease of {self.entry.root} to another replica")
+            raise LeaseLostError(
+                f"lost the download lease of {self.entry.root} to another replica; "
+                "stopped without committing"
+            )
 
     def start_heartbeat(self, interval: float, progress: Callable[[], dict[str, Any]]) -> None:
         self._progress = progress
