@@ -562,3 +562,30 @@ def test_writable_direct_revalidate_copies_and_rehashes(
     assert tree_digest(dest) == _local(NEW)
     assert _inode(dest / "weights/shard-1.bin") != shard_inode  # a copy, not the old inode
     assert cli("verify", dest).returncode == 0
+
+
+def test_models_from_two_sources_share_a_file_verified_by_crc(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """An S3 object with an additional CRC (current SDKs' default) is verified, and recorded, by
+    its CRC alone. A CRC is no identity across sources, but it points at the file worth
+    hashing, and the MD5 ETag the second source announces confirms it: the shard is linked."""
+    # The first key is the one the provider HEADs (for its CRC) in each bucket.
+    files = {"model/a-shard.bin": SHARD, "model/config.json": b'{"v": 1}'}
+    tuned = {**files, "model/config.json": b'{"tuned": 1}'}
+    base, other = s3_server.new_bucket(), s3_server.new_bucket()
+    s3_server.upload(base, files, ChecksumAlgorithm="CRC32")
+    s3_server.upload(other, tuned, ChecksumAlgorithm="CRC32")
+    env = s3_env(s3_server, proxy)
+    cache = tmp / "cache"
+    first = cli("pull", "--cache-dir", cache, f"s3://{base}/model", tmp / "a", env=env)
+    assert first.returncode == 0, first.describe()
+    (marker,) = cache.glob("*/v*/.storage-initializer*/marker.json") or cache.rglob("marker.json")
+    recorded = {f["path"]: f["checksums"] for f in json.loads(marker.read_text())["files"]}
+    assert set(recorded["a-shard.bin"]) == {"crc32"}, recorded  # what makes this case
+    proxy.reset()
+    second = cli("pull", "--cache-dir", cache, f"s3://{other}/model", tmp / "b", env=env)
+    assert second.returncode == 0, second.describe()
+    assert _fetched(proxy, other) == len(tuned["model/config.json"])
+    assert tree_digest(tmp / "b") == _local(tuned)
+    assert _inode(tmp / "a" / "a-shard.bin") == _inode(tmp / "b" / "a-shard.bin")

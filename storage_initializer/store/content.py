@@ -157,6 +157,33 @@ class Index:
                     continue
                 seen.add((candidate.path, kind))
                 yield candidate, kind, value
+        yield from self._crc_hinted(size, checksums, source, seen)
+
+    def _crc_hinted(
+        self,
+        size: int,
+        checksums: Mapping[str, str],
+        source: str,
+        seen: set[tuple[Path, str]],
+    ) -> Iterator[tuple[Candidate, str, str]]:
+        """Files of *other* sources whose recorded CRC equals the one this source announces,
+        to be confirmed by a strong digest this source also announces (an S3 object with a
+        CRC and an MD5 ETag, verified and recorded by its CRC alone). The CRC only picks the
+        file worth hashing; what decides is the strong digest computed over the linked file,
+        so a CRC forged by another tenant buys nothing."""
+        proof = next(
+            ((k, v) for k, v in identities(checksums, same_source=False) if k != "gitsha1"), None
+        )
+        if proof is None:
+            return
+        for kind, value in identities(checksums, same_source=True):
+            if kind not in SAME_SOURCE_ONLY:
+                continue
+            for candidate in self._by_digest.get((size, kind, value), []):
+                if candidate.source == source or (candidate.path, proof[0]) in seen:
+                    continue
+                seen.add((candidate.path, proof[0]))
+                yield candidate, proof[0], proof[1]
 
 
 def volume_index(entry: layout.Entry) -> Index:

@@ -127,7 +127,7 @@ def _take(
             continue
         digests = _hash(target, size, {kind, record_kind})
         if digests is None or digests.get(kind) != value:
-            if kind != "gitsha1":  # a git blob id is only tried on files of the same size
+            if candidate.checksums.get(kind) == value:  # else only a hint (a size, a CRC)
                 log.warning(
                     "%s on the volume does not hold the content its marker claims; not reused",
                     candidate.path,
