@@ -87,7 +87,6 @@ BACKENDS: tuple[Backend, ...] = (
         "git",
         "GitSource",
         "git repositories (….git)",
-        extra="git",
         pattern=GIT_RE,
     ),
     Backend("http", ("https", "http"), "http", "HttpSource", "http(s)://"),
