@@ -203,7 +203,7 @@ def pull(source: str, dest: str | Path | None, settings: Settings) -> Result:
         if uri.kind in ("model-mount", "pvc"):
             raise UsageError(f"{uri.redacted} is already on a volume: nothing to cache")
     if len(settings.cache_dirs) > 1 and uri.kind not in ("model-mount", "pvc"):
-        from storage_initializer.tiers import pull_tiered
+        from storage_initializer.cache.tiers import pull_tiered
 
         return pull_tiered(uri, None if dest is None else Path(dest).absolute(), settings)
     result = _pull_one(uri, None if dest is None else Path(dest).absolute(), settings, started)
@@ -220,7 +220,7 @@ def _after(uri: SourceUri, result: Result, settings: Settings) -> None:
     if entry.mode != "cache":  # cache mode recorded the use before linking (_finish)
         access.record(entry, result.outcome)
     if settings.cache_dirs and settings.cache_max_size:
-        from storage_initializer import gc
+        from storage_initializer.cache import eviction as gc
 
         limits = gc.Policy(
             max_size=settings.cache_max_size,

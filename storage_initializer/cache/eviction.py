@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer.cache import EntryInfo, describe, entries, lease_state, volume
+from storage_initializer.cache.survey import EntryInfo, describe, entries, lease_state, volume
 from storage_initializer.store import access, layout
 from storage_initializer.store.fsutil import remove_tree
 from storage_initializer.store.lease import Owner, current, try_claim
