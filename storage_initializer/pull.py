@@ -118,16 +118,12 @@ def _signed(marker: marker_io.Marker | None, settings: Settings) -> bool:
 
 
 def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | None]:
-    """The directory readers get and its marker: the entry itself in direct mode; in cache
-    mode the version that ``current`` names, read once, so that a switch happening meanwhile
-    cannot pair one version's marker with another version's files."""
-    if entry.mode != "cache":
-        return entry, marker_io.read(entry)
-    name = entry.current_version()
-    if name is None:
+    """The directory readers get (:meth:`layout.Entry.published`) and its marker; none for a
+    cache entry with no version yet."""
+    model = entry.published()
+    if model.mode == "cache":
         return entry, None
-    version = entry.version(name)
-    return version, marker_io.read(version)
+    return model, marker_io.read(model)
 
 
 def _found(

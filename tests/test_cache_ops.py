@@ -80,6 +80,27 @@ def test_status_table_and_json(tmp_path: Path) -> None:
     assert data["volume"]["free"] > 0
 
 
+def test_published_is_what_readers_get(tmp_path: Path) -> None:
+    """``Entry.published`` (the one copy status, gc and pull use): a cache entry's current
+    version, and the entry itself in direct mode or before a cache entry has a version."""
+    from storage_initializer.store import layout
+    from storage_initializer.store import marker as marker_io
+
+    cache = tmp_path / "cache"
+    keys = seed(tmp_path, cache, {"m": 1000})
+    entry = layout.cached(cache, keys["m"])
+    first = entry.published()
+    assert first.mode == "version" and first.root == (cache / keys["m"] / "current").resolve()
+    assert marker_io.read(first) is not None and (first.root / "weights.bin").is_file()
+    source = str(tmp_path / "sources" / "m")
+    direct = tmp_path / "direct"
+    assert cli("pull", source, str(direct)).returncode == 0
+    plain = layout.Entry(direct, "", "direct")
+    assert plain.published() is plain
+    empty = layout.cached(cache, "0" * 16)
+    assert empty.published() is empty  # no version yet: nothing to read
+
+
 def test_verify_across_a_cache_finds_the_damaged_entry(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     keys = seed(tmp_path, cache, {"good": 500, "bad": 500})
