@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import SourceError
 from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.report import human_bytes
 from storage_initializer.settings import Settings
 
 SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
-BLOCK = 1 << 20
 #: Longest link target read from a zip (the target is the member's content).
 LINK_MAX = 4096
 

@@ -64,6 +64,7 @@ from urllib.parse import urlencode
 import requests
 
 from storage_initializer import archive, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -105,7 +106,6 @@ LAYER_MODES = {
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_MANIFEST = 4 << 20
-BLOCK = 1 << 20
 TIMEOUT = (15, 60)
 #: Attempts per layer when the transfer breaks or the digest does not match.
 ATTEMPTS = 3
