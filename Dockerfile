@@ -22,10 +22,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
 
-# Optional dependency groups of the package (pyproject.toml) installed into the image: `git`
-# brings dulwich, without which git:// and git+https:// URIs fail. A comma-separated list
-# (--build-arg EXTRAS=git,kerberos), or empty for the core dependencies only.
-ARG EXTRAS=git
+# Optional dependency groups of the package (pyproject.toml) installed into the image, as a
+# comma-separated list (--build-arg EXTRAS=kerberos,signing); none by default. Every scheme the
+# stock initializer serves (git included: dulwich is a core dependency) needs none.
+ARG EXTRAS=
 
 WORKDIR /src
 # .dockerignore lets through only pyproject.toml, README/LICENSE, the package and scripts/.

@@ -5,7 +5,12 @@ inside the tree; devices, FIFOs and other special members are refused; modes are
 archive's (no setuid). Against archive bombs, every member's announced size is checked against
 the budget before a byte of it is written (a 9 KB zip announcing 10 GiB is refused at once), and
 bytes are counted again while they are written, copies made for links included. Every extracted
-file is hashed on the way (sha256) for the marker.
+file is hashed on the way (sha256) for the marker. Tar members also pass the standard library's
+``data`` extraction filter (PEP 706) as a second opinion on names and links.
+
+The same policy serves every tar a source hands us: the layers of an ``oci://`` image
+(providers/oci.py) go through :class:`Budget`, :func:`check_tar_member` and
+:func:`write_member` exactly as a downloaded ``.tar.gz`` does.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import SourceError
 from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.report import human_bytes
 from storage_initializer.settings import Settings
 
 SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
-BLOCK = 1 << 20
 #: Longest link target read from a zip (the target is the member's content).
 LINK_MAX = 4096
 
@@ -81,7 +86,7 @@ def is_archive(name: str) -> bool:
     return name.lower().endswith(SUFFIXES)
 
 
-class _Budget:
+class Budget:
     """Members and bytes an archive may still produce. ``claim`` checks a member's announced
     size before it is written (so a bomb is refused without writing a byte); ``spend`` counts
     what is really written (so announced sizes need not be trusted)."""
@@ -130,19 +135,52 @@ class _Budget:
         )
 
 
-def _write_stream(stream: IO[bytes] | _Bzip2Member, target: Path, budget: _Budget) -> Extracted:
+def write_member(
+    stream: IO[bytes] | _Bzip2Member, target: Path, budget: Budget | None, sync: bool = True
+) -> Extracted:
+    """Write one member to a new file ``target``, hashing it and counting its bytes against
+    ``budget`` (None: already counted, as a tar member's exact size can be). ``sync=False`` for
+    scratch copies that are verified and copied again before anything is committed."""
     digest = hashlib.sha256()
     size = 0
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "xb") as out:
         while block := stream.read(BLOCK):
-            budget.spend(len(block))
+            if budget is not None:
+                budget.spend(len(block))
             digest.update(block)
             out.write(block)
             size += len(block)
-        out.flush()
-        os.fsync(out.fileno())
+        if sync:
+            out.flush()
+            os.fsync(out.fileno())
     return Extracted("", size, digest.hexdigest())
+
+
+#: What the ``data`` filter's refusals mean, in the words of our other messages.
+_FILTER_REASONS = {
+    "AbsolutePathError": "is an absolute path",
+    "OutsideDestinationError": "would be written outside the model directory",
+    "SpecialFileError": "is a device, FIFO or other special file",
+    "AbsoluteLinkError": "is a link to an absolute path",
+    "LinkOutsideDestinationError": "is a link that leaves the model directory",
+}
+
+
+def check_tar_member(member: tarfile.TarInfo, dest: Path, label: str) -> None:
+    """Refuse ``member`` if the standard library's ``data`` filter would (PEP 706; Python
+    3.11.4+): absolute or escaping names and links, special files. Our own checks run too; the
+    filter is a second, independently maintained opinion. ``dest`` is the directory the member
+    name is relative to."""
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is None:  # an older 3.11: our own checks stand alone
+        return
+    try:
+        data_filter(member, str(dest))
+    except tarfile.FilterError as exc:
+        reason = _FILTER_REASONS.get(type(exc).__name__, "is refused by the tar data filter")
+        link = f" ({member.linkname!r})" if member.issym() or member.islnk() else ""
+        raise UnsafePathError(f"{label}: member {member.name!r} {reason}{link}") from None
 
 
 class _Bzip2Member:
@@ -229,7 +267,7 @@ def extract(archive: Path, out_dir: Path, limits: Limits | None = None) -> list[
 
         limits = Limits.from_settings(settings_mod.load())
     label = f"archive {archive.name}"
-    budget = _Budget(archive.stat().st_size, limits, label)
+    budget = Budget(archive.stat().st_size, limits, label)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         if archive.name.lower().endswith(".zip"):
@@ -247,7 +285,7 @@ def extract(archive: Path, out_dir: Path, limits: Limits | None = None) -> list[
     return files
 
 
-def _extract_tar(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracted]:
+def _extract_tar(archive: Path, out_dir: Path, budget: Budget) -> list[Extracted]:
     results: list[Extracted] = []
     links: list[tuple[str, str, bool]] = []
     with tarfile.open(archive, "r:*") as tar:
@@ -260,6 +298,7 @@ def _extract_tar(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracte
             )
             if not rel:
                 continue
+            check_tar_member(member, out_dir, f"archive {archive.name}")
             _check_parents(out_dir, rel)
             target = out_dir / rel
             if member.isdir():
@@ -270,7 +309,7 @@ def _extract_tar(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracte
                 if stream is None:
                     raise ArchiveError(f"archive member {rel!r} cannot be read")
                 with stream:
-                    done = _write_stream(stream, target, budget)
+                    done = write_member(stream, target, budget)
                 results.append(Extracted(rel, done.size, done.sha256))
             elif member.issym() or member.islnk():
                 resolved = (
@@ -287,7 +326,7 @@ def _extract_tar(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracte
     return results
 
 
-def _extract_zip(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracted]:
+def _extract_zip(archive: Path, out_dir: Path, budget: Budget) -> list[Extracted]:
     results: list[Extracted] = []
     links: list[tuple[str, str, bool]] = []
     with zipfile.ZipFile(archive) as zf:
@@ -315,14 +354,14 @@ def _extract_zip(archive: Path, out_dir: Path, budget: _Budget) -> list[Extracte
             else:
                 bounded = info.compress_type == zipfile.ZIP_BZIP2
                 with _Bzip2Member(archive, info) if bounded else zf.open(info) as stream:
-                    done = _write_stream(stream, target, budget)
+                    done = write_member(stream, target, budget)
                 results.append(Extracted(rel, done.size, done.sha256))
     results.extend(_materialise_links(out_dir, links, results, budget))
     return results
 
 
 def _materialise_links(
-    out_dir: Path, links: list[tuple[str, str, bool]], files: list[Extracted], budget: _Budget
+    out_dir: Path, links: list[tuple[str, str, bool]], files: list[Extracted], budget: Budget
 ) -> list[Extracted]:
     """Links become copies of the file they name: a model needs the bytes, and a copy cannot be
     turned into a path out of the tree later. Copies count against the budget: one large file

@@ -13,6 +13,8 @@ import zlib
 from collections.abc import Mapping
 from typing import Protocol
 
+from storage_initializer.blocks import BLOCK
+
 
 class Hasher(Protocol):
     def update(self, data: bytes, /) -> None: ...
@@ -103,7 +105,7 @@ def b64_to_hex(value: str) -> str:
     return base64.b64decode(value).hex()
 
 
-def file_digest(path: str, algorithm: str, block: int = 1 << 20) -> str:
+def file_digest(path: str, algorithm: str, block: int = BLOCK) -> str:
     hasher = new_hasher(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(block):

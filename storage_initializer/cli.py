@@ -133,8 +133,8 @@ def status(
     holds on disk now against the quota; with --cache-dir, a table of every entry of the cache
     and the volume's space."""
     from storage_initializer import settings as settings_mod
+    from storage_initializer.cache.status_verify import status as read_status
     from storage_initializer.errors import InitializerError
-    from storage_initializer.inspect import status as read_status
     from storage_initializer.report import human_bytes
 
     try:
@@ -227,9 +227,9 @@ def verify(
 ) -> None:
     """Re-hash every file of DEST (or of every cache entry) against its marker; exit 1 listing
     the bad ones. With --repair, fetch the bad files again (exit 0 once repaired)."""
-    from storage_initializer import cache
     from storage_initializer import settings as settings_mod
-    from storage_initializer.inspect import verify as run_verify
+    from storage_initializer.cache import survey as cache
+    from storage_initializer.cache.status_verify import verify as run_verify
     from storage_initializer.redact import redact
 
     if cache_dir is not None:
@@ -287,10 +287,10 @@ def _echo_signature(entry: Any) -> None:
 def _repair(entry: Any, source: str | None) -> bool:
     """Repair one entry; True when it verifies afterwards."""
     from storage_initializer import settings as settings_mod
+    from storage_initializer.cache.repair import repair
+    from storage_initializer.cache.status_verify import verify as run_verify
     from storage_initializer.errors import InitializerError
-    from storage_initializer.inspect import verify as run_verify
     from storage_initializer.redact import MASK, redact
-    from storage_initializer.repair import repair
     from storage_initializer.report import setup_logging
     from storage_initializer.store import marker as marker_io
 
@@ -337,7 +337,7 @@ def _when(stamp: float | None) -> str:
 
 
 def _cache_status(cache_dir: Path, stale_after: float, as_json: bool) -> None:
-    from storage_initializer import cache
+    from storage_initializer.cache import survey as cache
     from storage_initializer.report import human_bytes
 
     survey = _redacted(cache.survey(cache_dir, stale_after))
@@ -402,8 +402,8 @@ def gc(
 ) -> None:
     """Keep a cache within bounds: evict whole entries (LRU or LFU), never one in use, and
     remove orphaned staging areas."""
-    from storage_initializer import gc as gc_mod
     from storage_initializer import settings as settings_mod
+    from storage_initializer.cache import eviction as gc_mod
     from storage_initializer.report import human_bytes, setup_logging
 
     setup_logging("text")

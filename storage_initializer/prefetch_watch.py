@@ -229,12 +229,12 @@ class Watcher:
                 self.ready.pop(w.key, None)
 
     def _evict_unwanted(self, wanted_keys: set[str]) -> None:
-        from storage_initializer import gc
-        from storage_initializer.cache import describe
+        from storage_initializer.cache import eviction
+        from storage_initializer.cache.survey import describe
         from storage_initializer.store import access, layout
 
         stale_after = settings_mod.load(self.options.flags).stale_after
-        policy = gc.Policy(min_idle=self.options.min_idle, stale_after=stale_after)
+        policy = eviction.Policy(min_idle=self.options.min_idle, stale_after=stale_after)
         for key in sorted(self.managed - wanted_keys):
             entry = layout.cached(self.options.cache_dir, key)
             if not entry.root.is_dir():
@@ -242,12 +242,12 @@ class Watcher:
                 self.failed.pop(key, None)
                 continue
             info = describe(entry, stale_after)
-            action = gc.Action(
+            action = eviction.Action(
                 entry, "evict", "no longer selected for this node", 0, seen=access.stamp(entry)
             )
             if info.state != "complete":
                 continue  # a download in progress or a damaged entry: gc's business, not ours
-            if gc.apply(action, policy):
+            if eviction.apply(action, policy):
                 log.info("removed %s (%s): no longer selected for this node", key, info.source)
                 self.managed.discard(key)
                 self.failed.pop(key, None)

@@ -118,16 +118,12 @@ def _signed(marker: marker_io.Marker | None, settings: Settings) -> bool:
 
 
 def _published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | None]:
-    """The directory readers get and its marker: the entry itself in direct mode; in cache
-    mode the version that ``current`` names, read once, so that a switch happening meanwhile
-    cannot pair one version's marker with another version's files."""
-    if entry.mode != "cache":
-        return entry, marker_io.read(entry)
-    name = entry.current_version()
-    if name is None:
+    """The directory readers get (:meth:`layout.Entry.published`) and its marker; none for a
+    cache entry with no version yet."""
+    model = entry.published()
+    if model.mode == "cache":
         return entry, None
-    version = entry.version(name)
-    return version, marker_io.read(version)
+    return model, marker_io.read(model)
 
 
 def _found(
@@ -203,7 +199,7 @@ def pull(source: str, dest: str | Path | None, settings: Settings) -> Result:
         if uri.kind in ("model-mount", "pvc"):
             raise UsageError(f"{uri.redacted} is already on a volume: nothing to cache")
     if len(settings.cache_dirs) > 1 and uri.kind not in ("model-mount", "pvc"):
-        from storage_initializer.tiers import pull_tiered
+        from storage_initializer.cache.tiers import pull_tiered
 
         return pull_tiered(uri, None if dest is None else Path(dest).absolute(), settings)
     result = _pull_one(uri, None if dest is None else Path(dest).absolute(), settings, started)
@@ -220,7 +216,7 @@ def _after(uri: SourceUri, result: Result, settings: Settings) -> None:
     if entry.mode != "cache":  # cache mode recorded the use before linking (_finish)
         access.record(entry, result.outcome)
     if settings.cache_dirs and settings.cache_max_size:
-        from storage_initializer import gc
+        from storage_initializer.cache import eviction as gc
 
         limits = gc.Policy(
             max_size=settings.cache_max_size,

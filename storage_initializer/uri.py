@@ -14,19 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from storage_initializer.errors import UsageError
 from storage_initializer.redact import redact_url
+from storage_initializer.schemes import BY_KIND, MODEL_MOUNT_DIR, PVC_PREFIX, for_scheme, supported
 
-MODEL_MOUNT_DIR = "/mnt/models"
-PVC_PREFIX = "/mnt/pvc"
-
-AZURE_BLOB_RE = re.compile(
-    r"^https://(?P<account>[^./]+)\.(?:blob\.core\.windows\.net|z\d+\.blob\.storage\.azure\.net)/",
-    re.IGNORECASE,
-)
-AZURE_FILE_RE = re.compile(
-    r"^https://(?P<account>[^./]+)\.(?:file\.core\.windows\.net|z\d+\.file\.storage\.azure\.net)/",
-    re.IGNORECASE,
-)
-GIT_RE = re.compile(r"^(?:https?|git|ssh)://[^?#]+?\.git(?:@[^?#]+)?/?$|^git@", re.IGNORECASE)
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -56,7 +45,11 @@ def _strip_credentials(uri: str, drop_query: bool) -> str:
 
 
 def kind_of(uri: str) -> str:
-    """Which provider serves ``uri``, in the order KServe's initializer decides it."""
+    """Which backend serves ``uri`` (a row of :data:`~storage_initializer.schemes.BACKENDS`).
+
+    The path conventions come first, in the order KServe's initializer decides them; a URI with
+    a scheme is then looked up in the table.
+    """
     if uri.startswith(MODEL_MOUNT_DIR) and (len(uri) == len(MODEL_MOUNT_DIR) or uri[11] == "/"):
         return "model-mount"
     if uri.startswith(PVC_PREFIX + "/"):
@@ -74,27 +67,12 @@ def kind_of(uri: str) -> str:
             "https://host/model.tar.gz or an absolute path",
         )
     scheme = match.group(1).lower()
-    if scheme == "file":
-        return "local"
-    if scheme in ("https", "http"):
-        if AZURE_BLOB_RE.match(uri):
-            return "azure-blob"
-        if AZURE_FILE_RE.match(uri):
-            return "azure-file"
-        if GIT_RE.match(uri):
-            return "git"
-        return "http"
-    if scheme in ("s3", "hf", "hdfs", "webhdfs", "oci", "modelscope"):
-        return scheme
-    if scheme == "gs":
-        return "gs"
-    if scheme in ("git", "ssh") and GIT_RE.match(uri):
-        return "git"
-    raise UsageError(
-        f"unsupported storage scheme {scheme + '://'!r} in {redact_url(uri)}",
-        "Supported: s3://, gs://, hf://, http(s)://, Azure Blob and File URLs, hdfs://, "
-        "webhdfs://, oci://, modelscope://, git repositories (….git), file:// and local paths",
-    )
+    backend = for_scheme(scheme, uri)
+    if backend is None:
+        raise UsageError(
+            f"unsupported storage scheme {scheme + '://'!r} in {redact_url(uri)}", supported()
+        )
+    return backend.kind
 
 
 def parse(uri: str) -> SourceUri:
@@ -104,17 +82,18 @@ def parse(uri: str) -> SourceUri:
     if "\0" in uri:
         raise UsageError("the source URI contains a NUL byte", "Check how the URI was templated")
     kind = kind_of(uri)
-    if kind in ("local", "pvc", "model-mount"):
+    backend = BY_KIND[kind]
+    if backend.is_path:
         # The whole text is the path (identity); a file:// authority is masked when shown.
         return SourceUri(uri, kind, uri, redact_url(uri) if "://" in uri else uri)
     try:
         parts = urlsplit(uri)
     except ValueError as exc:
         raise UsageError(f"malformed URI {redact_url(uri)}: {exc}") from exc
-    if kind not in ("hf", "modelscope", "oci") and not parts.netloc:
+    if backend.needs_host and not parts.netloc:
         raise UsageError(
             f"malformed URI {redact_url(uri)}: no host or bucket",
             "Write it as scheme://bucket/path",
         )
-    canonical = _strip_credentials(uri, drop_query=kind in ("azure-blob", "azure-file"))
+    canonical = _strip_credentials(uri, drop_query=backend.query_is_credential)
     return SourceUri(uri, kind, canonical, redact_url(uri))

@@ -279,14 +279,14 @@ def test_ranged_reads_from_many_threads_reassemble_exactly(
     ranges = [(start, min(start + step, len(BIG))) for start in range(0, len(BIG), step)]
     ranges[-1] = (ranges[-1][0], None)  # the last one reads "to the end"
 
-    BLOCK = azure_common.STREAM_BLOCK
+    BLOCK = azure_common.BLOCK
 
     def span_length(span: tuple[int, int | None]) -> int:
         return (span[1] if span[1] is not None else len(BIG)) - span[0]
 
     def fetch(span: tuple[int, int | None]) -> bytes:
         pieces = list(source.read(item, *span))
-        assert all(len(piece) <= azure_common.STREAM_BLOCK for piece in pieces)  # bounded memory
+        assert all(len(piece) <= azure_common.BLOCK for piece in pieces)  # bounded memory
         # ... and not tiny: azure-core cuts bodies into 4 KiB unless the transport is told.
         assert max(len(piece) for piece in pieces) == min(span_length(span), BLOCK)
         return b"".join(pieces)

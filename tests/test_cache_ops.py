@@ -80,6 +80,27 @@ def test_status_table_and_json(tmp_path: Path) -> None:
     assert data["volume"]["free"] > 0
 
 
+def test_published_is_what_readers_get(tmp_path: Path) -> None:
+    """``Entry.published`` (the one copy status, gc and pull use): a cache entry's current
+    version, and the entry itself in direct mode or before a cache entry has a version."""
+    from storage_initializer.store import layout
+    from storage_initializer.store import marker as marker_io
+
+    cache = tmp_path / "cache"
+    keys = seed(tmp_path, cache, {"m": 1000})
+    entry = layout.cached(cache, keys["m"])
+    first = entry.published()
+    assert first.mode == "version" and first.root == (cache / keys["m"] / "current").resolve()
+    assert marker_io.read(first) is not None and (first.root / "weights.bin").is_file()
+    source = str(tmp_path / "sources" / "m")
+    direct = tmp_path / "direct"
+    assert cli("pull", source, str(direct)).returncode == 0
+    plain = layout.Entry(direct, "", "direct")
+    assert plain.published() is plain
+    empty = layout.cached(cache, "0" * 16)
+    assert empty.published() is empty  # no version yet: nothing to read
+
+
 def test_verify_across_a_cache_finds_the_damaged_entry(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     keys = seed(tmp_path, cache, {"good": 500, "bad": 500})
@@ -130,7 +151,7 @@ def test_gc_frees_exactly_what_the_dry_run_announced(tmp_path: Path) -> None:
     """Measured on disk: du of the cache before and after equals the dry run's total, with
     an evicted entry that has an old version (counted once, not as a "clean" and an "evict")
     and a kept entry whose old version alone goes."""
-    from storage_initializer import gc as gc_mod
+    from storage_initializer.cache import eviction as gc_mod
     from storage_initializer.report import human_bytes
 
     cache = tmp_path / "cache"
@@ -256,7 +277,7 @@ def test_a_use_after_gc_planned_cancels_the_eviction(tmp_path: Path) -> None:
     """gc re-reads the access log under the entry's lease: a real pull that used the entry
     between the plan and the removal keeps it, even with --min-idle 0 (no timestamps
     involved: the log changed)."""
-    from storage_initializer import gc as gc_mod
+    from storage_initializer.cache import eviction as gc_mod
 
     cache = tmp_path / "cache"
     key = seed(tmp_path, cache, {"m": 3000})["m"]
@@ -284,7 +305,7 @@ def test_a_pull_waiting_while_gc_removes_the_entry_downloads_it_afresh(tmp_path:
     download, not fail writing its lease into a directory that is gone. The gc steps run
     here, in the order ``gc.apply`` takes them, so that the pull is seen waiting at the
     moment the entry goes."""
-    from storage_initializer import gc as gc_mod
+    from storage_initializer.cache import eviction as gc_mod
     from storage_initializer.store import layout
     from storage_initializer.store.lease import Owner, current, try_claim
 

@@ -5,7 +5,7 @@ What is proved: the tree at the asked ref (branch, light and annotated tag, adve
 unadvertised commits, abbreviated sha) with no ``.git``; the commit as fingerprint; credentials
 right/wrong/missing and never printed; clear errors (unknown ref, missing repository,
 unreachable host); links and submodules; end-to-end through the CLI; eight replicas, one clone;
-and the missing ``git`` extra.
+and git served by a plain install (dulwich is a core dependency).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from storage_initializer import schemes
 from storage_initializer.errors import AccessDeniedError, NotFoundError, SourceError, UsageError
 from storage_initializer.providers import open_source
 from storage_initializer.providers.git import parse_location
@@ -386,8 +388,22 @@ def test_eight_replicas_clone_once(git_server: GitHttp, tmp: Path) -> None:
 # -- packaging -----------------------------------------------------------------------------------
 
 
-def test_missing_extra_names_it(git_server: GitHttp, repo: Repo, tmp: Path) -> None:
-    """dulwich made unimportable in a child process: the pull fails with the pip extra named."""
+def test_a_plain_install_serves_git() -> None:
+    """The stock initializer serves git URIs out of the box, so a drop-in must: dulwich is a
+    core dependency, not an extra, and the git row of the scheme table names no extra."""
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("dulwich") for dep in project["dependencies"])
+    assert not any(
+        dep.startswith("dulwich")
+        for deps in project["optional-dependencies"].values()
+        for dep in deps
+    )
+    assert schemes.BY_KIND["git"].extra is None
+
+
+def test_missing_dulwich_is_named(git_server: GitHttp, repo: Repo, tmp: Path) -> None:
+    """dulwich made unimportable in a child process (a broken installation): the pull fails
+    with one line naming the missing module."""
     code = (
         "import sys, runpy; sys.modules['dulwich'] = None; "
         f"sys.argv = ['storage-initializer', 'pull', {git_server.url(repo.name)!r}, "
@@ -398,7 +414,7 @@ def test_missing_extra_names_it(git_server: GitHttp, repo: Repo, tmp: Path) -> N
     )
     assert done.returncode == 1
     last = [line for line in done.stderr.splitlines() if line.strip()][-1]
-    assert "pip install 'storage-initializer[git]'" in last, done.stderr
+    assert "dulwich" in last and git_server.url(repo.name) in last, done.stderr
 
 
 # -- the stock initializer on the same server ----------------------------------------------------

@@ -3,7 +3,7 @@
 - Core kinds (ConfigMap, PersistentVolumeClaim, Job, and the Pods KServe would build) are
   validated with ``kubernetes-validate --strict`` schemas (unknown fields rejected).
 - KServe kinds (ClusterStorageContainer, InferenceService) are validated against the CRD
-  openAPIV3 schemas in ``<repo>/../shared/kserve-reference/``, made strict the same way.
+  openAPIV3 schemas vendored in ``tests/data/kserve-reference/``, made strict the same way.
 - The ``inferenceservice-config`` patches keep every field of KServe's value.
 - The wiring the docs describe holds: KServe's injection is simulated (its strategic merge of
   the ClusterStorageContainer into the init container), and the resulting pods are validated,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -33,7 +34,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 DOCS = REPO / "docs" / "kubernetes.md"
-REFERENCE = REPO.parent / "shared" / "kserve-reference"
+#: KServe's CRDs and default config, vendored unchanged (see its README.md for the source).
+REFERENCE = REPO / "tests" / "data" / "kserve-reference"
 
 #: Oldest Kubernetes minor KServe's current releases support, and the newest schema bundled.
 K8S_VERSIONS = ("1.29.0", "latest")
@@ -59,12 +61,6 @@ KSERVE_INTERNAL_KEYS = (
 KUBECTL_PATCH_FILES = {"cluster/disable-default-patch.yaml"}
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-needs_reference = pytest.mark.skipif(
-    not REFERENCE.is_dir(),
-    reason=f"KServe reference data not found at {REFERENCE} (the shared/ folder beside the repo)",
-)
-
 
 # --------------------------------------------------------------------------------------------
 # loading
@@ -129,6 +125,22 @@ def _one(path: str) -> dict[str, Any]:
 @functools.cache
 def _reference(name: str) -> list[Any]:
     return _load_all(REFERENCE / name)
+
+
+def test_vendored_kserve_reference_is_unchanged() -> None:
+    """The vendored KServe files are the upstream bytes its README lists (an edited CRD would
+    let a wrong manifest pass), and every file the tests read is there."""
+    listed = dict(
+        re.findall(
+            r"^\| (\S+\.yaml) \|.*\| ([0-9a-f]{64}) \|$",
+            (REFERENCE / "README.md").read_text(),
+            re.MULTILINE,
+        )
+    )
+    present = {p.name for p in REFERENCE.glob("*.yaml")}
+    assert present == set(listed), "tests/data/kserve-reference/README.md lists other files"
+    for name, digest in listed.items():
+        assert hashlib.sha256((REFERENCE / name).read_bytes()).hexdigest() == digest, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +479,6 @@ def test_kubernetes_validate_cli_strict() -> None:
 KSERVE_KINDS = ("ClusterStorageContainer", "InferenceService", "LLMInferenceService")
 
 
-@needs_reference
 @pytest.mark.parametrize(
     ("name", "doc"),
     [(n, d) for n, d in _resources() if d.get("kind") in KSERVE_KINDS],
@@ -477,12 +488,10 @@ def test_kserve_kinds_validate_against_crd(name: str, doc: dict[str, Any]) -> No
     assert not _crd_errors(doc), f"{name}: {_crd_errors(doc)}"
 
 
-@needs_reference
 def test_shared_cache_overlay_validates_against_crd() -> None:
     assert not _crd_errors(_shared_cache_csc())
 
 
-@needs_reference
 def test_disable_default_patch_keeps_kserve_default_valid() -> None:
     default = _reference("default.yaml")[0]
     patched = {**copy.deepcopy(default), **_one("cluster/disable-default-patch.yaml")}
@@ -490,7 +499,6 @@ def test_disable_default_patch_keeps_kserve_default_valid() -> None:
     assert not _crd_errors(patched)
 
 
-@needs_reference
 def test_strict_crd_schema_rejects_what_a_csc_cannot_hold() -> None:
     """The schema check is not vacuous: a ClusterStorageContainer cannot declare volumes (so the
     pod must), and a misspelt field is caught."""
@@ -508,7 +516,6 @@ def test_strict_crd_schema_rejects_what_a_csc_cannot_hold() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@needs_reference
 @pytest.mark.parametrize(
     "path",
     ["cluster/clusterstoragecontainer.yaml", "cluster/clusterstoragecontainer-localmodel.yaml"],
@@ -598,7 +605,6 @@ def _kserve_configmap() -> dict[str, Any]:
     return _reference("inferenceservice.yaml")[0]
 
 
-@needs_reference
 @pytest.mark.parametrize(
     ("path", "key", "image_field"),
     [
@@ -629,7 +635,6 @@ def test_configmap_patch_keeps_every_kserve_field(path: str, key: str, image_fie
             _quantity(ours[field])  # KServe's webhook fails on an unparsable quantity
 
 
-@needs_reference
 def test_configmap_patch_applies_to_kserve_configmap() -> None:
     """A strategic merge of a ConfigMap replaces data keys one by one: after the patch every
     other key of inferenceservice-config is untouched."""
@@ -989,8 +994,7 @@ def _kustomize(directory: Path) -> list[dict[str, Any]]:
 def test_kustomization_builds_and_output_validates(directory: Path) -> None:
     for doc in _kustomize(directory):
         if doc["kind"] in KSERVE_KINDS:
-            if REFERENCE.is_dir():
-                assert not _crd_errors(doc), _crd_errors(doc)
+            assert not _crd_errors(doc), _crd_errors(doc)
         else:
             _k8s_validate(doc, "latest")
 
@@ -1003,7 +1007,6 @@ def test_kustomize_shared_cache_overlay_equals_the_simulated_patch() -> None:
 
 
 @needs_kubectl
-@needs_reference
 def test_kustomize_components_patch_kserve_configmap(tmp_path: Path) -> None:
     shutil.copy(REFERENCE / "inferenceservice.yaml", tmp_path / "inferenceservice.yaml")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
@@ -1199,7 +1202,6 @@ def test_llmisvc_examples_cover_every_layout() -> None:
     ), "no single-node example with replicas"
 
 
-@needs_reference
 @pytest.mark.parametrize("name", sorted(_llmisvcs()))
 def test_llmisvc_built_pods_are_valid(name: str) -> None:
     llmisvc = _llmisvcs()[name]
@@ -1250,7 +1252,6 @@ def test_llmisvc_storage_initializer_can_be_disabled() -> None:
     assert llmisvc_pods(llmisvc) == []
 
 
-@needs_reference
 def test_strict_llmisvc_schema_rejects_a_misspelt_override() -> None:
     llmisvc = copy.deepcopy(next(iter(_llmisvcs().values())))
     llmisvc["spec"]["template"]["initContainers"][0]["volumeMount"] = []

@@ -210,6 +210,60 @@ def test_refusals(registry: Registry, tmp: Path, monkeypatch: pytest.MonkeyPatch
     assert list(scratch.iterdir()) == []  # failed listings leave nothing in $TMPDIR
 
 
+def test_a_layer_that_is_an_archive_bomb_is_refused(registry: Registry, tmp: Path) -> None:
+    """A layer is an archive under archive.py's budget: 16 MiB of zeros in a 16 KiB gzip layer,
+    with the ratio lowered to 100× and a 1 MiB floor, is refused before a byte of it is written;
+    the last line names the URI, the bomb and the setting. Default limits let it through, so
+    the refusal is the budget's."""
+    repo = unique_repo()
+    registry.push_image(repo, "bomb", [(tar_layer({"models/zeros.bin": bytes(16 << 20)}), TAR_GZ)])
+    uri = f"oci://{registry.host}/{repo}:bomb"
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    env = clean_env(KSERVE_OCI_INSECURE_REGISTRY="true", TMPDIR=str(scratch))
+    limited = dict(
+        env,
+        STORAGE_INITIALIZER_ARCHIVE_MAX_RATIO="100",
+        STORAGE_INITIALIZER_ARCHIVE_RATIO_FLOOR="1048576",
+    )
+    refused = cli("pull", uri, tmp / "refused", env=limited)
+    assert refused.returncode == 1, refused.describe()
+    assert "archive bomb" in refused.last_line and repo in refused.last_line, refused.describe()
+    assert "STORAGE_INITIALIZER_ARCHIVE_MAX_RATIO" in refused.last_line
+    assert not (tmp / "refused").exists() or not any((tmp / "refused").iterdir())
+    assert list(scratch.iterdir()) == []
+    done = cli("pull", uri, tmp / "model", env=env)
+    assert done.returncode == 0, done.describe()
+    assert (tmp / "model" / "zeros.bin").stat().st_size == 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("layer", "said"),
+    [
+        (tar_layer({"models/../../../escaped.txt": b"x"}), "leaves the model directory"),
+        # Kept by no check of ours before the tree is merged: the data filter refuses it at once.
+        (
+            tar_layer({}, symlinks={"models/a/b": "../../../../escaped.txt"}),
+            "is a link that leaves the model directory",
+        ),
+    ],
+    ids=["traversal-name", "traversal-link"],
+)
+def test_a_layer_with_a_path_traversal_member_is_refused(
+    registry: Registry, tmp: Path, layer: bytes, said: str
+) -> None:
+    repo = unique_repo()
+    registry.push_image(repo, "evil", [(layer, TAR_GZ)])
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    env = clean_env(KSERVE_OCI_INSECURE_REGISTRY="true", TMPDIR=str(scratch))
+    refused = cli("pull", f"oci://{registry.host}/{repo}:evil", tmp / "a" / "b" / "model", env=env)
+    assert refused.returncode == 1, refused.describe()
+    assert said in refused.last_line and repo in refused.last_line, refused.describe()
+    assert list(tmp.rglob("escaped.txt")) == []
+    assert list(scratch.iterdir()) == []
+
+
 def test_reference_parsing() -> None:
     ref = parse_reference("oci://host:5000/a/b/c:v1.2")
     assert (ref.registry, ref.repository, ref.tag, ref.digest) == (

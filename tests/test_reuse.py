@@ -179,11 +179,11 @@ def test_two_models_share_a_tokenizer_and_a_shard(
     shared = [e["shared_bytes"] for e in json.loads(status.stdout)["entries"]]
     assert shared == [len(TOKENIZER) + len(SHARD)] * 2
     # gc evicting both frees the shared files once, with the second eviction, and says so.
-    from storage_initializer import gc
+    from storage_initializer.cache import eviction
 
     before = du(cache)
-    planned, _ = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=True)
-    _planned, done = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=False)
+    planned, _ = eviction.run(cache, eviction.Policy(max_size=1, min_idle=0), dry_run=True)
+    _planned, done = eviction.run(cache, eviction.Policy(max_size=1, min_idle=0), dry_run=False)
     assert [a.kind for a in done] == ["evict", "evict"]
     assert sum(a.bytes for a in planned) == sum(a.bytes for a in done) == before - du(cache)
 
@@ -411,7 +411,7 @@ def test_gc_during_a_pull_never_frees_what_the_pull_linked(
     """A pull has linked the shared files of entry A into its staging and waits for its own
     file; gc evicts A meanwhile. The pull completes with intact bytes, and what gc reports as
     freed is exactly what du of the cache lost (the shared files were not freed)."""
-    from storage_initializer import gc
+    from storage_initializer.cache import eviction
 
     base = s3_server.new_bucket(OLD)
     tuned = {**OLD, "model/config.json": b'{"tuned": 2}'}
@@ -429,7 +429,7 @@ def test_gc_during_a_pull_never_frees_what_the_pull_linked(
     try:
         poll_until(lambda: held.hits, deadline=120, what="the pull waiting for its own file")
         before = du(cache)
-        _planned, done = gc.run(cache, gc.Policy(max_size=1, min_idle=0), dry_run=False)
+        _planned, done = eviction.run(cache, eviction.Policy(max_size=1, min_idle=0), dry_run=False)
         after = du(cache)
         assert [a.kind for a in done] == ["evict"], done
         assert before - after == sum(a.bytes for a in done)

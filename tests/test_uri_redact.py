@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import string
@@ -12,9 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from storage_initializer import schemes
 from storage_initializer import uri as uri_mod
 from storage_initializer.errors import UsageError
 from storage_initializer.paths import UnsafePathError, safe_relpath, selected
+from storage_initializer.providers.base import Source
 from storage_initializer.redact import MASK, redact, redact_url, register_secret
 
 
@@ -46,6 +49,27 @@ def test_kinds(text: str, kind: str) -> None:
 def test_rejected_uris(text: str) -> None:
     with pytest.raises(UsageError):
         uri_mod.parse(text)
+
+
+def test_every_row_of_the_scheme_table_names_a_provider_that_exists() -> None:
+    """A row whose module or class is misspelt would only fail on a download of that kind."""
+    for backend in schemes.BACKENDS:
+        if backend.module is None:
+            continue
+        module = importlib.import_module(f"storage_initializer.providers.{backend.module}")
+        assert issubclass(getattr(module, backend.source_class), Source), backend.kind
+    assert len(schemes.BY_KIND) == len(schemes.BACKENDS)
+
+
+def test_an_unknown_scheme_is_told_every_scheme_of_the_table() -> None:
+    with pytest.raises(UsageError) as caught:
+        uri_mod.parse("ftp://host/model")
+    hint = caught.value.describe()
+    for backend in schemes.BACKENDS:
+        for scheme in backend.schemes:
+            if scheme not in ("http", "https", "git", "ssh"):
+                assert f"{scheme}://" in hint, scheme
+    assert "http(s)://" in hint and "….git" in hint and "Azure Blob" in hint
 
 
 def test_sas_is_not_part_of_identity_and_is_masked() -> None:

@@ -1,4 +1,5 @@
-"""Provider registry: one module per kind of URI, imported only when a download needs it.
+"""Opening a provider: one module per kind of URI (see :mod:`storage_initializer.schemes`),
+imported only when a download needs it.
 
 Importing lazily keeps the warm start fast: a replica that finds its model complete must not
 pay for importing boto3, the Azure SDK or google-cloud-storage.
@@ -10,37 +11,23 @@ import importlib
 from typing import TYPE_CHECKING
 
 from storage_initializer.errors import UsageError
+from storage_initializer.schemes import BY_KIND
 
 if TYPE_CHECKING:
     from storage_initializer.providers.base import Source
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
-#: kind -> (module, class, pip extra that provides its dependencies or None for the core).
-REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "local": ("storage_initializer.providers.local", "LocalSource", None),
-    "pvc": ("storage_initializer.providers.local", "LocalSource", None),
-    "http": ("storage_initializer.providers.http", "HttpSource", None),
-    "s3": ("storage_initializer.providers.s3", "S3Source", None),
-    "gs": ("storage_initializer.providers.gcs", "GcsSource", None),
-    "azure-blob": ("storage_initializer.providers.azure_blob", "AzureBlobSource", None),
-    "azure-file": ("storage_initializer.providers.azure_file", "AzureFileSource", None),
-    "hf": ("storage_initializer.providers.hf", "HfSource", None),
-    "hdfs": ("storage_initializer.providers.hdfs", "HdfsSource", "hdfs"),
-    "webhdfs": ("storage_initializer.providers.hdfs", "HdfsSource", "hdfs"),
-    "oci": ("storage_initializer.providers.oci", "OciSource", "oci"),
-    "git": ("storage_initializer.providers.git", "GitSource", "git"),
-    "modelscope": ("storage_initializer.providers.modelscope", "ModelScopeSource", "modelscope"),
-}
-
 
 def open_source(uri: SourceUri, settings: Settings) -> Source:
+    """The provider of ``uri``'s kind (its row in :data:`~storage_initializer.schemes.BACKENDS`),
+    importing its module now, so a warm start that never downloads never imports a cloud SDK."""
+    backend = BY_KIND.get(uri.kind)
+    if backend is None or backend.module is None or backend.source_class is None:
+        raise UsageError(f"no provider for {uri.redacted}")
+    extra = backend.extra
     try:
-        module_name, class_name, extra = REGISTRY[uri.kind]
-    except KeyError:
-        raise UsageError(f"no provider for {uri.redacted}") from None
-    try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"{__name__}.{backend.module}")
     except ModuleNotFoundError as exc:
         if extra is None and not exc.name.startswith("storage_initializer"):
             raise
@@ -49,5 +36,5 @@ def open_source(uri: SourceUri, settings: Settings) -> Source:
             f"{uri.redacted}: {uri.kind} sources are not available in this installation",
             f"They need {what}",
         ) from exc
-    source_class = getattr(module, class_name)
+    source_class = getattr(module, backend.source_class)
     return source_class(uri, settings)

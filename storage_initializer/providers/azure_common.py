@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -37,7 +38,6 @@ LEGACY_ENV = ("CLIENT_ID", "TENANT_ID", "CLIENT_SECRET", "SUBSCRIPTION_ID")
 #: the SDK holds at most N x this in memory, whatever the engine's chunk size.
 GET_PIECE = 4 * 1024 * 1024
 #: Blocks in which a streamed body is handed to the engine (see client_options).
-STREAM_BLOCK = 1024 * 1024
 #: Connection pool per client: enough for the engine's workers plus listing.
 POOL_SIZE = 64
 CONNECT_TIMEOUT = 20
@@ -172,7 +172,7 @@ def client_options(retry_class: Any) -> dict[str, Any]:
             read_timeout=READ_TIMEOUT,
             # The transport, not the client, decides how a streamed body is cut: azure-core's
             # default is 4 KiB, i.e. a Python round trip (and a pwrite) for every 4 KiB.
-            connection_data_block_size=STREAM_BLOCK,
+            connection_data_block_size=BLOCK,
         ),
         "retry_policy": _without_tls_retries(retry_class)(
             initial_backoff=0.5,

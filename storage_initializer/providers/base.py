@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from storage_initializer.blocks import BLOCK
+
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
@@ -44,9 +46,7 @@ class Listing:
     fingerprint: str
 
 
-def read_local_range(
-    path: str, start: int, end: int | None, block: int = 1 << 20
-) -> Iterator[bytes]:
+def read_local_range(path: str, start: int, end: int | None, block: int = BLOCK) -> Iterator[bytes]:
     """Bytes ``[start, end)`` of a local file in bounded blocks (local sources, offline caches)."""
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -58,6 +58,13 @@ def read_local_range(
             if left is not None:
                 left -= len(data)
             yield data
+
+
+def is_true(value: str | None) -> bool:
+    """A boolean environment variable as the hub clients read theirs (huggingface_hub,
+    modelscope): ``1``, ``true``, ``yes``, ``on`` or ``y``, any case. (The stock initializer's
+    own S3 flags accept exactly ``true``: see providers/s3.py.)"""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def fingerprint_of(files: list[RemoteFile]) -> str:

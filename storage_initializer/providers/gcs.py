@@ -44,6 +44,7 @@ from google.cloud import storage
 from requests.adapters import HTTPAdapter
 
 from storage_initializer import checksums, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Size of the blocks :meth:`GcsSource.read` yields: bounded memory whatever the range.
-BLOCK = 1 << 20
 #: We only read; a read-only token limits what a leaked token could do.
 SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
 CONNECT_TIMEOUT = 15.0

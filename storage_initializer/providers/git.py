@@ -59,6 +59,7 @@ from dulwich.refs import check_ref_format
 from dulwich.repo import Repo
 
 from storage_initializer import tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -73,7 +74,6 @@ from storage_initializer.redact import register_secret
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
 #: ``<url ending in .git>[@ref]``; the ref may not hold '/' only after the last ".git" (a
 #: branch such as feature/x is written url.git@feature/x and is matched by the second form).
 _REF_RE = re.compile(r"^(?P<url>.+?\.git)(?:@(?P<ref>[^?#]+?))?/?$", re.IGNORECASE)

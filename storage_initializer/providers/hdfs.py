@@ -54,6 +54,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from storage_initializer import __version__, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -87,7 +88,6 @@ TEXT_SETTINGS = (
 )
 DEFAULT_WORKERS = 4
 #: Bytes per yielded block: bounded memory per worker whatever the range.
-BLOCK_SIZE = 1 << 20
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 #: RemoteException classes that mean "ask again (maybe another namenode)".
@@ -569,7 +569,7 @@ class HdfsSource(Source):
             wanted = None if end is None else end - start
             sent = 0
             try:
-                for block in response.iter_content(BLOCK_SIZE):
+                for block in response.iter_content(BLOCK):
                     if wanted is not None and sent + len(block) > wanted:
                         block = block[: wanted - sent]
                     if block:

@@ -37,6 +37,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from storage_initializer import __version__, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -46,7 +47,13 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
+from storage_initializer.providers.base import (
+    Listing,
+    RemoteFile,
+    Source,
+    is_true,
+    read_local_range,
+)
 from storage_initializer.providers.ranged import stream_range
 from storage_initializer.redact import redact, register_secret
 
@@ -59,7 +66,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 #: Bytes per yielded block: bounds memory per worker whatever the chunk size.
-BLOCK_SIZE = 1 << 20
 #: Attempts for the metadata calls, which the engine does not retry (list() runs once).
 METADATA_ATTEMPTS = 3
 MAX_RETRY_AFTER = 30.0
@@ -67,11 +73,6 @@ MAX_RETRY_AFTER = 30.0
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TRUE = {"1", "on", "yes", "true", "y"}
-
-
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().lower() in _TRUE
 
 
 def ensure_writable_hf_home() -> None:
@@ -216,7 +217,7 @@ class HfSource(Source):
         # Read the environment now, not at huggingface_hub's import: the value in force when the
         # pull starts is the one the user set (the same, in a fresh process, as hf would see).
         self.endpoint = self._endpoint()
-        self.offline = _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(
+        self.offline = is_true(os.environ.get("HF_HUB_OFFLINE")) or is_true(
             os.environ.get("TRANSFORMERS_OFFLINE")
         )
         self.token = self._token()
@@ -253,7 +254,7 @@ class HfSource(Source):
         ).strip()
         if token:
             return token
-        if _is_true(os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")):
+        if is_true(os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")):
             return None
         try:
             from huggingface_hub.utils._headers import get_token_to_send
@@ -570,7 +571,7 @@ class HfSource(Source):
                 label=f"{self.uri.redacted}: {what}",
                 ranged=ranged,
                 file_size=file.size,
-                block=BLOCK_SIZE,
+                block=BLOCK,
             )
 
     # -- offline: huggingface_hub's cache -----------------------------------------------------
@@ -624,4 +625,4 @@ class HfSource(Source):
     def _read_cached(self, file: RemoteFile, start: int, end: int | None) -> Iterator[bytes]:
         assert self._snapshot_dir is not None
         path = os.path.join(self._snapshot_dir, file.handle)
-        return read_local_range(path, start, end, BLOCK_SIZE)
+        return read_local_range(path, start, end, BLOCK)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import AccessDeniedError, NotFoundError
 from storage_initializer.providers.base import (
     Listing,
@@ -20,8 +21,6 @@ from storage_initializer.providers.base import (
     fingerprint_of,
     read_local_range,
 )
-
-BLOCK = 1 << 20
 
 
 class LocalSource(Source):

@@ -45,6 +45,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from storage_initializer import __version__, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -54,7 +55,13 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.providers.base import (
+    Listing,
+    RemoteFile,
+    Source,
+    fingerprint_of,
+    is_true,
+)
 from storage_initializer.providers.ranged import stream_range
 from storage_initializer.redact import register_secret
 
@@ -70,7 +77,6 @@ DEFAULT_REVISION = "master"
 #: ``repo/files`` silently truncates a listing at this many entries (modelscope_hub's
 #: REPO_FILES_TRUNCATION_LIMIT); a listing that long is walked directory by directory.
 TRUNCATION_LIMIT = 3000
-BLOCK_SIZE = 1 << 20
 METADATA_ATTEMPTS = 3
 MAX_RETRY_AFTER = 30.0
 CONNECT_TIMEOUT = 10.0
@@ -114,10 +120,6 @@ def parse_modelscope_uri(raw: str, redacted: str) -> ModelRef:
     return ModelRef(f"{owner}/{model}", revision or DEFAULT_REVISION)
 
 
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on", "y")
-
-
 def configured_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     """``MODELSCOPE_ENDPOINT``, else ``MODELSCOPE_DOMAIN``, normalised as the client does
     (scheme added when missing, no trailing slash); None when neither is set."""
@@ -158,7 +160,7 @@ class ModelScopeSource(Source):
         explicit = configured_endpoint()
         if explicit:
             self.endpoints = [explicit]
-        elif _is_true(os.environ.get("MODELSCOPE_PREFER_AI_SITE")):
+        elif is_true(os.environ.get("MODELSCOPE_PREFER_AI_SITE")):
             self.endpoints = [INTL_ENDPOINT, DEFAULT_ENDPOINT]
         else:
             self.endpoints = [DEFAULT_ENDPOINT, INTL_ENDPOINT]
@@ -477,5 +479,5 @@ class ModelScopeSource(Source):
             label=f"{self.uri.redacted}: {what}",
             ranged=ranged,
             file_size=file.size,
-            block=BLOCK_SIZE,
+            block=BLOCK,
         )

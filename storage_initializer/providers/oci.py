@@ -33,6 +33,11 @@ How: each tar layer is streamed once, extracted on the fly into a private scratc
 ``$TMPDIR`` (each file hashed with sha256 while written), and the merged tree is presented as the
 listing with those checksums, so the engine copies and verifies it into staging like any source.
 The scratch directory is removed on :meth:`close`.
+
+A layer is an archive like any other, under the policy of :mod:`storage_initializer.archive`: its
+members and expanded bytes (every member's, kept or not: decompressing is the cost) count against
+the same budget as a downloaded ``.tar.gz`` (``STORAGE_INITIALIZER_ARCHIVE_*``, ``--max-size``),
+and every member kept passes the standard library's tar ``data`` filter.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ from urllib.parse import urlencode
 
 import requests
 
-from storage_initializer import tls
+from storage_initializer import archive, tls
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -100,7 +106,6 @@ LAYER_MODES = {
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_MANIFEST = 4 << 20
-BLOCK = 1 << 20
 TIMEOUT = (15, 60)
 #: Attempts per layer when the transfer breaks or the digest does not match.
 ATTEMPTS = 3
@@ -482,9 +487,15 @@ class OciSource(Source):
         response = self._get(f"{self.ref.repository}/blobs/{digest}", {}, what)
         with response:
             reader = _HashingReader(response.raw, size)
+            budget = archive.Budget(size, archive.Limits.from_settings(self.settings), what)
             try:
                 with tarfile.open(fileobj=reader, mode=mode) as tar:  # type: ignore[call-overload]
                     for member in tar:
+                        budget.member()
+                        if member.isreg():
+                            # A tar member is exactly its announced size, so it is counted
+                            # before it is read, and a bomb refused before a byte is written.
+                            budget.spend(member.size)
                         self._member(tar, member, index, root, seen, entries, whiteouts)
                 reader.drain()
             except _Oversized:
@@ -531,6 +542,7 @@ class OciSource(Source):
         if not name.startswith(MODELS_PREFIX):
             return
         rel = safe_relpath(name[len(MODELS_PREFIX) :], "image file")
+        archive.check_tar_member(member, root, self.uri.redacted)
         if member.isdir():
             entries.append((rel, _Node("dir", index)))
         elif member.isreg():
@@ -539,17 +551,12 @@ class OciSource(Source):
                 raise UnsafePathError(
                     f"{self.uri.redacted}: {rel!r} is both a file and a directory"
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)  # a path may occur twice in a layer: the last wins
             stream = tar.extractfile(member)
             assert stream is not None
-            digest = hashlib.sha256()
-            written = 0
-            with stream, open(target, "wb") as out:
-                while block := stream.read(BLOCK):
-                    digest.update(block)
-                    out.write(block)
-                    written += len(block)
-            entries.append((rel, _Node("file", index, written, digest.hexdigest(), str(target))))
+            with stream:
+                done = archive.write_member(stream, target, None, sync=False)
+            entries.append((rel, _Node("file", index, done.size, done.sha256, str(target))))
         elif member.issym():
             if member.linkname.startswith("/"):
                 raise UnsafePathError(

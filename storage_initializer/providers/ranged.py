@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import requests
 
+from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import TransientError
 
-BLOCK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-")
 
 

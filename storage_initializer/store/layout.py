@@ -75,6 +75,17 @@ class Entry:
             return None
         return name
 
+    def published(self) -> Entry:
+        """The directory readers get: in cache mode the version that ``current`` names (read
+        once: read its marker from the returned entry, never from ``current`` again, so that a
+        switch happening meanwhile cannot pair one version's marker with another's files);
+        otherwise, or before a cache entry has any version, the entry itself."""
+        if self.mode == "cache":
+            name = self.current_version()
+            if name is not None:
+                return self.version(name)
+        return self
+
     def version(self, name: str) -> Entry:
         """Cache mode: one immutable version of this entry, itself laid out like a direct
         entry (model files, and a state directory holding only its marker)."""

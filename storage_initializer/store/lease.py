@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -173,46 +174,59 @@ def stale_at_a_glance(data: dict[str, Any], stale_after: float) -> bool:
     return time.time() - heartbeat > stale_after + CLOCK_SKEW
 
 
-def glance(entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float) -> str:
-    """free / held / stale from one look at the current lease (see :func:`stale_at_a_glance`).
-    An unreadable lease file (a crash left it empty) is judged by its age on disk."""
+class LeaseState(StrEnum):
+    """What the current lease says, the one vocabulary of every reader (status, gc, waiters)."""
+
+    #: No lease, or released: anyone may claim it.
+    FREE = "free"
+    #: A live holder is downloading.
+    HELD = "held"
+    #: Its holder is dead or silent for longer than stale-after: it may be taken over.
+    STALE = "stale"
+
+
+def glance(
+    entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float
+) -> LeaseState:
+    """From one look at the current lease (see :func:`stale_at_a_glance`). An unreadable lease
+    file (a crash left it empty) is judged by its age on disk."""
     if generation == 0 or (data is not None and data.get("released")):
-        return "free"
+        return LeaseState.FREE
     if data is None:
         try:
             age = time.time() - lease_path(entry, generation).stat().st_mtime
         except OSError:
-            return "free"  # replaced this very instant: the next look sees its successor
-        return "stale" if age > stale_after + CLOCK_SKEW else "held"
-    return "stale" if stale_at_a_glance(data, stale_after) else "held"
+            return LeaseState.FREE  # replaced this very instant: the next look sees its successor
+        return LeaseState.STALE if age > stale_after + CLOCK_SKEW else LeaseState.HELD
+    return LeaseState.STALE if stale_at_a_glance(data, stale_after) else LeaseState.HELD
 
 
 class Observer:
-    """A waiter's view of the current lease: free, fresh or stale."""
+    """A waiter's view of the current lease, watched over time."""
 
     def __init__(self, stale_after: float) -> None:
         self.stale_after = stale_after
         self._seen: dict[int, tuple[Any, float]] = {}
 
-    def classify(self, generation: int, data: dict[str, Any] | None) -> str:
+    def classify(self, generation: int, data: dict[str, Any] | None) -> LeaseState:
         now = time.monotonic()
         if generation == 0:
-            return "free"
+            return LeaseState.FREE
         if data is None:
             # Being replaced this very instant, or a file left empty by a crash: judge it by
             # how long it stays unreadable.
             seq: Any = ("unreadable",)
         else:
             if data.get("released"):
-                return "free"
+                return LeaseState.FREE
             if stale_at_a_glance(data, self.stale_after):
-                return "stale"
+                return LeaseState.STALE
             seq = data.get("seq")
         seen = self._seen.get(generation)
         if seen is None or seen[0] != seq:
             self._seen[generation] = (seq, now)
-            return "fresh"
-        return "stale" if now - seen[1] >= self.stale_after else "fresh"
+            return LeaseState.HELD
+        return LeaseState.STALE if now - seen[1] >= self.stale_after else LeaseState.HELD
 
 
 def _create_exclusive(path: Path, text: str) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage_initializer import checksums as sums
+from storage_initializer.blocks import BLOCK
 from storage_initializer.store import content
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
 #: Linux FICLONE ioctl: share the extents of a file (btrfs, XFS, bcachefs); fails elsewhere.
 FICLONE = 0x40049409
 

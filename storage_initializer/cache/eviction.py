@@ -33,10 +33,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer.cache import EntryInfo, describe, entries, lease_state, volume
+from storage_initializer.cache.survey import EntryInfo, describe, entries, lease_state, volume
 from storage_initializer.store import access, layout
 from storage_initializer.store.fsutil import remove_tree
-from storage_initializer.store.lease import Owner, current, try_claim
+from storage_initializer.store.lease import LeaseState, Owner, current, try_claim
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _leftovers(entry: layout.Entry, info: EntryInfo, policy: Policy, now: float)
         old = len(info.old_versions)
         reasons.append(f"{old} old version(s), replaced {now - switched:.0f}s ago")
     quiet = now - (info.heartbeat or 0.0) >= policy.min_idle
-    if info.staging_bytes and info.lease != "held" and quiet:
+    if info.staging_bytes and info.lease != LeaseState.HELD and quiet:
         names.append(str(entry.staging_root.relative_to(entry.root)))
         reasons.append(f"an abandoned staging area (lease {info.lease})")
     if not names:
@@ -217,7 +217,7 @@ def plan(cache_dir: Path, policy: Policy, now: float | None = None) -> list[Acti
     for entry in entries(cache_dir):
         info = describe(entry, policy.stale_after)
         total_models += info.size + info.old_versions_bytes
-        if info.lease == "held":
+        if info.lease == LeaseState.HELD:
             what = "downloading" if info.state == "downloading" else f"{info.state}, lease held"
             phase = info.progress.get("phase", "?")
             log.info("keeping %s: %s by %s (phase %s)", entry.key, what, info.holder, phase)
@@ -340,7 +340,7 @@ def apply(action: Action, policy: Policy) -> bool:
         remove_tree(entry.root)
         return True
     state, data = lease_state(entry, policy.stale_after)
-    if state == "held":
+    if state == LeaseState.HELD:
         holder = (data or {}).get("pod") or (data or {}).get("host")
         log.info("skipping %s: %s holds its lease", entry.key, holder)
         return False

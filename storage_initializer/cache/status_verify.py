@@ -26,11 +26,10 @@ def find_entry(path: Path) -> layout.Entry | None:
         mode = "version" if layout.VERSION_RE.match(root.name) else "cache"
         return layout.Entry(root, data.key if data else note.get("key", ""), mode)
     if (path / STATE_DIR_NAME).is_dir():
-        keyed = layout.Entry(path, path.name, "cache")
-        name = keyed.current_version()
-        if name is not None:  # a cache entry <cache>/<key>: its current version
-            data = marker_io.read(keyed.version(name))
-            return layout.Entry(keyed.root / name, data.key if data else path.name, "version")
+        model = layout.Entry(path, path.name, "cache").published()
+        if model.mode == "version":  # a cache entry <cache>/<key>: its current version
+            data = marker_io.read(model)
+            return layout.Entry(model.root, data.key if data else path.name, "version")
         data = marker_io.read(layout.Entry(path, "", "direct"))
         return layout.Entry(path, data.key if data else "", "direct")
     try:

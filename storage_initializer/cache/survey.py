@@ -14,7 +14,7 @@ from typing import Any
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
-from storage_initializer.store.lease import current, glance
+from storage_initializer.store.lease import LeaseState, current, glance
 
 
 @dataclass
@@ -34,8 +34,8 @@ class EntryInfo:
     #: Versions no longer current (kept for pods that linked to them), and their bytes.
     old_versions: list[str] = field(default_factory=list)
     old_versions_bytes: int = 0
-    #: The current lease at a glance: free, held or stale (gc keeps entries whose lease is held).
-    lease: str = "free"
+    #: The current lease at a glance (gc keeps entries whose lease is held).
+    lease: LeaseState = LeaseState.FREE
     #: The lease's last heartbeat (Unix time): the last sign of life of its downloader.
     heartbeat: float | None = None
     #: Bytes of its files that other entries hold too (hard links: content reuse), which
@@ -73,22 +73,19 @@ def shared_bytes(entry: layout.Entry) -> int:
     return sum(size for links, nlink, size in inside.values() if nlink > links)
 
 
-def lease_state(entry: layout.Entry, stale_after: float) -> tuple[str, dict[str, Any] | None]:
-    """free / held / stale, judged from one look (no observation over time) by the same test
+def lease_state(
+    entry: layout.Entry, stale_after: float
+) -> tuple[LeaseState, dict[str, Any] | None]:
+    """Judged from one look (no observation over time) by the same test
     that ``gc`` applies right before it claims a lease (store.lease.glance)."""
     generation, data = current(entry)
     return glance(entry, generation, data, stale_after), data
 
 
-def model_entry(entry: layout.Entry) -> layout.Entry:
-    """Where the model and its marker are: the current version of a cache entry (the entry
-    itself in direct mode, or for a cache written before versions existed)."""
-    name = entry.current_version() if entry.mode == "cache" else None
-    return entry.version(name) if name else entry
-
-
 def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
-    model = model_entry(entry)
+    # The current version (the entry itself in direct mode, or for a cache written before
+    # versions existed).
+    model = entry.published()
     marker = marker_io.read(model)
     usage = access.usage(entry)
     lease, data = lease_state(entry, stale_after)
@@ -100,9 +97,9 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
     old_bytes = sum(_tree_size(entry.root / v) for v in old)
     if marker is not None and not marker_io.problems(model, marker):
         state = "complete"
-    elif lease == "held":
+    elif lease == LeaseState.HELD:
         state = "downloading"
-    elif lease == "stale":
+    elif lease == LeaseState.STALE:
         state = "stale lease"
     elif staging_bytes:
         state = "orphaned staging"
@@ -112,7 +109,7 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
         state = "incomplete"
     holder = ""
     progress: dict[str, Any] = {}
-    if data and lease != "free":
+    if data and lease != LeaseState.FREE:
         holder = f"{data.get('pod') or data.get('host')} pid {data.get('pid')}"
         progress = {k: data.get(k, 0) for k in ("phase", "bytes_done", "bytes_total")}
     return EntryInfo(
