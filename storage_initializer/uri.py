@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from storage_initializer.errors import UsageError
-from storage_initializer.redact import redact_url
+from storage_initializer.redact import redact_url, register_secret
 
 MODEL_MOUNT_DIR = "/mnt/models"
 PVC_PREFIX = "/mnt/pvc"
@@ -116,5 +116,8 @@ def parse(uri: str) -> SourceUri:
             f"malformed URI {redact_url(uri)}: no host or bucket",
             "Write it as scheme://bucket/path",
         )
+    # A library may quote the password without the URL around it (urllib3's "user:pw@host"):
+    # masked wherever it appears, not only inside URLs.
+    register_secret(parts.password)
     canonical = _strip_credentials(uri, drop_query=kind in ("azure-blob", "azure-file"))
     return SourceUri(uri, kind, canonical, redact_url(uri))

@@ -137,7 +137,7 @@ class HttpSource(Source):
         except requests.exceptions.ConnectionError as exc:
             if _is_refused_or_dns(exc):
                 raise SourceError(
-                    f"{what}: cannot connect to {urlsplit(self.url).netloc} ({_reason(exc)})",
+                    f"{what}: cannot connect to {_host_port(self.url)} ({_reason(exc)})",
                     "Check the host name, the port and the network policy of the namespace",
                 ) from None
             raise TransientError(f"{what}: connection failed ({_reason(exc)})") from None
@@ -196,6 +196,16 @@ class HttpSource(Source):
                 raise TransientError(
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
                 ) from None
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of ``url``, never its ``user:password@``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        return f"{host}:{parts.port}" if parts.port else host
+    except ValueError:  # a port that is not a number: the host alone
+        return host
 
 
 def _protocol_errors() -> tuple[type[BaseException], ...]:
