@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import clean_env, cli, entrypoint, model_files, pattern, sha256
+from tests.helpers import (
+    clean_env,
+    cli,
+    entrypoint,
+    entrypoint_argv,
+    model_files,
+    pattern,
+    poll_until,
+    sha256,
+    start,
+)
 from tests.servers.hostile import FileServer
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
@@ -127,3 +137,20 @@ def test_s3_through_a_trickling_proxy_resumes_from_the_last_byte(
     assert "stalled" in result.stderr, result.stderr
     assert len(gets) == 2, gets
     assert gets[1].range == f"bytes={1 << 20}-{size - 1}", gets[1].range
+
+
+def test_timeout_also_ends_waiting_for_a_stuck_replica(server: FileServer, tmp_path: Path) -> None:
+    url = server.add("m/model.bin", pattern(SIZE, 5))
+    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    dest = tmp_path / "shared"
+    quiet = clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="0")
+    holder = start(entrypoint_argv(url, dest), quiet, tmp_path / "logs")
+    try:
+        poll_until(lambda: server.trickle_starts("m/model.bin"), what="the holder's download")
+        waiter = entrypoint(url, dest, env={**quiet, "STORAGE_INITIALIZER_TIMEOUT": "3"})
+    finally:
+        holder.kill()
+    assert waiter.returncode == 1, waiter.describe()
+    assert "waiting for" in waiter.stderr, waiter.stderr
+    assert "the --timeout deadline of 3s passed" in waiter.last_line, waiter.last_line
+    assert model_files(dest) == {}

@@ -17,6 +17,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     range: str | None
+    #: time.monotonic() when the request arrived.
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Trickle:
     interval: float = 2.0
     times: int = 1
     hits: int = 0
+    #: time.monotonic() when each trickle began (the fast part sent), for measurements.
+    began: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
             assert trickle is not None
             self.wfile.write(body[: trickle.after])
             self.wfile.flush()
+            with state.lock:
+                trickle.began.append(time.monotonic())
             for index in range(trickle.after, len(body)):
                 if state.stopping.wait(trickle.interval):  # the trickle's pace, not a sync
                     break
@@ -161,6 +168,11 @@ class FileServer:
     def trickle(self, path: str, after: int = 0, interval: float = 2.0, times: int = 1) -> None:
         with self.state.lock:
             self.state.trickles["/" + path.lstrip("/")] = Trickle(after, interval, times)
+
+    def trickle_starts(self, path: str) -> list[float]:
+        with self.state.lock:
+            trickle = self.state.trickles.get("/" + path.lstrip("/"))
+            return list(trickle.began) if trickle else []
 
     def seen(self, method: str | None = None) -> list[Seen]:
         with self.state.lock:
