@@ -23,11 +23,14 @@ from tests.helpers import (
     sha256,
     start,
 )
+from tests.servers.azurite import Azurite, azurite
+from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hostile import FileServer
+from tests.servers.hub import start_hub
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["azurite", "gcs_server", "s3_server"]
 
 SIZE = 200_000
 #: Bytes sent at full speed before a trickle starts.
@@ -105,38 +108,69 @@ def test_timeout_ends_a_pull_that_cannot_finish(
     assert model_files(dest) == {}
 
 
-def test_s3_through_a_trickling_proxy_resumes_from_the_last_byte(
-    s3_server: S3Server, tmp_path: Path
+@pytest.mark.parametrize("backend", ["s3", "gcs", "azure", "hf"])
+def test_every_backend_through_a_trickling_proxy_resumes_after_the_last_block(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    # The S3 provider hands the engine 1 MiB blocks: the trickle starts in the second one, so
-    # the first is the last byte received and the retry asks for the rest from there.
+    # Providers hand the engine blocks of up to 1 MiB: the trickle starts inside the second
+    # one, so the first block is the last byte received and the retry asks from there.
     size, head = 3 << 20, (3 << 20) // 2
     data = pattern(size, 4)
-    bucket = s3_server.new_bucket({"model/weights.bin": data, "model/config.json": b"{}"})
-    with CountingProxy(s3_server.endpoint) as proxy:
-        proxy.set_faults(
-            Fault(
-                kind="trickle",
-                method="GET",
-                path_contains="weights.bin",
-                truncate_fraction=head / size,
-                delay=1.0,
-                times=1,
+    files = {"model/weights.bin": data, "model/config.json": b"{}"}
+    hub = None
+    # Only the backend under test is started (session fixtures, shared with other modules).
+    s3: S3Server | None = request.getfixturevalue("s3_server") if backend == "s3" else None
+    gcs: GcsServer | None = request.getfixturevalue("gcs_server") if backend == "gcs" else None
+    blob: Azurite | None = request.getfixturevalue("azurite") if backend == "azure" else None
+    if s3 is not None:
+        upstream, uri = s3.endpoint, f"s3://{s3.new_bucket(files)}/model"
+    elif gcs is not None:
+        upstream, uri = gcs.endpoint, f"gs://{gcs.new_bucket(files)}/model"
+    elif blob is not None:
+        container = blob.new_container_name("stall")
+        blob.upload(container, files)
+        upstream, uri = f"http://127.0.0.1:{blob.port}", blob.uri(container, "model")
+    else:
+        hub = start_hub()
+        hub.add_repo("org/stall").add_commit(
+            {k.removeprefix("model/"): v for k, v in files.items()}
+        )
+        upstream, uri = hub.url, "hf://org/stall"
+    try:
+        with CountingProxy(upstream) as proxy:
+            proxy.set_faults(
+                Fault(
+                    kind="trickle",
+                    method="GET",
+                    path_contains="weights.bin",
+                    truncate_fraction=head / size,
+                    delay=1.0,
+                    times=1,
+                )
             )
-        )
-        env = clean_env(
-            s3_server.env(proxy.url),
-            AWS_EC2_METADATA_DISABLED="true",
-            STORAGE_INITIALIZER_STALL_TIMEOUT="3",
-        )
-        dest = tmp_path / "dest"
-        result = entrypoint(f"s3://{bucket}/model", dest, env=env)
-        assert result.returncode == 0, result.describe()
-        gets = proxy.select(method="GET", path_contains="weights.bin")
+            if s3 is not None:
+                env = {**s3.env(proxy.url), "AWS_EC2_METADATA_DISABLED": "true"}
+            elif gcs is not None:
+                env = gcs.env(proxy.url)
+            elif blob is not None:
+                env = blob.env(endpoint=f"{proxy.url}/{blob.account}")
+            else:
+                assert hub is not None
+                env = {**hub.env(home=str(tmp_path / "hf")), "HF_ENDPOINT": proxy.url}
+            dest = tmp_path / "dest"
+            result = entrypoint(
+                uri, dest, env=clean_env(env, STORAGE_INITIALIZER_STALL_TIMEOUT="3")
+            )
+            assert result.returncode == 0, result.describe()
+            gets = proxy.select(method="GET", path_contains="weights.bin")
+    finally:
+        if hub is not None:
+            hub.stop()
     assert sha256((dest / "weights.bin").read_bytes()) == sha256(data)
     assert "stalled" in result.stderr, result.stderr
     assert len(gets) == 2, gets
-    assert gets[1].range == f"bytes={1 << 20}-{size - 1}", gets[1].range
+    ranges = [v for k, v in gets[1].headers.items() if k.lower() in ("range", "x-ms-range")]
+    assert ranges == [f"bytes={1 << 20}-{size - 1}"], gets[1].headers
 
 
 def test_timeout_also_ends_waiting_for_a_stuck_replica(server: FileServer, tmp_path: Path) -> None:
