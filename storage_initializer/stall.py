@@ -210,7 +210,12 @@ class Guard:
         window = self.stall_timeout
         least = max(1, int(self.min_rate * window))
         for watch in list(_watches.values()):
-            if watch.guard is not self or watch.stalled:
+            if watch.guard is not self:
+                continue
+            if watch.stalled:  # flagged while between reads: cut the read it is in now
+                sock = _reading.get(watch.thread)
+                if sock is not None:
+                    _shut(sock)
                 continue
             done = watch.progress
             samples = watch.samples
