@@ -76,6 +76,12 @@ def main() -> None:
 @click.option("--workers", help="Parallel requests. [backend default]")
 @click.option("--chunk-size", help="Size of ranged chunks of large files, e.g. 32MiB. [32MiB]")
 @click.option("--retries", help="Retries of a failing request. [5]")
+@click.option(
+    "--stall-timeout",
+    help="Cut and retry a transfer slower than --min-rate over this many seconds; 0: never. [30]",
+)
+@click.option("--min-rate", help="Slowest acceptable transfer, bytes/s, e.g. 1KiB. [1KiB]")
+@click.option("--timeout", help="Fail the run after this many seconds; 0: no deadline. [0]")
 @click.option("--progress-interval", help="Seconds between progress lines. [10]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format. [text]")
 @click.option(

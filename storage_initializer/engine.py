@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath
+from storage_initializer import checksums, crcmath, stall
 from storage_initializer.errors import InitializerError, IntegrityError, TransientError
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
@@ -118,6 +118,8 @@ class Engine:
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
         self._results_lock = threading.Lock()
+        #: Cuts transfers that make too little progress, and cancels us at the deadline.
+        self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Engine:
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
         window = self.workers * 2
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="transfer") as pool:
+        with self.stalls, ThreadPoolExecutor(self.workers, thread_name_prefix="transfer") as pool:
             try:
                 while True:
                     while len(in_flight) < window:
@@ -279,8 +281,9 @@ class Engine:
         crc_update = job.crc_update if job.combined else None
         crc = 0  # this chunk's CRC so far (resumed along with ``offset`` after a failure)
         while True:
+            watch = self.stalls.watch()
             try:
-                for block in source.read(job.file, offset, end):
+                for block in watch.blocks(source.read(job.file, offset, end), job.file.path):
                     if self.cancel.is_set():
                         raise Cancelled()
                     size = len(block)
@@ -309,7 +312,15 @@ class Engine:
                 if crc_update is not None:
                     job.crcs[start] = crc
                 return
-            except RETRYABLE as exc:
+            except Exception as caught:
+                if self.cancel.is_set():
+                    stall.check_deadline()  # the --timeout deadline passed: say so
+                    if isinstance(caught, Cancelled):
+                        raise
+                    raise Cancelled() from caught
+                exc = watch.explain(caught, job.file.path)
+                if not isinstance(exc, RETRYABLE):
+                    raise
                 attempt += 1
                 if attempt > self.settings.retries:
                     message = exc.describe() if isinstance(exc, InitializerError) else str(exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -21,6 +22,7 @@ log = logging.getLogger("storage_initializer")
 
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     from storage_initializer import settings as settings_mod
+    from storage_initializer import stall
     from storage_initializer.errors import InitializerError
     from storage_initializer.pull import describe_failure, failure_stats, pull
     from storage_initializer.report import setup_logging, summary
@@ -34,7 +36,10 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         return 1
     setup_logging(settings.log_format)
     runs: list[dict] = []
+    current = {"source": ""}
+    _arm_deadline(settings, runs, current)
     for source, dest in pairs:
+        current["source"] = source
         log.info("Initializing, args: src_uri [%s] dest_path [%s]", source, dest)
         began = time.monotonic()
         try:
@@ -43,7 +48,8 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
             log.error("interrupted while downloading %s", source)
             _termination_message(settings, f"interrupted while downloading {source}", source, runs)
             return 1
-        except Exception as exc:  # every failure ends in one explanatory line
+        except Exception as failure:  # every failure ends in one explanatory line
+            exc = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
             log.debug("failure details", exc_info=True)
             if settings.metrics_file:
                 # What the failed pull spent still counts: origin bytes, retries, failures.
@@ -60,13 +66,29 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
             reason = " ".join(describe_failure(source, exc).split())
             log.error("%s", reason)
             _termination_message(settings, reason, source, runs)
+            stall.finish_deadline()
             return 1
         runs.append(result.fields())
         summary(result.fields(), settings.log_format)
     if settings.metrics_file:
         _write_metrics(settings.metrics_file, runs)
     _termination_message(settings, None, None, runs)
+    stall.finish_deadline()
     return 0
+
+
+def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> None:
+    """--timeout: the run's deadline (stall.py). Should the run still not have ended a grace
+    period after it, this reports the failure, then the process exits."""
+    from storage_initializer import stall
+    from storage_initializer.pull import describe_failure
+
+    def hung(error: Exception) -> None:
+        reason = " ".join(describe_failure(current["source"], error).split())
+        log.error("%s", reason)
+        _termination_message(settings, reason, current["source"], runs)
+
+    stall.start_deadline(settings.timeout, hung)
 
 
 def _termination_message(

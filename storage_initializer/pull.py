@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage_initializer import __version__
+from storage_initializer import __version__, stall
 from storage_initializer.errors import (
     DestinationError,
     InitializerError,
@@ -367,6 +367,7 @@ def _locked_pull(
                     progress,
                     (data or {}).get("phase", "?"),
                 )
+            stall.check_deadline()
             if settings.lock_timeout and now - started > settings.lock_timeout:
                 raise LockTimeoutError(
                     f"gave up after {settings.lock_timeout:g}s waiting for "

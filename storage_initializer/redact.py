@@ -40,6 +40,17 @@ _lock = threading.Lock()
 _extra: set[str] = set()
 
 _URL_RE = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+#: ``user:password@host`` without a scheme: how urllib3 and others quote a connection's netloc
+#: ("cannot connect to user:pw@host:443").
+_NETLOC_CREDENTIALS_RE = re.compile(
+    r"(?<![\w%.~+/-])([\w%.~+-]+):[^\s@/'\"<>]+@(?!sha\d+:)(?=[\w.\[\]-])"
+)
+#: A URI longer than this is shown as its head (scheme, host, start of the path), an ellipsis
+#: and its tail: a 100 KB URI must not make a 200 KB last line.
+URI_DISPLAY_LIMIT = 300
+#: Characters that would let a name forge a log line or rewrite a terminal: C0 and C1
+#: controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: Query parameters that are not secret and help a reader tell URIs apart.
 _PUBLIC_QUERY_KEYS = frozenset({"versionId", "generation", "revision", "ref"})
 
@@ -110,7 +121,8 @@ def redact(text: str) -> str:
     """Return ``text`` with every known secret and every URL credential masked."""
     if not text:
         return text
-    text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+    text = _URL_RE.sub(lambda m: shorten_uri(redact_url(m.group(0))), text)
+    text = _NETLOC_CREDENTIALS_RE.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
     with _lock:
         secrets = _extra | _env_secrets()
     # Longest first, so that a secret containing another is masked whole.
@@ -118,3 +130,29 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def shorten_uri(uri: str, limit: int = URI_DISPLAY_LIMIT) -> str:
+    """``uri`` cut to about ``limit`` characters for display: its head (scheme and host first),
+    ``…``, and its tail (usually the file name)."""
+    if len(uri) <= limit:
+        return uri
+    tail = max(16, limit // 5)
+    head = max(16, limit - tail - 1)
+    return f"{uri[:head]}…{uri[-tail:]}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line whatever it holds: control characters become visible escapes
+    (``\\n``, ``\\x1b``, ``\\u2028``), so a file name or URI holding a newline cannot forge a
+    second log line, nor an escape sequence rewrite the terminal. A backslash stays as it is."""
+    return _CONTROL_RE.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group(0)
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    if named:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from storage_initializer.redact import redact
+from storage_initializer.redact import escape_controls, redact
 
 LOGGER_NAME = "storage_initializer"
 TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(message)s"
@@ -25,9 +25,30 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 log = logging.getLogger(LOGGER_NAME)
 
 
+def _one_line(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` whose message has its control characters escaped: a file name or
+    URI holding a newline cannot forge a second log line (a traceback, debug only, keeps its
+    own lines)."""
+    message = record.getMessage()
+    escaped = escape_controls(message)
+    if escaped == message:
+        return record
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.msg, copy.args = escaped, None
+    return copy
+
+
+#: What json.dumps leaves raw but a line-splitting log reader or a terminal would act on.
+_JSON_UNSAFE = {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    **{c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)},
+}
+
+
 class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return redact(super().format(_one_line(record)))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -44,7 +65,7 @@ class _JsonFormatter(logging.Formatter):
             data.update(extra)
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return redact(json.dumps(data, ensure_ascii=False, default=str))
+        return redact(json.dumps(data, ensure_ascii=False, default=str)).translate(_JSON_UNSAFE)
 
 
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
@@ -125,7 +146,7 @@ class ProgressReporter:
             rate = self._rate(snap)
             line = describe_progress(snap, rate)
             if self.tty:
-                sys.stderr.write(f"\r\033[K{self.label}: {redact(line)}")
+                sys.stderr.write(f"\r\033[K{escape_controls(redact(f'{self.label}: {line}'))}")
                 sys.stderr.flush()
             else:
                 left = int(snap.get("bytes_total", 0)) - int(snap.get("bytes_done", 0))

@@ -34,6 +34,12 @@ class Settings:
     workers: int = 0
     chunk_size: int = 32 * 1024 * 1024
     retries: int = 5
+    #: A transfer receiving less than ``min_rate`` bytes/s over this many seconds is cut and
+    #: retried from its last byte (stall.py); 0 turns the guard off.
+    stall_timeout: float = 30.0
+    min_rate: int = 1024
+    #: Deadline of the whole run in seconds (0: none): then it fails, naming the URI.
+    timeout: float = 0.0
     progress_interval: float = 10.0
     log_format: str = "text"
     replace: bool = False
@@ -218,6 +224,9 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "workers": (_positive(int), ("STORAGE_INITIALIZER_WORKERS",)),
     "chunk_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_CHUNK_SIZE",)),
     "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
+    "stall_timeout": (_positive(float), ("STORAGE_INITIALIZER_STALL_TIMEOUT",)),
+    "min_rate": (_positive(_size), ("STORAGE_INITIALIZER_MIN_RATE",)),
+    "timeout": (_positive(float), ("STORAGE_INITIALIZER_TIMEOUT",)),
     "progress_interval": (
         _positive(float, allow_zero=False),
         ("STORAGE_INITIALIZER_PROGRESS_INTERVAL",),

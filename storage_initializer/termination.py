@@ -56,10 +56,10 @@ def target(configured: str | None = None) -> str | None:
 
 def _clean(text: str, url: bool = False) -> str:
     """One line, secrets masked (``url``: the whole text is a URI, its query masked too)."""
-    from storage_initializer.redact import redact, redact_url
+    from storage_initializer.redact import escape_controls, redact, redact_url
 
     text = str(text)
-    return " ".join(redact(redact_url(text) if url else text).split())
+    return escape_controls(" ".join(redact(redact_url(text) if url else text).split()))
 
 
 def _cut(text: str, limit: int) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from storage_initializer.errors import UsageError
-from storage_initializer.redact import redact_url
+from storage_initializer.redact import redact_url, register_secret
 from storage_initializer.schemes import BY_KIND, MODEL_MOUNT_DIR, PVC_PREFIX, for_scheme, supported
 
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -95,5 +95,8 @@ def parse(uri: str) -> SourceUri:
             f"malformed URI {redact_url(uri)}: no host or bucket",
             "Write it as scheme://bucket/path",
         )
+    # A library may quote the password without the URL around it (urllib3's "user:pw@host"):
+    # masked wherever it appears, not only inside URLs.
+    register_secret(parts.password)
     canonical = _strip_credentials(uri, drop_query=backend.query_is_credential)
     return SourceUri(uri, kind, canonical, redact_url(uri))

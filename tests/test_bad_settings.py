@@ -24,6 +24,9 @@ BAD = {
     "progress-interval": ("nan", "is not a finite number"),
     "max-size": ("huge", "is not a size; use e.g. 32MiB"),
     "link-mode": ("reflink", "is not one of symlink, hardlink, copy"),
+    "stall-timeout": ("-1", "is negative; use a value ≥ 0"),
+    "min-rate": ("fast", "is not a size; use e.g. 32MiB"),
+    "timeout": ("inf", "is not a finite number"),
 }
 PYTHON_WORDS = ("invalid literal", "could not convert", "ValueError", "Traceback", "base 10")
 

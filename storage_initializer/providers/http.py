@@ -28,6 +28,7 @@ from storage_initializer.errors import (
     TransientError,
     UsageError,
 )
+from storage_initializer.providers import redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.redact import register_secret
 
@@ -88,6 +89,8 @@ class HttpSource(Source):
                 )
             self.pin[match.group(1).lower()] = match.group(2).lower()
         self.headers = self._headers(parts.hostname or "")
+        #: Sent to the URI's own origin only, never after a redirect elsewhere (redirects.py).
+        self.private_headers = tuple(self.headers)
         self.headers["Accept-Encoding"] = "identity"
         self.verify = tls.requests_verify()
         self._local = threading.local()
@@ -120,13 +123,15 @@ class HttpSource(Source):
     def _request(self, method: str, headers: dict[str, str] | None = None) -> requests.Response:
         what = self.uri.redacted
         try:
-            return self.session.request(
+            return redirects.request(
+                self.session,
                 method,
                 self.url,
+                what=what,
                 headers=headers,
+                private=self.private_headers,
                 stream=True,
                 timeout=TIMEOUT,
-                allow_redirects=True,
             )
         except requests.exceptions.SSLError as exc:
             raise SourceError(
@@ -137,7 +142,7 @@ class HttpSource(Source):
         except requests.exceptions.ConnectionError as exc:
             if _is_refused_or_dns(exc):
                 raise SourceError(
-                    f"{what}: cannot connect to {urlsplit(self.url).netloc} ({_reason(exc)})",
+                    f"{what}: cannot connect to {_host_port(self.url)} ({_reason(exc)})",
                     "Check the host name, the port and the network policy of the namespace",
                 ) from None
             raise TransientError(f"{what}: connection failed ({_reason(exc)})") from None
@@ -196,6 +201,16 @@ class HttpSource(Source):
                 raise TransientError(
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
                 ) from None
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of ``url``, never its ``user:password@``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        return f"{host}:{parts.port}" if parts.port else host
+    except ValueError:  # a port that is not a number: the host alone
+        return host
 
 
 def _protocol_errors() -> tuple[type[BaseException], ...]:

@@ -78,6 +78,8 @@ class Fault:
     ``kind``: ``"status"`` (answer ``status`` with ``body``/``headers`` instead of forwarding),
     ``"truncate"`` (forward, then close after ``truncate_fraction`` of the body), ``"delay"``
     (sleep ``delay`` seconds, then forward), ``"drop"`` (close the connection without answering),
+    ``"trickle"`` (forward ``truncate_fraction`` of the body at full speed, then one byte every
+    ``delay`` seconds: the server whose every read arrives in time but never finishes),
     ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
     to emulate an origin that ignores ranges), ``"gate"`` (hold the request until ``gate`` is
     set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived).
@@ -213,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self, record: RequestRecord, body: bytes, fault: Fault | None) -> None:
         proxy = self.server.proxy
-        truncate = fault if fault is not None and fault.kind == "truncate" else None
+        truncate = fault if fault is not None and fault.kind in ("truncate", "trickle") else None
         stripped = (
             {h.lower() for h in fault.strip_headers} if fault and fault.kind == "strip" else set()
         )
@@ -259,6 +261,9 @@ class _Handler(BaseHTTPRequestHandler):
             sent = 0
             while True:
                 want = CHUNK if limit is None else min(CHUNK, limit - sent)
+                if want <= 0 and truncate is not None and truncate.kind == "trickle":
+                    self._trickle(record, response, truncate.delay)
+                    return
                 if want <= 0:
                     # Cut off: the client announced Content-Length will never be reached.
                     self.close_connection = True
@@ -281,6 +286,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
         finally:
             upstream.close()
+
+    def _trickle(
+        self, record: RequestRecord, response: http.client.HTTPResponse, pace: float
+    ) -> None:
+        """The rest of the body one byte every ``pace`` seconds, until the client gives up or
+        the proxy stops."""
+        proxy = self.server.proxy
+        self.close_connection = True
+        while not proxy._stopping.wait(pace):  # the trickle's pace, not a synchronisation
+            byte = response.read(1)
+            if not byte:
+                return
+            proxy._add_bytes(record, 1)
+            self.wfile.write(byte)
+            self.wfile.flush()
 
     def _bad_gateway(self, reason: str) -> None:
         payload = f"proxy: upstream failed: {reason}".encode()
@@ -317,6 +337,7 @@ class CountingProxy:
         self._server = _ProxyServer((host, port), _Handler)
         self._server.proxy = self
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -335,6 +356,7 @@ class CountingProxy:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:

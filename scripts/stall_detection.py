@@ -1,0 +1,57 @@
+"""How long a stalled transfer holds a pull with the default settings (docs/security.md).
+
+A local server sends the first 64 KiB of a 1 MiB file at once, then one byte a second; the
+KServe entrypoint pulls it with default settings (--stall-timeout 30, --min-rate 1KiB). Printed:
+seconds from the start of the trickle to the retry request the stall guard caused (the guard's
+detection plus the engine's first backoff, which the log line states), and the whole pull.
+
+    python scripts/stall_detection.py
+
+Printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import clean_env, entrypoint_argv, pattern  # noqa: E402
+from tests.servers.hostile import FileServer  # noqa: E402
+
+
+def main() -> None:
+    with FileServer() as server, tempfile.TemporaryDirectory() as tmp:
+        url = server.add("m/model.bin", pattern(1 << 20, 5))
+        server.trickle("m/model.bin", after=64 << 10, interval=1.0, times=1)
+        env = clean_env(PYTHONPATH=str(ROOT))
+        began = time.monotonic()
+        done = subprocess.run(
+            entrypoint_argv(url, Path(tmp) / "dest"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        total = time.monotonic() - began
+        gets = server.seen("GET")
+        trickle = server.trickle_starts("m/model.bin")
+    if done.returncode != 0 or len(gets) < 2 or not trickle:
+        print(done.stderr)
+        raise SystemExit("the pull did not go as planned")
+    retry = gets[1].at - trickle[0]
+    backoff = re.search(r"retrying .* in ([0-9.]+)s", done.stderr)
+    wait = float(backoff.group(1)) if backoff else 0.0
+    print(f"trickle began → retry request: {retry:.1f}s (backoff {wait:.1f}s included)")
+    print(f"stall detected after: {retry - wait:.1f}s")
+    print(f"whole pull: {total:.1f}s, resumed with {gets[1].range}")
+
+
+if __name__ == "__main__":
+    main()

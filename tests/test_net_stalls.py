@@ -1,0 +1,190 @@
+"""Nothing hangs on the network path: a server that trickles one byte at a time is cut by the
+stall guard and the chunk resumed from its last byte; one that never recovers fails with a
+clear last line; ``--timeout`` ends a pull that cannot finish, naming the URI and the deadline.
+Real servers (a threaded HTTP server, moto behind a trickling proxy), the entrypoint and the CLI
+as processes, short settings. Without the guard, each of these runs for hours."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    clean_env,
+    cli,
+    entrypoint,
+    entrypoint_argv,
+    model_files,
+    pattern,
+    poll_until,
+    sha256,
+    start,
+)
+from tests.servers.azurite import Azurite, azurite
+from tests.servers.gcs import GcsServer, gcs_server
+from tests.servers.hostile import FileServer
+from tests.servers.hub import start_hub
+from tests.servers.proxy import CountingProxy, Fault
+from tests.servers.s3 import S3Server, s3_server
+
+__all__ = ["azurite", "gcs_server", "s3_server"]
+
+SIZE = 200_000
+#: Bytes sent at full speed before a trickle starts.
+HEAD = 50_000
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as running:
+        yield running
+
+
+def test_a_trickling_server_is_cut_and_resumed_from_the_last_byte(
+    server: FileServer, tmp_path: Path
+) -> None:
+    data = pattern(SIZE, 1)
+    url = server.add("m/model.bin", data)
+    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=1)
+    dest = tmp_path / "dest"
+    result = entrypoint(url, dest, env=clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="3"))
+    assert result.returncode == 0, result.describe()
+    assert sha256((dest / "model.bin").read_bytes()) == sha256(data)
+    gets = server.seen("GET")
+    assert len(gets) == 2, gets
+    # The second request starts where the trickle left the file, not at byte 0.
+    assert gets[0].range is None
+    assert gets[1].range is not None
+    resumed_at = int(gets[1].range.removeprefix("bytes=").split("-")[0])
+    assert HEAD <= resumed_at < SIZE, gets[1].range
+    assert "stalled" in result.stderr and f"at byte {resumed_at}" in result.stderr
+
+
+def test_a_server_that_never_recovers_fails_with_a_clear_last_line(
+    server: FileServer, tmp_path: Path
+) -> None:
+    url = server.add("m/model.bin", pattern(SIZE, 2))
+    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    dest = tmp_path / "dest"
+    result = entrypoint(
+        url,
+        dest,
+        env=clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="2", STORAGE_INITIALIZER_RETRIES="1"),
+    )
+    assert result.returncode == 1, result.describe()
+    last = result.last_line
+    assert f"failed to download {url}" in last and "stalled" in last, last
+    assert "gave up after 2 attempts" in last, last
+    assert model_files(dest) == {}
+
+
+@pytest.mark.parametrize("how", ["env", "flag", "config"])
+def test_timeout_ends_a_pull_that_cannot_finish(
+    how: str, server: FileServer, tmp_path: Path
+) -> None:
+    url = server.add("m/model.bin", pattern(SIZE, 3))
+    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    dest = tmp_path / "dest"
+    log = tmp_path / "termination-log"
+    # The stall guard is off: only the deadline can end this pull.
+    env = clean_env(
+        STORAGE_INITIALIZER_STALL_TIMEOUT="0", STORAGE_INITIALIZER_TERMINATION_LOG=str(log)
+    )
+    if how == "env":
+        result = entrypoint(url, dest, env={**env, "STORAGE_INITIALIZER_TIMEOUT": "3"})
+    elif how == "flag":
+        result = cli("pull", "--timeout", "3", url, dest, env=env)
+    else:
+        config = tmp_path / "config.yaml"
+        config.write_text("timeout: 3\n")
+        result = entrypoint(url, dest, env={**env, "STORAGE_INITIALIZER_CONFIG": str(config)})
+    assert result.returncode == 1, result.describe()
+    last = result.last_line
+    assert f"failed to download {url}: the --timeout deadline of 3s passed" in last, last
+    assert json.loads(log.read_text())["reason"].startswith(f"failed to download {url}")
+    assert model_files(dest) == {}
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs", "azure", "hf"])
+def test_every_backend_through_a_trickling_proxy_resumes_after_the_last_block(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Providers hand the engine blocks of up to 1 MiB: the trickle starts inside the second
+    # one, so the first block is the last byte received and the retry asks from there.
+    size, head = 3 << 20, (3 << 20) // 2
+    data = pattern(size, 4)
+    files = {"model/weights.bin": data, "model/config.json": b"{}"}
+    hub = None
+    # Only the backend under test is started (session fixtures, shared with other modules).
+    s3: S3Server | None = request.getfixturevalue("s3_server") if backend == "s3" else None
+    gcs: GcsServer | None = request.getfixturevalue("gcs_server") if backend == "gcs" else None
+    blob: Azurite | None = request.getfixturevalue("azurite") if backend == "azure" else None
+    if s3 is not None:
+        upstream, uri = s3.endpoint, f"s3://{s3.new_bucket(files)}/model"
+    elif gcs is not None:
+        upstream, uri = gcs.endpoint, f"gs://{gcs.new_bucket(files)}/model"
+    elif blob is not None:
+        container = blob.new_container_name("stall")
+        blob.upload(container, files)
+        upstream, uri = f"http://127.0.0.1:{blob.port}", blob.uri(container, "model")
+    else:
+        hub = start_hub()
+        hub.add_repo("org/stall").add_commit(
+            {k.removeprefix("model/"): v for k, v in files.items()}
+        )
+        upstream, uri = hub.url, "hf://org/stall"
+    try:
+        with CountingProxy(upstream) as proxy:
+            proxy.set_faults(
+                Fault(
+                    kind="trickle",
+                    method="GET",
+                    path_contains="weights.bin",
+                    truncate_fraction=head / size,
+                    delay=1.0,
+                    times=1,
+                )
+            )
+            if s3 is not None:
+                env = {**s3.env(proxy.url), "AWS_EC2_METADATA_DISABLED": "true"}
+            elif gcs is not None:
+                env = gcs.env(proxy.url)
+            elif blob is not None:
+                env = blob.env(endpoint=f"{proxy.url}/{blob.account}")
+            else:
+                assert hub is not None
+                env = {**hub.env(home=str(tmp_path / "hf")), "HF_ENDPOINT": proxy.url}
+            dest = tmp_path / "dest"
+            result = entrypoint(
+                uri, dest, env=clean_env(env, STORAGE_INITIALIZER_STALL_TIMEOUT="3")
+            )
+            assert result.returncode == 0, result.describe()
+            gets = proxy.select(method="GET", path_contains="weights.bin")
+    finally:
+        if hub is not None:
+            hub.stop()
+    assert sha256((dest / "weights.bin").read_bytes()) == sha256(data)
+    assert "stalled" in result.stderr, result.stderr
+    assert len(gets) == 2, gets
+    ranges = [v for k, v in gets[1].headers.items() if k.lower() in ("range", "x-ms-range")]
+    assert ranges == [f"bytes={1 << 20}-{size - 1}"], gets[1].headers
+
+
+def test_timeout_also_ends_waiting_for_a_stuck_replica(server: FileServer, tmp_path: Path) -> None:
+    url = server.add("m/model.bin", pattern(SIZE, 5))
+    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    dest = tmp_path / "shared"
+    quiet = clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="0")
+    holder = start(entrypoint_argv(url, dest), quiet, tmp_path / "logs")
+    try:
+        poll_until(lambda: server.trickle_starts("m/model.bin"), what="the holder's download")
+        waiter = entrypoint(url, dest, env={**quiet, "STORAGE_INITIALIZER_TIMEOUT": "3"})
+    finally:
+        holder.kill()
+    assert waiter.returncode == 1, waiter.describe()
+    assert "waiting for" in waiter.stderr, waiter.stderr
+    assert "the --timeout deadline of 3s passed" in waiter.last_line, waiter.last_line
+    assert model_files(dest) == {}
