@@ -68,6 +68,9 @@ class SourceChangedError(InitializerError):
         "or point the URI at an immutable version"
     )
 
+    #: The changed file's path in the model, set by the engine (None: not known).
+    path: str | None = None
+
 
 class DestinationError(InitializerError):
     """The destination cannot hold the model: not writable, full, or holds something else."""

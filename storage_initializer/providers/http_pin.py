@@ -1,0 +1,104 @@
+"""Pinning plain HTTP reads to the version that was listed.
+
+A file replaced on the server while it downloads in ranged chunks would otherwise be committed
+as a mix of two versions, whose checksum we compute ourselves and so "verifies". Every read is
+therefore made conditional on the validator of the listing: ``If-Match`` with a strong ETag,
+``If-Unmodified-Since`` with a Last-Modified date (a weak ETag cannot be used with ``If-Match``,
+which compares strongly). A compliant server answers 412 once the file changed; for one that
+ignores the condition, the answer's own ETag/Last-Modified is compared with the listed one.
+Either way the read raises :class:`SourceChangedError` and the pull fetches the new version
+whole. A server that gives no validator at all is read in one stream (see HttpSource.list).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import requests
+
+from storage_initializer.errors import SourceChangedError, TransientError
+from storage_initializer.providers.base import RemoteFile
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_warned: set[str] = set()
+
+
+def validator(headers: Mapping[str, str]) -> str:
+    """What identifies the version of the answer: the ETag, else Last-Modified, else ""."""
+    return headers.get("ETag") or headers.get("Last-Modified") or ""
+
+
+def is_etag(version: str) -> bool:
+    return version.startswith(('"', "W/"))
+
+
+def conditions(version: str) -> dict[str, str]:
+    """Request headers that make a GET fail (412) unless the file still has ``version``."""
+    if not version:
+        return {}
+    if is_etag(version):
+        return {} if version.startswith("W/") else {"If-Match": version}
+    return {"If-Unmodified-Since": version}
+
+
+def check_same_version(where: str, file: RemoteFile, headers: Mapping[str, str]) -> None:
+    """Raise SourceChangedError when the answer names another version than the listed one (a
+    server that ignored the condition)."""
+    if not file.version:
+        return
+    if is_etag(file.version):
+        got = headers.get("ETag")
+        same = got is None or _weak(got) == _weak(file.version)
+    else:
+        got = headers.get("Last-Modified")
+        same = got is None or got == file.version
+    if not same:
+        raise SourceChangedError(
+            f"{where}: {file.path} changed since it was listed (version {file.version}, "
+            f"the server now sends {got})"
+        )
+
+
+def _weak(etag: str) -> str:
+    return etag.removeprefix("W/")
+
+
+def size_and_ranges(response: requests.Response) -> tuple[int | None, bool]:
+    """(size, whether ranged reads work) from the answer to a HEAD, or to the one-byte ranged
+    GET made when HEAD is refused (size from Content-Range; a 206 proves ranges work)."""
+    headers = response.headers
+    if response.status_code == 206:
+        match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
+        if match and match.group(3) != "*":
+            return int(match.group(3)), True
+        return None, False
+    length = headers.get("Content-Length")
+    encoded = headers.get("Content-Encoding", "identity") not in ("identity", "")
+    size = int(length) if length and length.isdigit() and not encoded else None
+    head = response.request is not None and response.request.method == "HEAD"
+    ranges = head and size is not None and headers.get("Accept-Ranges", "") == "bytes"
+    return size, ranges
+
+
+def check_content_range(where: str, headers: Mapping[str, str], start: int) -> None:
+    got = headers.get("Content-Range", "")
+    match = _CONTENT_RANGE.match(got)
+    if not match or int(match.group(1)) != start:
+        raise TransientError(f"{where}: asked for bytes from {start}, got Content-Range {got!r}")
+
+
+def warn_ranges_ignored(where: str, status: int) -> None:
+    """Once per source: the server advertised ranges and then ignored one."""
+    if where in _warned:
+        return
+    _warned.add(where)
+    log.warning(
+        "%s: the server answered a ranged request with %d and the whole file; cutting the "
+        "range out of it (slow: fetch such a file in one stream)",
+        where,
+        status,
+    )

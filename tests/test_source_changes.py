@@ -1,0 +1,345 @@
+"""A source that changes while it is pulled never produces a stitched file.
+
+Real servers, real processes: nginx and moto behind the counting proxy, whose request hook
+replaces the model at the origin at an exact point (when a chosen ranged GET arrives, before it
+is forwarded), so "the file changed between two chunks" is a state, not a race. Every pull must
+end with the file all-new (or fail clearly after too many changes), never a mix of versions
+that its own marker would then call verified. Also: presigned URLs (HEAD refused) against
+SeaweedFS, a server that ignores ranges, and one that gives no validator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from storage_initializer.errors import SourceChangedError
+from storage_initializer.providers import open_source
+from storage_initializer.settings import Settings
+from storage_initializer.uri import parse
+from tests.helpers import (
+    clean_env,
+    cli,
+    cli_argv,
+    marker_path,
+    model_files,
+    pattern,
+    poll_until,
+    sha256,
+    start,
+    tree_digest,
+)
+from tests.servers.bare_origin import BareOrigin
+from tests.servers.nginx import Nginx
+from tests.servers.proxy import CountingProxy, Fault, RequestRecord
+from tests.servers.s3 import S3Server, s3_server
+from tests.servers.seaweedfs import SeaweedFs, seaweedfs
+
+__all__ = ["s3_server", "seaweedfs"]  # fixtures, imported so that pytest finds them
+
+CHUNK = 64 * 1024
+SIZE = 4 * CHUNK + 100
+#: Small chunks and one worker: chunks are read in order, one at a time.
+ENV = {"STORAGE_INITIALIZER_CHUNK_SIZE": "64KiB", "STORAGE_INITIALIZER_WORKERS": "1"}
+#: The conditional request headers a server that ignores them never sees.
+CONDITIONS = ("If-Match", "If-Unmodified-Since", "If-Range", "If-None-Match")
+
+
+def chunk_range(index: int, size: int = SIZE) -> str:
+    start = index * CHUNK
+    return f"bytes={start}-{min(start + CHUNK, size) - 1}"
+
+
+class Replacer:
+    """A proxy request hook: when a GET whose Range is ``at`` arrives (``times`` times at
+    most), the file at the origin is replaced by the next version first. Returns ``answer``
+    (whether the fault applies: a ``strip`` fault then removes headers from every GET)."""
+
+    def __init__(
+        self,
+        replace: Callable[[bytes], None],
+        versions: list[bytes],
+        at: str,
+        times: int = 1,
+        answer: bool = False,
+    ) -> None:
+        self.replace = replace
+        self.versions = list(versions)
+        self.at = at
+        self.times = times
+        self.answer = answer
+        self.done = 0
+
+    def __call__(self, record: RequestRecord) -> bool:
+        if record.method == "GET" and record.range == self.at and self.done < self.times:
+            self.replace(self.versions[self.done % len(self.versions)])
+            self.done += 1
+        return self.answer
+
+
+def nginx_replacer(nginx: Nginx, path: str) -> Callable[[bytes], None]:
+    """Replace a docroot file the way an upload does: a new file renamed over the old one
+    (nginx keeps serving open handles the old inode), with a later mtime (its ETag and
+    Last-Modified are mtime and size)."""
+    target = nginx.docroot / path
+
+    def replace(data: bytes) -> None:
+        before = target.stat().st_mtime
+        fresh = target.with_name(target.name + ".upload")
+        fresh.write_bytes(data)
+        os.utime(fresh, (before + 10, before + 10))
+        os.replace(fresh, target)
+
+    return replace
+
+
+def publish(nginx: Nginx, data: bytes) -> tuple[str, str]:
+    folder = nginx.new_dir()
+    return folder, nginx.put(f"{folder}/model.bin", data)
+
+
+def proxied(proxy: CountingProxy, nginx: Nginx, path: str) -> str:
+    return f"{proxy.url}/{path}"
+
+
+def assert_true_content(dest: Path, data: bytes) -> None:
+    """The destination holds exactly ``data``, its marker records that content, and
+    ``verify`` agrees (it would also agree with a stitched file: the content check is the
+    assertion that matters)."""
+    assert tree_digest(dest) == {"model.bin": sha256(data)}
+    marker = json.loads(marker_path(dest).read_text())
+    recorded = {f["path"]: f["checksums"] for f in marker["files"]}
+    if "sha256" in recorded["model.bin"]:
+        assert recorded["model.bin"]["sha256"] == sha256(data)
+    verify = cli("verify", dest)
+    assert verify.returncode == 0, verify.describe()
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["honours-if-match", "ignores-conditions"])
+def test_http_file_replaced_between_chunks_is_fetched_again_whole(
+    nginx: Nginx, tmp: Path, server: str
+) -> None:
+    """Replaced when its second chunk is asked for: nginx answers 412 to the pinned request
+    (or, where the conditions are stripped, the answer carries another ETag); the pull lists
+    again and fetches the new version whole. Before pinning, this committed a file made of
+    chunk 1 of the old version and chunks 2-5 of the new one."""
+    old, new = pattern(SIZE, 1), pattern(SIZE, 2)
+    _folder, path = publish(nginx, old)
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        replacer = Replacer(nginx_replacer(nginx, path), [new], at=chunk_range(1))
+        if server == "honours-if-match":
+            proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        else:
+            replacer.answer = True
+            proxy.set_faults(Fault(kind="strip", strip_headers=CONDITIONS, predicate=replacer))
+        result = cli("pull", proxied(proxy, nginx, path), tmp / "dest", env=clean_env(ENV))
+        gets = [r for r in proxy.requests if r.method == "GET"]
+    assert result.returncode == 0, result.describe()
+    assert replacer.done == 1
+    assert_true_content(tmp / "dest", new)
+    assert "changed at the source during the download" in result.stderr
+    # The new version came whole, once, chunk by chunk, after the one failed request.
+    last = [r.range for r in gets if r.range != "bytes=0-0"][-5:]
+    assert last == [chunk_range(i) for i in range(5)]
+
+
+def test_http_file_that_keeps_changing_fails_clearly(nginx: Nginx, tmp: Path) -> None:
+    """A file replaced at every attempt: after 3 changes the pull gives up, naming the URI
+    and the file; nothing is committed."""
+    versions = [pattern(SIZE, seed) for seed in range(10, 16)]
+    _folder, path = publish(nginx, pattern(SIZE, 9))
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        replacer = Replacer(nginx_replacer(nginx, path), versions, at=chunk_range(1), times=6)
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        url = proxied(proxy, nginx, path)
+        result = cli("pull", url, tmp / "dest", env=clean_env(ENV))
+    assert result.returncode != 0, result.describe()
+    assert replacer.done == 4
+    assert url in result.last_line
+    assert "model.bin changed 4 times while it was downloading; gave up" in result.last_line
+    assert model_files(tmp / "dest") == {}
+    assert not marker_path(tmp / "dest").exists()
+
+
+def test_resumed_chunks_are_pinned_to_the_staged_version(nginx: Nginx, tmp: Path) -> None:
+    """A holder killed mid-file leaves two chunks of version 1 staged; its successor lists the
+    same version, adopts them, and the file is replaced just before the successor's first
+    read: the staged chunks are discarded with the rest, never joined to version 2."""
+    old, new = pattern(SIZE, 21), pattern(SIZE, 22)
+    _folder, path = publish(nginx, old)
+    dest = tmp / "dest"
+    hold = threading.Event()
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        url = proxied(proxy, nginx, path)
+        gate = Fault(
+            kind="gate",
+            gate=hold,
+            gate_timeout=300,
+            predicate=lambda r: r.method == "GET" and r.range == chunk_range(2),
+        )
+        proxy.set_faults(gate)
+        first = start(cli_argv("pull", url, dest), clean_env(ENV), tmp)
+        poll_until(lambda: gate.hits >= 1, what="the first pull to reach its third chunk")
+        os.kill(first.pid, signal.SIGKILL)
+        assert first.wait().returncode == -signal.SIGKILL
+        hold.set()
+        replacer = Replacer(nginx_replacer(nginx, path), [new], at=chunk_range(2))
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        second = cli("pull", url, dest, env=clean_env(ENV))
+    assert second.returncode == 0, second.describe()
+    assert "resuming the download left by a previous owner" in second.stderr
+    assert replacer.done == 1
+    assert_true_content(dest, new)
+
+
+def test_http_without_validators_is_read_in_one_stream(tmp: Path) -> None:
+    """No ETag, no Last-Modified: a change could not be detected between ranged reads, so the
+    file is read in one request (and the log says why, once)."""
+    data = pattern(SIZE, 31)
+    with BareOrigin({"model.bin": data}) as origin:
+        result = cli("pull", origin.url("model.bin"), tmp / "dest", env=clean_env(ENV))
+        gets = [r for r in origin.requests if r.method == "GET"]
+    assert result.returncode == 0, result.describe()
+    assert (tmp / "dest" / "model.bin").read_bytes() == data
+    assert [r.range for r in gets] == [None]
+    assert result.stderr.count("gives no ETag or Last-Modified") == 1
+
+
+def test_server_that_ignores_ranges_is_read_in_one_stream(nginx: Nginx, tmp: Path) -> None:
+    """A server that advertises ranges (Accept-Ranges: bytes) but answers a ranged GET with 200
+    and the whole body (here nginx behind a proxy that drops Range): the right bytes, no
+    error, one full read."""
+    data = pattern(SIZE, 41)
+    _folder, path = publish(nginx, data)
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        proxy.set_faults(Fault(kind="strip", strip_headers=("Range",), method="GET"))
+        result = cli("pull", proxied(proxy, nginx, path), tmp / "dest", env=clean_env(ENV))
+        gets = [r for r in proxy.requests if r.method == "GET"]
+    assert result.returncode == 0, result.describe()
+    assert (tmp / "dest" / "model.bin").read_bytes() == data
+    assert "answered a ranged request with 200" in result.stderr
+    # The one-byte probe, then the file in one request.
+    assert [(r.range, r.status, r.bytes) for r in gets] == [
+        ("bytes=0-0", 200, gets[0].bytes),
+        (None, 200, SIZE),
+    ]
+
+
+# -- presigned URLs ----------------------------------------------------------------------------
+
+
+def test_presigned_url_is_listed_by_a_ranged_get(seaweedfs: SeaweedFs, tmp: Path) -> None:
+    """A URL presigned for GET only is refused a HEAD (403): the size and ETag come from a
+    one-byte ranged GET and the file is fetched in pinned chunks."""
+    data = pattern(SIZE, 51)
+    bucket = seaweedfs.new_bucket()
+    seaweedfs.client().put_object(Bucket=bucket, Key="models/model.bin", Body=data)
+    url = seaweedfs.presigned_get(bucket, "models/model.bin")
+    result = cli("pull", url, tmp / "dest", env=clean_env(ENV))
+    assert result.returncode == 0, result.describe()
+    assert_true_content(tmp / "dest", data)
+    signature = url.split("X-Amz-Signature=", 1)[1].split("&", 1)[0]
+    assert signature not in result.output  # the URL is logged redacted
+
+
+def test_presigned_url_of_an_object_overwritten_mid_pull(seaweedfs: SeaweedFs, tmp: Path) -> None:
+    """The same URL while SeaweedFS's object is overwritten between chunks: SeaweedFS answers
+    412 to the pinned read and the new object arrives whole."""
+    old, new = pattern(SIZE, 52), pattern(SIZE, 53)
+    bucket = seaweedfs.new_bucket()
+    client = seaweedfs.client()
+    client.put_object(Bucket=bucket, Key="model.bin", Body=old)
+    with CountingProxy(seaweedfs.endpoint) as proxy:
+        url = seaweedfs.presigned_get(bucket, "model.bin", endpoint=proxy.url)
+
+        def replace(data: bytes) -> None:
+            client.put_object(Bucket=bucket, Key="model.bin", Body=data)
+
+        replacer = Replacer(replace, [new], at=chunk_range(2))
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        result = cli("pull", url, tmp / "dest", env=clean_env(ENV))
+        statuses = [r.status for r in proxy.requests if r.method == "GET"]
+    assert result.returncode == 0, result.describe()
+    assert replacer.done == 1
+    assert 412 in statuses
+    assert_true_content(tmp / "dest", new)
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+
+def s3_env(server: S3Server, endpoint: str) -> dict[str, str]:
+    env = clean_env(ENV)
+    env.update(server.env(endpoint))
+    env.update(
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+def use_s3(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
+    """This process's environment points at ``server`` (for in-process providers)."""
+    for name, value in s3_env(server, server.endpoint).items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+
+
+def test_s3_multipart_object_overwritten_mid_pull(
+    s3_server: S3Server, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart object has no MD5 ETag and, uploaded without x-amz-checksum, no checksum at
+    all: nothing but pinning stands between an overwrite and a stitched file. The read of the
+    third chunk is answered 412 (If-Match the listed ETag); the new object arrives whole."""
+    old = [pattern(5 << 20, 61), pattern(CHUNK, 62)]
+    new = [pattern(5 << 20, 63), pattern(CHUNK, 64)]
+    size = sum(map(len, old))
+    bucket = s3_server.new_bucket()
+    s3_server.upload_multipart(bucket, "m/model.bin", old)
+    with CountingProxy(s3_server.endpoint) as proxy:
+        replacer = Replacer(
+            lambda parts: s3_server.upload_multipart(bucket, "m/model.bin", parts),
+            [new],  # type: ignore[list-item]
+            at=chunk_range(2, size),
+        )
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        result = cli("pull", f"s3://{bucket}/m", tmp / "dest", env=s3_env(s3_server, proxy.url))
+        failed = [r for r in proxy.requests if r.status == 412]
+    assert result.returncode == 0, result.describe()
+    assert_true_content(tmp / "dest", b"".join(new))
+    assert replacer.done == 1 and failed  # the chunk read next may fail the same way
+    fingerprint = json.loads(marker_path(tmp / "dest").read_text())["fingerprint"]
+    use_s3(monkeypatch, s3_server)
+    source = open_source(parse(f"s3://{bucket}/m"), Settings())
+    try:
+        assert source.list().fingerprint == fingerprint  # the version fetched, not the first
+    finally:
+        source.close()
+
+
+def test_s3_read_of_a_replaced_object_raises_source_changed(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider contract: read(file) pins to file.version and raises SourceChangedError
+    once the object has another one."""
+    use_s3(monkeypatch, s3_server)
+    bucket = s3_server.new_bucket({"m/a.bin": b"one" * 1000})
+    source = open_source(parse(f"s3://{bucket}/m"), Settings())
+    try:
+        (file,) = source.list().files
+        assert b"".join(source.read(file, 10, 20)) == (b"one" * 1000)[10:20]
+        s3_server.upload(bucket, {"m/a.bin": b"two" * 1000})
+        with pytest.raises(SourceChangedError, match="changed"):
+            b"".join(source.read(file, 10, 20))
+    finally:
+        source.close()
