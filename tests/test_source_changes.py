@@ -343,3 +343,34 @@ def test_s3_read_of_a_replaced_object_raises_source_changed(
             b"".join(source.read(file, 10, 20))
     finally:
         source.close()
+
+
+def test_s3_model_changed_mid_pull_is_committed_from_one_listing(
+    s3_server: S3Server, tmp: Path
+) -> None:
+    """While the big file downloads, the whole model is re-uploaded: a small file that was
+    already fetched and verified changes too, and a file appears. Every file ends up from the
+    new listing: the verified old small file is discarded, not kept under the new marker."""
+    old = {"m/a.json": b'{"v": 1}', "m/b.bin": [pattern(5 << 20, 71), pattern(CHUNK, 72)]}
+    new_b = [pattern(5 << 20, 73), pattern(CHUNK, 74)]
+    size = (5 << 20) + CHUNK
+    bucket = s3_server.new_bucket({"m/a.json": old["m/a.json"]})  # type: ignore[dict-item]
+    s3_server.upload_multipart(bucket, "m/b.bin", old["m/b.bin"])  # type: ignore[arg-type]
+
+    def upload_new(_: bytes) -> None:
+        s3_server.upload(bucket, {"m/a.json": b'{"v": 2}', "m/c.txt": b"new file"})
+        s3_server.upload_multipart(bucket, "m/b.bin", new_b)
+
+    with CountingProxy(s3_server.endpoint) as proxy:
+        replacer = Replacer(upload_new, [b""], at=chunk_range(2, size))
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        result = cli("pull", f"s3://{bucket}/m", tmp / "dest", env=s3_env(s3_server, proxy.url))
+    assert result.returncode == 0, result.describe()
+    assert replacer.done == 1
+    assert tree_digest(tmp / "dest") == {
+        "a.json": sha256(b'{"v": 2}'),
+        "b.bin": sha256(b"".join(new_b)),
+        "c.txt": sha256(b"new file"),
+    }
+    verify = cli("verify", tmp / "dest")
+    assert verify.returncode == 0, verify.describe()
