@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from storage_initializer.errors import SourceChangedError
+from storage_initializer.errors import RangesIgnoredError, SourceChangedError
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.store import staging as staging_mod
@@ -57,6 +57,12 @@ def transfer(
     while True:
         try:
             results.update(run(todo))
+        except RangesIgnoredError as exc:
+            # Not a change: the source now reads files in one stream, so this cannot recur.
+            discard(staging, {exc.path} if exc.path else {f.path for f in todo})
+            todo = remaining(files, staging)
+            results = verified_checksums(files, staging)
+            continue
         except SourceChangedError as exc:
             changes += 1
             listing, files = relist(where, source, select, files, staging, key, exc, changes)

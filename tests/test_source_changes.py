@@ -217,7 +217,7 @@ def test_http_without_validators_is_read_in_one_stream(tmp: Path) -> None:
 def test_server_that_ignores_ranges_is_read_in_one_stream(nginx: Nginx, tmp: Path) -> None:
     """A server that advertises ranges (Accept-Ranges: bytes) but answers a ranged GET with 200
     and the whole body (here nginx behind a proxy that drops Range): the right bytes, no
-    error, one full read."""
+    error; after the first such answer, one full read."""
     data = pattern(SIZE, 41)
     _folder, path = publish(nginx, data)
     with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
@@ -226,12 +226,11 @@ def test_server_that_ignores_ranges_is_read_in_one_stream(nginx: Nginx, tmp: Pat
         gets = [r for r in proxy.requests if r.method == "GET"]
     assert result.returncode == 0, result.describe()
     assert (tmp / "dest" / "model.bin").read_bytes() == data
-    assert "answered a ranged request with 200" in result.stderr
-    # The one-byte probe, then the file in one request.
-    assert [(r.range, r.status, r.bytes) for r in gets] == [
-        ("bytes=0-0", 200, gets[0].bytes),
-        (None, 200, SIZE),
-    ]
+    assert result.stderr.count("answered a ranged request with 200") == 1
+    # The first ranged read(s) answered 200 were dropped; then the file in one request.
+    *ranged, whole = gets
+    assert ranged and all(r.range is not None and r.status == 200 for r in ranged)
+    assert (whole.range, whole.status, whole.bytes) == (None, 200, SIZE)
 
 
 # -- presigned URLs ----------------------------------------------------------------------------

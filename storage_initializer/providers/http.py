@@ -101,6 +101,8 @@ class HttpSource(Source):
         self.verify = tls.requests_verify()
         self._local = threading.local()
         self.supports_ranges = False  # decided by list()
+        #: A ranged read was answered with the whole file: never ask for ranges again.
+        self._ranges_ignored = False
 
     def _headers(self, host: str) -> dict[str, str]:
         raw = os.environ.get(f"{host}-headers")
@@ -180,25 +182,10 @@ class HttpSource(Source):
                 self.uri.redacted,
             )
             ranges = False
-        elif ranges and response.request.method == "HEAD" and size > self.settings.chunk_size:
-            ranges = self._ranges_honoured()
-        self.supports_ranges = ranges
+        self.supports_ranges = ranges and not self._ranges_ignored
         file = RemoteFile(self.name, size, dict(self.pin), version, self.url)
         fingerprint = f"{version}:{size}" if version else f"unversioned:{size}"
         return Listing([file], fingerprint)
-
-    def _ranges_honoured(self) -> bool:
-        """Whether a server that advertises ranges answers one with 206 (some answer 200 and
-        the whole body): one byte, asked before the file is planned in chunks."""
-        with self._request("GET", {"Range": "bytes=0-0"}) as response:
-            if response.status_code != 200:  # 206, or an error the chunk reads will retry
-                return True
-        log.warning(
-            "%s: the server advertises byte ranges but answered a ranged request with 200: "
-            "fetching it in one stream",
-            self.uri.redacted,
-        )
-        return False
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of the version of ``file`` that was listed: the request is
@@ -207,6 +194,8 @@ class HttpSource(Source):
         headers = http_pin.conditions(file.version)
         ranged = bool(start or (end is not None and end != file.size))
         if ranged:
+            if self._ranges_ignored:  # a chunk planned before another one found out
+                raise http_pin.ranges_ignored(self.uri.redacted, file, 200)
             if not self.supports_ranges:
                 raise SourceError(f"{self.uri.redacted}: the server does not support ranges")
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -220,12 +209,12 @@ class HttpSource(Source):
                 )
             raise_for_status(response, self.uri.redacted)
             http_pin.check_same_version(self.uri.redacted, file, response.headers)
-            skip = 0
             if ranged and response.status_code != 206:
-                # Ranges advertised but ignored: the same version whole; cut our part out.
-                http_pin.warn_ranges_ignored(self.uri.redacted, response.status_code)
-                skip = start
-            elif ranged:
+                # Ranges advertised but ignored: the file is fetched again in one stream.
+                self._ranges_ignored = True
+                self.supports_ranges = False
+                raise http_pin.ranges_ignored(self.uri.redacted, file, response.status_code)
+            if ranged:
                 http_pin.check_content_range(self.uri.redacted, response.headers, start)
             # read1 (urllib3 2) returns what has arrived, up to a block: progress, cancellation
             # and resume points then move with the bytes even on a slow link.
@@ -237,14 +226,10 @@ class HttpSource(Source):
                     block = read(BLOCK, decode_content=False)
                     if not block:
                         return
-                    if skip:
-                        cut = min(skip, len(block))
-                        block, skip = block[cut:], skip - cut
                     if left is not None:
                         block = block[:left]
                         left -= len(block)
-                    if block:
-                        yield block
+                    yield block
             except (requests.exceptions.RequestException, OSError, *_protocol_errors()) as exc:
                 raise TransientError(
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"

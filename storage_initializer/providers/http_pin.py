@@ -7,7 +7,8 @@ therefore made conditional on the validator of the listing: ``If-Match`` with a 
 which compares strongly). A compliant server answers 412 once the file changed; for one that
 ignores the condition, the answer's own ETag/Last-Modified is compared with the listed one.
 Either way the read raises :class:`SourceChangedError` and the pull fetches the new version
-whole. A server that gives no validator at all is read in one stream (see HttpSource.list).
+whole. A server that gives no validator at all is read in one stream (see HttpSource.list), and
+so is one that answers a ranged read with the whole file (:class:`RangesIgnoredError`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 
 import requests
 
-from storage_initializer.errors import SourceChangedError, TransientError
+from storage_initializer.errors import RangesIgnoredError, SourceChangedError, TransientError
 from storage_initializer.providers.base import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,15 @@ def check_content_range(where: str, headers: Mapping[str, str], start: int) -> N
         raise TransientError(f"{where}: asked for bytes from {start}, got Content-Range {got!r}")
 
 
-def warn_ranges_ignored(where: str, status: int) -> None:
-    """Once per source: the server advertised ranges and then ignored one."""
-    if where in _warned:
-        return
-    _warned.add(where)
-    log.warning(
-        "%s: the server answered a ranged request with %d and the whole file; cutting the "
-        "range out of it (slow: fetch such a file in one stream)",
-        where,
-        status,
-    )
+def ranges_ignored(where: str, file: RemoteFile, status: int) -> RangesIgnoredError:
+    """The error for a ranged read answered with the whole file, logged once per source."""
+    if where not in _warned:
+        _warned.add(where)
+        log.warning(
+            "%s: the server advertises byte ranges but answered a ranged request with %d: "
+            "fetching %s again in one stream",
+            where,
+            status,
+            file.path,
+        )
+    return RangesIgnoredError(f"{where}: the server ignored a range request for {file.path}")
