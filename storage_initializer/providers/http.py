@@ -6,9 +6,9 @@ as in the stock initializer; their values are secrets and are redacted. A fragme
 are extracted by the pipeline. An HTML page where a model was expected (a login page, a wrong
 link) is refused.
 
-Every read is pinned to the version listed (ETag or Last-Modified, see http_pin), so a file
-replaced during the download is fetched again whole, never stitched. A URL whose HEAD is refused
-(a presigned GET URL answers 403) is listed with a one-byte ranged GET instead.
+Every read is pinned to the version listed (ETag or Last-Modified, If-Range; see http_pin), so
+a file replaced during the download is fetched again whole, never stitched. A URL whose HEAD is
+refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET instead.
 """
 
 from __future__ import annotations
@@ -188,11 +188,10 @@ class HttpSource(Source):
         return Listing([file], fingerprint)
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Bytes ``[start, end)`` of the version of ``file`` that was listed: the request is
-        conditional on its validator, and an answer from another version (412, or another
-        ETag/Last-Modified where the server ignores the condition) is SourceChangedError."""
-        headers = http_pin.conditions(file.version)
+        """Bytes ``[start, end)`` of the version of ``file`` that was listed: an answer from
+        another version (another ETag/Last-Modified, a 412) is SourceChangedError (http_pin)."""
         ranged = bool(start or (end is not None and end != file.size))
+        headers = http_pin.conditions(file.version, ranged)
         if ranged:
             if self._ranges_ignored:  # a chunk planned before another one found out
                 raise http_pin.ranges_ignored(self.uri.redacted, file, 200)

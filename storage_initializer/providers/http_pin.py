@@ -1,14 +1,17 @@
 """Pinning plain HTTP reads to the version that was listed.
 
 A file replaced on the server while it downloads in ranged chunks would otherwise be committed
-as a mix of two versions, whose checksum we compute ourselves and so "verifies". Every read is
-therefore made conditional on the validator of the listing: ``If-Match`` with a strong ETag,
-``If-Unmodified-Since`` with a Last-Modified date (a weak ETag cannot be used with ``If-Match``,
-which compares strongly). A compliant server answers 412 once the file changed; for one that
-ignores the condition, the answer's own ETag/Last-Modified is compared with the listed one.
-Either way the read raises :class:`SourceChangedError` and the pull fetches the new version
-whole. A server that gives no validator at all is read in one stream (see HttpSource.list), and
-so is one that answers a ranged read with the whole file (:class:`RangesIgnoredError`).
+as a mix of two versions, whose checksum we compute ourselves and so "verifies". So every answer
+is checked against the validator of the listing: its ETag (weakly compared), or Last-Modified
+when the server gives no ETag; another value means the file changed. Ranged requests also carry
+``If-Range`` with that validator (a strong ETag or the date): a server that honours it answers a
+changed file with 200 and the whole new version instead of a part of it, which is recognised
+the same way. ``If-Range`` rather than ``If-Match``: a condition a redirecting front end (a Hub's
+``resolve`` URL, a CDN) would evaluate against its own ETag on the way must not fail a good
+read; ``If-Range`` only ever concerns the 206 answer. Either way the read raises
+:class:`SourceChangedError` and the pull fetches the new version whole. A server that gives no
+validator at all is read in one stream (see HttpSource.list), and so is one that answers a
+ranged read with the whole file (:class:`RangesIgnoredError`).
 """
 
 from __future__ import annotations
@@ -37,13 +40,12 @@ def is_etag(version: str) -> bool:
     return version.startswith(('"', "W/"))
 
 
-def conditions(version: str) -> dict[str, str]:
-    """Request headers that make a GET fail (412) unless the file still has ``version``."""
-    if not version:
+def conditions(version: str, ranged: bool) -> dict[str, str]:
+    """Request headers that keep a ranged GET to ``version`` (If-Range: a part of it, or the
+    whole file when it changed). A weak ETag is not allowed in If-Range."""
+    if not ranged or not version or version.startswith("W/"):
         return {}
-    if is_etag(version):
-        return {} if version.startswith("W/") else {"If-Match": version}
-    return {"If-Unmodified-Since": version}
+    return {"If-Range": version}
 
 
 def check_same_version(where: str, file: RemoteFile, headers: Mapping[str, str]) -> None:
