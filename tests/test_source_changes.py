@@ -374,3 +374,25 @@ def test_s3_model_changed_mid_pull_is_committed_from_one_listing(
     }
     verify = cli("verify", tmp / "dest")
     assert verify.returncode == 0, verify.describe()
+
+
+def test_cache_mode_commits_the_version_fetched(nginx: Nginx, tmp: Path) -> None:
+    """In cache mode too: the version directory holds the new file whole, and its marker the
+    fingerprint of the listing it came from (a later --revalidate finds nothing to do)."""
+    old, new = pattern(SIZE, 81), pattern(SIZE, 82)
+    _folder, path = publish(nginx, old)
+    cache = tmp / "cache"
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        replacer = Replacer(nginx_replacer(nginx, path), [new], at=chunk_range(3))
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        url = proxied(proxy, nginx, path)
+        result = cli("pull", "--cache-dir", cache, url, tmp / "dest", env=clean_env(ENV))
+        assert result.returncode == 0, result.describe()
+        assert replacer.done == 1
+        assert (tmp / "dest" / "model.bin").read_bytes() == new
+        again = cli(
+            "pull", "--cache-dir", cache, "--revalidate", url, tmp / "d2", env=clean_env(ENV)
+        )
+    assert again.returncode == 0, again.describe()
+    assert "has not changed since it was downloaded" in again.stderr
+    assert (tmp / "d2" / "model.bin").read_bytes() == new
