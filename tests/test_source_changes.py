@@ -36,12 +36,13 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers.bare_origin import BareOrigin
+from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord
 from tests.servers.s3 import S3Server, s3_server
 from tests.servers.seaweedfs import SeaweedFs, seaweedfs
 
-__all__ = ["s3_server", "seaweedfs"]  # fixtures, imported so that pytest finds them
+__all__ = ["gcs_server", "s3_server", "seaweedfs"]  # fixtures, imported so that pytest finds them
 
 CHUNK = 64 * 1024
 SIZE = 4 * CHUNK + 100
@@ -396,3 +397,26 @@ def test_cache_mode_commits_the_version_fetched(nginx: Nginx, tmp: Path) -> None
     assert again.returncode == 0, again.describe()
     assert "has not changed since it was downloaded" in again.stderr
     assert (tmp / "d2" / "model.bin").read_bytes() == new
+
+
+# -- GCS --------------------------------------------------------------------------------------
+
+
+def test_gcs_object_overwritten_mid_pull_is_fetched_whole(gcs_server: GcsServer, tmp: Path) -> None:
+    """Reads pinned to the listed generation: once the object is overwritten, the next chunk
+    read finds no such generation; the pull lists again and fetches the new one whole (before,
+    that read failed the pull)."""
+    old, new = pattern(SIZE, 91), pattern(SIZE, 92)
+    bucket = gcs_server.new_bucket({"m/model.bin": old})
+    with CountingProxy(gcs_server.endpoint) as proxy:
+        replacer = Replacer(
+            lambda data: gcs_server.upload(bucket, {"m/model.bin": data}), [new], at=chunk_range(2)
+        )
+        proxy.set_faults(Fault(kind="status", status=599, predicate=replacer))
+        env = clean_env(ENV)
+        env.update(gcs_server.env(proxy.url))
+        result = cli("pull", f"gs://{bucket}/m", tmp / "dest", env=env)
+    assert result.returncode == 0, result.describe()
+    assert replacer.done == 1
+    assert_true_content(tmp / "dest", new)
+    assert "changed at the source during the download" in result.stderr
