@@ -36,7 +36,7 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers import azurite as azurite_server
-from tests.servers.bare_origin import BareOrigin
+from tests.servers.bare_origin import BareOrigin, Seen
 from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord
@@ -218,6 +218,26 @@ def test_http_without_validators_is_read_in_one_stream(tmp: Path) -> None:
     assert (tmp / "dest" / "model.bin").read_bytes() == data
     assert [r.range for r in gets] == [None]
     assert result.stderr.count("gives no ETag or Last-Modified") == 1
+
+
+def test_http_last_modified_only_and_conditions_ignored(tmp: Path) -> None:
+    """A server with no ETag, only Last-Modified, that ignores If-Range: the file replaced
+    before its third chunk is answered with a newer date, which the read refuses; the new
+    version arrives whole."""
+    old, new = pattern(SIZE, 33), pattern(SIZE, 34)
+    dates = ["Mon, 07 Dec 2026 10:00:00 GMT", "Mon, 07 Dec 2026 10:05:00 GMT"]
+
+    def replace(seen: Seen) -> None:
+        if seen.range == chunk_range(2) and origin.files["model.bin"] is old:
+            origin.files["model.bin"] = new
+            origin.last_modified["model.bin"] = dates[1]
+
+    origin = BareOrigin({"model.bin": old}, {"model.bin": dates[0]}, replace)
+    with origin:
+        result = cli("pull", origin.url("model.bin"), tmp / "dest", env=clean_env(ENV))
+    assert result.returncode == 0, result.describe()
+    assert_true_content(tmp / "dest", new)
+    assert "changed at the source during the download" in result.stderr
 
 
 def test_server_that_ignores_ranges_is_read_in_one_stream(nginx: Nginx, tmp: Path) -> None:
