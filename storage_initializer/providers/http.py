@@ -176,11 +176,12 @@ class HttpSource(Source):
             size, ranges = http_pin.size_and_ranges(response)
             version = http_pin.validator(response.headers)
         if ranges and not version:
-            log.info(
-                "%s: the server gives no ETag or Last-Modified, so a change during the "
-                "download could not be detected: fetching it in one stream",
-                self.uri.redacted,
-            )
+            if size is not None and size > self.settings.chunk_size:
+                log.info(
+                    "%s: the server gives no ETag or Last-Modified, so a change during the "
+                    "download could not be detected: fetching it in one stream",
+                    self.uri.redacted,
+                )
             ranges = False
         self.supports_ranges = ranges and not self._ranges_ignored
         file = RemoteFile(self.name, size, dict(self.pin), version, self.url)
