@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage_initializer import checksums, crcmath, stall
-from storage_initializer.errors import InitializerError, IntegrityError, TransientError
+from storage_initializer.errors import (
+    InitializerError,
+    IntegrityError,
+    SourceChangedError,
+    TransientError,
+)
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
 from storage_initializer.settings import Settings
@@ -312,6 +317,11 @@ class Engine:
                 if crc_update is not None:
                     job.crcs[start] = crc
                 return
+            except SourceChangedError as exc:
+                # Not retried: another version's bytes must not join these. The pull discards
+                # the file and lists the source again (changes.py).
+                exc.path = job.file.path
+                raise
             except Exception as caught:
                 if self.cancel.is_set():
                     stall.check_deadline()  # the --timeout deadline passed: say so

@@ -68,6 +68,17 @@ class SourceChangedError(InitializerError):
         "or point the URI at an immutable version"
     )
 
+    #: The changed file's path in the model, set by the engine (None: not known).
+    path: str | None = None
+
+
+class RangesIgnoredError(SourceChangedError):
+    """A server that advertised byte ranges answered a ranged read with the whole file (200).
+    Handled like a change, except that it is not one: the file's staged bytes are discarded
+    and it is fetched again in one stream (the source no longer offers ranges)."""
+
+    hint = "The server or a proxy in front of it ignores Range requests"
+
 
 class DestinationError(InitializerError):
     """The destination cannot hold the model: not writable, full, or holds something else."""

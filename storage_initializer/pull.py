@@ -555,7 +555,7 @@ def _download(
     owner: Owner,
     made: dict[str, Any],
 ) -> Result:
-    from storage_initializer import diskspace, storage_config, tls
+    from storage_initializer import changes, diskspace, storage_config, tls
     from storage_initializer.engine import Engine
     from storage_initializer.providers import open_source
     from storage_initializer.report import ProgressReporter
@@ -635,10 +635,20 @@ def _download(
         )
         progress.set_phase("transfer")
         lease.update(phase="transfer")
-        engine = Engine(source, settings, progress, _cancel_on_loss(lease), lease.ensure_held)
         with ProgressReporter(uri.redacted, settings.progress_interval, progress.snapshot):
             try:
-                results.update(engine.run(todo, staging))
+                # A source that changes meanwhile is followed, never stitched (changes.py).
+                listing, files, todo, results = changes.transfer(
+                    uri.redacted,
+                    source,
+                    lambda batch: Engine(
+                        source, settings, progress, _cancel_on_loss(lease), lease.ensure_held
+                    ).run(batch, staging),
+                    lambda found: _select(uri, found, settings),
+                    progress,
+                    staging,
+                    (listing, files, todo, results),
+                )
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise

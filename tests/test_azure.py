@@ -34,6 +34,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -348,7 +349,7 @@ def test_fingerprint_follows_content_and_reads_refuse_a_changed_blob(
     after = source.list()
     assert after.fingerprint != before.fingerprint
     # A range of the listed version must not silently return bytes of the new one.
-    with pytest.raises(SourceError, match="changed"):
+    with pytest.raises(SourceChangedError, match="changed"):
         b"".join(source.read(before.files[0]))
     assert b"".join(source.read(after.files[0])) == b"version two!"
 

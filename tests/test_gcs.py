@@ -23,6 +23,7 @@ from storage_initializer import checksums
 from storage_initializer.errors import (
     AccessDeniedError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -316,12 +317,14 @@ def test_read_cuts_out_the_range_when_the_server_ignores_it(
     assert via_proxy.select(method="GET", path_contains="/download/")[-1].status == 200
 
 
-def test_object_replaced_after_listing_is_not_found(gcs_env: GcsServer) -> None:
+def test_object_replaced_after_listing_is_a_source_change(gcs_env: GcsServer) -> None:
+    """Reads are pinned to the listed generation: a replaced object is SourceChangedError (the
+    pull lists again and fetches it whole), never the new generation's bytes."""
     bucket = gcs_env.new_bucket({"m/f": b"old"})
     source = source_for(f"gs://{bucket}/m")
     (file,) = source.list().files
     gcs_env.upload(bucket, {"m/f": b"new!"})
-    with pytest.raises(NotFoundError, match="replaced or deleted after it was listed"):
+    with pytest.raises(SourceChangedError, match="replaced or deleted after it was listed"):
         read_all(source, file)
 
 

@@ -21,6 +21,7 @@ from storage_initializer import storage_config
 from storage_initializer.errors import (
     AccessDeniedError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -279,12 +280,13 @@ def test_read_without_a_handle_finds_the_key(s3_env: S3Server, uri_key: str) -> 
     assert read_all(source, bare) == b"content"
 
 
-def test_object_deleted_after_listing_is_not_found(s3_env: S3Server) -> None:
+def test_object_deleted_after_listing_is_a_source_change(s3_env: S3Server) -> None:
+    """The pull then lists again (changes.py) rather than failing on a model being replaced."""
     bucket = s3_env.new_bucket({"m/a": b"soon gone"})
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
     s3_env.client().delete_object(Bucket=bucket, Key="m/a")
-    with pytest.raises(NotFoundError, match="disappeared"):
+    with pytest.raises(SourceChangedError, match="disappeared"):
         read_all(source, file)
 
 

@@ -23,6 +23,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -344,9 +345,9 @@ def translate(
     if isinstance(exc, ResourceNotFoundError) or status == 404:
         return NotFoundError(redact(f"{what}: not found ({detail})"))
     if isinstance(exc, ResourceModifiedError) or status == 412:
-        return SourceError(
-            redact(f"{what}: the object changed while it was being downloaded ({detail})"),
-            "Run again once the upload to the source is complete",
+        # Reads are pinned (If-Match the listed ETag): the pull lists again and fetches anew.
+        return SourceChangedError(
+            redact(f"{what}: the object changed while it was being downloaded ({detail})")
         )
     if isinstance(exc, ServiceRequestError | ServiceResponseError | OSError) and is_tls_failure(
         exc

@@ -49,6 +49,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -492,17 +493,12 @@ class GcsSource(Source):
             )
         if status in (401, 403):
             return self._denied(where, detail)
-        if status == 404:
+        if status in (404, 412, 416):
+            # Read pinned to the listed generation: 404 once that generation is replaced or
+            # deleted. The pull lists again and fetches the new version whole.
             pinned = f" (generation {generation})" if generation else ""
-            return NotFoundError(
-                f"{where}: the object{pinned} was replaced or deleted after it was listed: "
-                f"{detail}",
-                "The model changed during the download; run again once it is stable",
-            )
-        if status in (412, 416):
-            return SourceError(
-                f"{where}: the object changed after it was listed: {detail}",
-                "The model changed during the download; run again once it is stable",
+            return SourceChangedError(
+                f"{where}: the object{pinned} was replaced or deleted after it was listed: {detail}"
             )
         return SourceError(f"{where}: GCS error {detail}")
 

@@ -5,11 +5,16 @@ as in the stock initializer; their values are secrets and are redacted. A fragme
 ``#sha256=<hex>`` (or ``md5=``) pins the file's checksum. Archives (.zip, .tar, .tar.gz, .tgz)
 are extracted by the pipeline. An HTML page where a model was expected (a login page, a wrong
 link) is refused.
+
+Every read is pinned to the version listed (ETag or Last-Modified, If-Range; see http_pin), so
+a file replaced during the download is fetched again whole, never stitched. A URL whose HEAD is
+refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -24,13 +29,16 @@ from storage_initializer import tls
 from storage_initializer.errors import (
     AccessDeniedError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
 )
-from storage_initializer.providers import redirects
+from storage_initializer.providers import http_pin, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.redact import register_secret
+
+log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 TIMEOUT = (15, 60)
@@ -95,6 +103,8 @@ class HttpSource(Source):
         self.verify = tls.requests_verify()
         self._local = threading.local()
         self.supports_ranges = False  # decided by list()
+        #: A ranged read was answered with the whole file: never ask for ranges again.
+        self._ranges_ignored = False
 
     def _headers(self, host: str) -> dict[str, str]:
         raw = os.environ.get(f"{host}-headers")
@@ -153,9 +163,11 @@ class HttpSource(Source):
 
     def list(self) -> Listing:
         response = self._request("HEAD")
-        if response.status_code in (405, 501):
+        if response.status_code in (403, 405, 501):
+            # A presigned URL is signed for GET only (HEAD is 403), some servers refuse HEAD:
+            # one byte by GET tells the size (Content-Range) and the validators as well.
             response.close()
-            response = self._request("GET")
+            response = self._request("GET", {"Range": "bytes=0-0"})
         with response:
             raise_for_status(response, self.uri.redacted)
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -165,37 +177,62 @@ class HttpSource(Source):
                     "The URL may lead to a login or error page; check it, and the "
                     "<hostname>-headers credentials",
                 )
-            length = response.headers.get("Content-Length")
-            encoded = response.headers.get("Content-Encoding", "identity") not in ("identity", "")
-            size = int(length) if length and length.isdigit() and not encoded else None
-            self.supports_ranges = (
-                size is not None and response.headers.get("Accept-Ranges", "") == "bytes"
-            )
-            version = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+            size, ranges = http_pin.size_and_ranges(response)
+            version = http_pin.validator(response.headers)
+        if ranges and not version:
+            if size is not None and size > self.settings.chunk_size:
+                log.info(
+                    "%s: the server gives no ETag or Last-Modified, so a change during the "
+                    "download could not be detected: fetching it in one stream",
+                    self.uri.redacted,
+                )
+            ranges = False
+        self.supports_ranges = ranges and not self._ranges_ignored
         file = RemoteFile(self.name, size, dict(self.pin), version, self.url)
         fingerprint = f"{version}:{size}" if version else f"unversioned:{size}"
         return Listing([file], fingerprint)
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        headers = {}
-        if start or (end is not None and end != file.size):
+        """Bytes ``[start, end)`` of the version of ``file`` that was listed: an answer from
+        another version (another ETag/Last-Modified, a 412) is SourceChangedError (http_pin)."""
+        ranged = bool(start or (end is not None and end != file.size))
+        headers = http_pin.conditions(file.version, ranged)
+        if ranged:
+            if self._ranges_ignored:  # a chunk planned before another one found out
+                raise http_pin.ranges_ignored(self.uri.redacted, file, 200)
             if not self.supports_ranges:
                 raise SourceError(f"{self.uri.redacted}: the server does not support ranges")
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         response = self._request("GET", headers)
         with response:
+            if response.status_code in (412, 416):  # 416: the range is past its new end
+                raise SourceChangedError(
+                    f"{self.uri.redacted}: {file.path} changed since it was listed "
+                    f"(the server answered {response.status_code} to a read of version "
+                    f"{file.version or 'unknown'})"
+                )
             raise_for_status(response, self.uri.redacted)
-            if headers and response.status_code != 206:
-                raise TransientError(f"{self.uri.redacted}: the server ignored a range request")
+            http_pin.check_same_version(self.uri.redacted, file, response.headers)
+            if ranged and response.status_code != 206:
+                # Ranges advertised but ignored: the file is fetched again in one stream.
+                self._ranges_ignored = True
+                self.supports_ranges = False
+                raise http_pin.ranges_ignored(self.uri.redacted, file, response.status_code)
+            if ranged:
+                http_pin.check_content_range(self.uri.redacted, response.headers, start)
             # read1 (urllib3 2) returns what has arrived, up to a block: progress, cancellation
             # and resume points then move with the bytes even on a slow link.
             raw = response.raw
             read = getattr(raw, "read1", None) or raw.read
+            left = None if end is None else end - start
             try:
-                while True:
+                while left is None or left > 0:
                     block = read(BLOCK, decode_content=False)
                     if not block:
                         return
+                    if left is not None:
+                        block = block[:left]
+                        left -= len(block)
                     yield block
             except (requests.exceptions.RequestException, OSError, *_protocol_errors()) as exc:
                 raise TransientError(

@@ -38,6 +38,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -488,6 +489,11 @@ class S3Source(Source):
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id:
             request["VersionId"] = version_id
+        # Pinned to the listed version: a 412 (SourceChangedError) instead of another version's
+        # bytes in the middle of this file's (an overwrite during a rollout).
+        etag = file.version.partition("@")[0]
+        if etag:
+            request["IfMatch"] = f'"{etag}"'
         whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
         if not whole:
             request["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
@@ -497,6 +503,12 @@ class S3Source(Source):
         except Exception as exc:
             raise self._map_error(exc, where, listing=False) from exc
         body = answer["Body"]
+        got = str(answer.get("ETag", "")).strip('"')
+        if etag and got and got != etag:  # a server that ignores If-Match
+            body.close()
+            raise SourceChangedError(
+                f"{where}: the object changed since it was listed (ETag {etag}, now {got})"
+            )
         # A server that ignores Range answers 200 with the whole object: cut our part out.
         skip = start if (not whole and not answer.get("ContentRange")) else 0
         remaining = None if end is None else end - start
@@ -617,14 +629,10 @@ class S3Source(Source):
         if code in _NOT_FOUND_CODES or status == 404:
             if listing:
                 return NotFoundError(f"{where}: not found: {detail}: {message}")
-            return NotFoundError(
-                f"{where}: the object disappeared after it was listed",
-                "The model changed during the download; run again once it is stable",
-            )
+            return SourceChangedError(f"{where}: the object disappeared after it was listed")
         if code in ("InvalidRange", "PreconditionFailed") or status in (412, 416):
-            return SourceError(
-                f"{where}: the object changed after it was listed: {detail}: {message}",
-                "The model changed during the download; run again once it is stable",
+            return SourceChangedError(
+                f"{where}: the object changed after it was listed: {detail}: {message}"
             )
         if code in ("InvalidObjectState",):
             return SourceError(
