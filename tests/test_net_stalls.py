@@ -63,6 +63,21 @@ def test_a_trickling_server_is_cut_and_resumed_from_the_last_byte(
     assert "stalled" in result.stderr and f"at byte {resumed_at}" in result.stderr
 
 
+def test_a_slow_transfer_above_the_minimum_rate_is_not_cut(
+    server: FileServer, tmp_path: Path
+) -> None:
+    data = pattern(40_000, 6)
+    url = server.add("m/model.bin", data)
+    # 4000 bytes every 0.25 s (about 16 KB/s) for 2.5 s: slow, above 4 KiB/s over each second.
+    server.trickle("m/model.bin", after=0, interval=0.25, times=1, step=4000)
+    dest = tmp_path / "dest"
+    env = clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="1", STORAGE_INITIALIZER_MIN_RATE="4KiB")
+    result = entrypoint(url, dest, env=env)
+    assert result.returncode == 0, result.describe()
+    assert (dest / "model.bin").read_bytes() == data
+    assert len(server.seen("GET")) == 1 and "stalled" not in result.stderr, result.stderr
+
+
 def test_a_server_that_never_recovers_fails_with_a_clear_last_line(
     server: FileServer, tmp_path: Path
 ) -> None:

@@ -41,6 +41,8 @@ class Trickle:
     after: int = 0
     interval: float = 2.0
     times: int = 1
+    #: Bytes sent each interval.
+    step: int = 1
     hits: int = 0
     #: time.monotonic() when each trickle began (the fast part sent), for measurements.
     began: list[float] = field(default_factory=list)
@@ -115,10 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             with state.lock:
                 trickle.began.append(time.monotonic())
-            for index in range(trickle.after, len(body)):
+            for index in range(trickle.after, len(body), trickle.step):
                 if state.stopping.wait(trickle.interval):  # the trickle's pace, not a sync
                     break
-                self.wfile.write(body[index : index + 1])
+                self.wfile.write(body[index : index + trickle.step])
                 self.wfile.flush()
             self.close_connection = True
         except OSError:
@@ -165,9 +167,13 @@ class FileServer:
             self.state.redirects["/" + path.lstrip("/")] = (status, location)
         return self.url(path)
 
-    def trickle(self, path: str, after: int = 0, interval: float = 2.0, times: int = 1) -> None:
+    def trickle(
+        self, path: str, after: int = 0, interval: float = 2.0, times: int = 1, step: int = 1
+    ) -> None:
+        """The first ``times`` GETs of ``path``: ``after`` bytes at once, then ``step`` bytes
+        every ``interval`` seconds."""
         with self.state.lock:
-            self.state.trickles["/" + path.lstrip("/")] = Trickle(after, interval, times)
+            self.state.trickles["/" + path.lstrip("/")] = Trickle(after, interval, times, step)
 
     def trickle_starts(self, path: str) -> list[float]:
         with self.state.lock:
