@@ -77,13 +77,23 @@ def _is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _handle(signum: int, _frame: object) -> None:
-    global _received, _pending
+def stop_pulls(signum: int) -> bool:
+    """Note ``signum`` and stop every pull in progress: engines cancel, other threads raise
+    :class:`Terminated` at their next safe point. False if already stopping. (Called from a
+    signal handler: ``prefetch --watch`` uses it alone, raising nothing in its main thread.)"""
+    global _received
     if _received is not None:
-        return  # already stopping
+        return False
     _received = signum
     # From a thread: the main thread may be inside one of these events' own lock right now.
     threading.Thread(target=_cancel_all, name="terminating", daemon=True).start()
+    return True
+
+
+def _handle(signum: int, _frame: object) -> None:
+    global _pending
+    if not stop_pulls(signum):
+        return  # already stopping
     if _depth:
         _pending = True
         return

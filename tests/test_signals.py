@@ -305,3 +305,34 @@ def test_prefetch_terminated_releases_every_lease_it_holds(
         lease = lease_of(entry) or {}
         assert lease.get("released") is True and lease.get("outcome") == "terminated", lease
         assert verified_paths(entry) == {"config.json", "weights/a.bin"}
+
+
+def test_prefetch_watch_stops_the_pull_in_progress_at_once(
+    s3_server: S3Server, proxy: CountingProxy, tmp: Path
+) -> None:
+    """The node preloader (a DaemonSet) is deleted or its node drained mid-pull: the pull stops
+    now, not when it would have finished (after the kubelet's SIGKILL), keeping its work."""
+    bucket = s3_server.new_bucket(MODEL)
+    gate, opened = _gate(bucket, "model/weights/b.bin", 2 * CHUNK)
+    proxy.set_faults(gate)
+    cache = tmp / "cache"
+    models = tmp / "models.yaml"
+    models.write_text(f"models:\n  - s3://{bucket}/model\n")
+    argv = cli_argv(
+        "prefetch", "--from-file", models, "--watch", "--cache-dir", cache, "--poll-interval", "0.1"
+    )
+    job = tagged(argv, s3_server, proxy, tmp)
+    try:
+        poll_until(lambda: gate.hits >= 1 or job.popen.poll() is not None, 60, "the gate")
+        assert job.popen.poll() is None, job.wait().describe()
+        os.kill(job.pid, signal.SIGTERM)
+        dead = job.wait(timeout=60)
+    finally:
+        opened.set()
+        job.kill()
+    assert dead.returncode == 0, dead.describe()
+    assert "stopped: SIGTERM received" in last_message(dead.stderr), dead.stderr
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    lease = lease_of(entry) or {}
+    assert lease.get("released") is True and lease.get("outcome") == "terminated", lease
+    assert verified_paths(entry) == {"config.json", "weights/a.bin"}
