@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -21,23 +21,6 @@ log = logging.getLogger("storage_initializer")
 
 
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
-    """Pull every pair in order; the exit code. On SIGTERM or SIGINT (signals.py) the pull
-    in progress stops, keeping its staged files and releasing its lease, one last line says
-    so and the process exits 143 (130 for SIGINT) at once."""
-    from storage_initializer import signals
-
-    signals.install()
-    done: list[dict] = []
-    try:
-        return _run_pairs(pairs, flags, done)
-    except signals.Terminated as exc:  # between two pulls, or before the first one
-        reason = f"{exc} after {len(done)} of {len(pairs)} model(s)"
-        log.error("%s", reason)
-        _termination_message(None, reason, None, done)
-        signals.leave(exc.code)
-
-
-def _run_pairs(pairs: list[tuple[str, str]], flags: dict | None, runs: list[dict]) -> int:
     from storage_initializer import settings as settings_mod
     from storage_initializer import signals
     from storage_initializer.errors import InitializerError
@@ -52,13 +35,15 @@ def _run_pairs(pairs: list[tuple[str, str]], flags: dict | None, runs: list[dict
         _termination_message(None, f"invalid configuration: {exc.describe()}", None, [])
         return 1
     setup_logging(settings.log_format)
-    for number, (source, dest) in enumerate(pairs, 1):
+    signals.install()  # SIGTERM/SIGINT: stop now, keep the work, exit 143/130 (signals.py)
+    runs: list[dict] = []
+    for source, dest in pairs:
         log.info("Initializing, args: src_uri [%s] dest_path [%s]", source, dest)
         began = time.monotonic()
         try:
             result = pull(source, dest, settings)
         except signals.Terminated as exc:
-            _terminated(exc, settings, source, number, len(pairs), runs, time.monotonic() - began)
+            _terminated(exc, settings, source, len(pairs), runs, time.monotonic() - began)
         except Exception as exc:  # every failure ends in one explanatory line
             log.debug("failure details", exc_info=True)
             if settings.metrics_file:
@@ -86,30 +71,22 @@ def _run_pairs(pairs: list[tuple[str, str]], flags: dict | None, runs: list[dict
 
 
 def _terminated(
-    exc: BaseException,
-    settings: object,
-    source: str,
-    number: int,
-    count: int,
-    runs: list[dict],
-    seconds: float,
+    exc: BaseException, settings: Any, source: str, count: int, runs: list[dict], seconds: float
 ) -> NoReturn:
-    """The end of a terminated run: one last line saying what was interrupted and how far it
-    got, the termination message and metrics, and exit 128 + signal without waiting for
-    threads stuck in a request."""
+    """The end of a run terminated during a pull: one last line saying what was interrupted
+    and how far it got, the termination message and metrics, and exit 128 + signal without
+    waiting for threads stuck in a request."""
     from storage_initializer import signals
     from storage_initializer.pull import failure_stats
     from storage_initializer.redact import redact
 
     assert isinstance(exc, signals.Terminated)
     shown = _redacted(source)
-    detail = exc.detail or f"while pulling {shown}"
-    where = f" (model {number} of {count})" if count > 1 else ""
-    reason = redact(f"{exc}{where} {detail}")
-    metrics_file = getattr(settings, "metrics_file", None)
-    if metrics_file:
+    where = f" (model {len(runs) + 1} of {count})" if count > 1 else ""
+    reason = redact(f"{exc}{where} {exc.detail or f'while pulling {shown}'}")
+    if settings.metrics_file:
         stats = {**failure_stats(exc), "source": shown, "outcome": "terminated"}
-        _write_metrics(metrics_file, [*runs, {**stats, "seconds": seconds}])
+        _write_metrics(settings.metrics_file, [*runs, {**stats, "seconds": seconds}])
     log.error("%s", reason)
     _termination_message(settings, reason, source, runs)
     signals.leave(exc.code)

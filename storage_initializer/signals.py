@@ -108,12 +108,26 @@ def _cancel_all() -> None:
 
 
 def install() -> bool:
-    """Handle SIGTERM and SIGINT from now on (main thread only; False elsewhere)."""
+    """Handle SIGTERM and SIGINT from now on (main thread only; False elsewhere). A
+    termination that no caller handles (it came between two pulls) still ends the process
+    with one line and 128 + signal, not a traceback (:func:`_uncaught`)."""
     if not _is_main():
         return False
     for signum in HANDLED:
         signal.signal(signum, _handle)
+    sys.excepthook = _uncaught
     return True
+
+
+_default_hook = sys.excepthook
+
+
+def _uncaught(kind: type[BaseException], exc: BaseException, trace: Any) -> None:
+    if not isinstance(exc, Terminated):
+        _default_hook(kind, exc, trace)
+        return
+    log.error("%s %s", exc, exc.detail or "between two steps; nothing was interrupted")
+    leave(exc.code)
 
 
 def received() -> int | None:

@@ -39,7 +39,7 @@ CONTENDER = textwrap.dedent(
     claim = Path(sys.argv[4])
     while not claim.exists():
         time.sleep(0.001)
-    won = state != "fresh" and try_claim(entry, Owner.this_process(), generation, {}) is not None
+    won = state != "held" and try_claim(entry, Owner.this_process(), generation, {}) is not None
     print("won" if won else "lost", state)
     """
 )
@@ -100,7 +100,7 @@ def test_fresh_lease_is_not_taken(tmp_path: Path) -> None:
     holder = try_claim(entry, Owner.this_process(), 0, {})
     assert holder is not None
     generation, data = current(entry)
-    assert Observer(30).classify(generation, data) == "fresh"
+    assert Observer(30).classify(generation, data) == "held"
 
 
 def test_silent_lease_becomes_stale_by_the_observers_clock(tmp_path: Path) -> None:
@@ -112,9 +112,9 @@ def test_silent_lease_becomes_stale_by_the_observers_clock(tmp_path: Path) -> No
         )
     )
     observer = Observer(stale_after=0.3)
-    assert observer.classify(*current(entry)) == "fresh"
+    assert observer.classify(*current(entry)) == "held"
     deadline = time.monotonic() + 10
-    while observer.classify(*current(entry)) == "fresh":
+    while observer.classify(*current(entry)) == "held":
         assert time.monotonic() < deadline, "never became stale"
     assert observer.classify(*current(entry)) == "stale"
 

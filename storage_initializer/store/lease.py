@@ -45,6 +45,7 @@ from storage_initializer.store.lease_view import (  # noqa: F401 - the lease API
     CLOCK_SKEW,
     LEASE_RE,
     NODE_ID_ENV,
+    LeaseState,
     Observer,
     _host_id,
     _pid_start,

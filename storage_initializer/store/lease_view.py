@@ -17,6 +17,7 @@ import socket
 import stat
 import time
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +253,32 @@ def stale_at_a_glance(
     return age is not None and age > stale_after + CLOCK_SKEW
 
 
-def glance(entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float) -> str:
-    """free / held / stale from one look at the current lease (see :func:`stale_at_a_glance`).
-    A lease file that is gone this instant is free: the next look sees its successor."""
+class LeaseState(StrEnum):
+    """What the current lease says, the one vocabulary of every reader (status, gc, waiters)."""
+
+    #: No lease, or released: anyone may claim it.
+    FREE = "free"
+    #: A live holder is downloading.
+    HELD = "held"
+    #: Its holder is dead or silent for longer than stale-after: it may be taken over.
+    STALE = "stale"
+
+
+def glance(
+    entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float
+) -> LeaseState:
+    """From one look at the current lease (see :func:`stale_at_a_glance`). A lease file that
+    is gone this instant is free: the next look sees its successor."""
     if generation == 0 or (data is not None and data.get("released") is True):
-        return "free"
+        return LeaseState.FREE
     if data is None and not os.path.lexists(lease_path(entry, generation)):
-        return "free"
-    return "stale" if stale_at_a_glance(entry, generation, data, stale_after) else "held"
+        return LeaseState.FREE
+    stale = stale_at_a_glance(entry, generation, data, stale_after)
+    return LeaseState.STALE if stale else LeaseState.HELD
 
 
 class Observer:
-    """A waiter's view of the current lease: free, fresh or stale.
+    """A waiter's view of the current lease, watched over time.
 
     Stale means provably dead (:func:`holder_is_dead`) or silent — its content unchanged,
     or unreadable — for ``stale_after`` seconds of this waiter's monotonic clock. Nothing
@@ -275,22 +290,22 @@ class Observer:
         self.stale_after = stale_after
         self._seen: dict[int, tuple[Any, float]] = {}
 
-    def classify(self, generation: int, data: dict[str, Any] | None) -> str:
+    def classify(self, generation: int, data: dict[str, Any] | None) -> LeaseState:
         now = time.monotonic()
         if generation == 0:
-            return "free"
+            return LeaseState.FREE
         if data is None:
             # Being replaced this very instant, or a file left empty by a crash: judge it by
             # how long it stays unreadable.
             seq: Any = ("unreadable",)
         else:
             if data.get("released") is True:
-                return "free"
+                return LeaseState.FREE
             if holder_is_dead(data):
-                return "stale"
+                return LeaseState.STALE
             seq = json.dumps(data.get("seq"), sort_keys=True)
         seen = self._seen.get(generation)
         if seen is None or seen[0] != seq:
             self._seen[generation] = (seq, now)
-            return "fresh"
-        return "stale" if now - seen[1] >= self.stale_after else "fresh"
+            return LeaseState.HELD
+        return LeaseState.STALE if now - seen[1] >= self.stale_after else LeaseState.HELD
