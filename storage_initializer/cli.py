@@ -7,6 +7,7 @@ settings.py); a flag wins over both.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -513,7 +514,14 @@ def prefetch(
         setup_logging("text")
         click.echo(f"prefetch: {exc.describe()}", err=True)
         sys.exit(1)
-    outcomes = prefetch_mod.run(items, parallel or file_parallel, flags, defaults)
+    from storage_initializer import signals
+
+    signals.install()
+    try:
+        outcomes = prefetch_mod.run(items, parallel or file_parallel, flags, defaults)
+    except signals.Terminated as exc:  # one last line, exit 143 (130 for SIGINT)
+        logging.getLogger("storage_initializer").error("%s %s", exc, exc.detail)
+        signals.leave(exc.code)
     click.echo(prefetch_mod.table(outcomes))
     sys.exit(0 if all(o.ok for o in outcomes) else 1)
 

@@ -38,6 +38,7 @@ from storage_initializer.errors import (
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
 from storage_initializer.settings import Settings
+from storage_initializer.signals import STOP_GRACE
 from storage_initializer.store.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Engine:
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
         window = self.workers * 2
-        with self.stalls, ThreadPoolExecutor(self.workers, thread_name_prefix="transfer") as pool:
+        with self.stalls, _pool(self.workers) as pool:
             try:
                 while True:
                     while len(in_flight) < window:
@@ -211,6 +212,9 @@ class Engine:
                 self.cancel.set()
                 for future in in_flight:
                     future.cancel()
+                # Workers stop at their next block; one stuck in a request to a stalled
+                # server is not waited for (see _pool).
+                wait(in_flight, timeout=STOP_GRACE)
                 raise
             finally:
                 for job in jobs:
@@ -485,6 +489,21 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 
 SYNC_FILE_RANGE_WRITE = 2
 _start_writeback = _writeback_starter()
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """The transfer pool. When the run fails or is cancelled (a lost lease, SIGTERM), it does
+    not wait for workers still inside a request: a stalled server would hold a terminated
+    pod until the kubelet's SIGKILL. They stop at their next block (Engine.cancel) and
+    write nothing more, or end with the process."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="transfer")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _job_tasks(job: _FileJob) -> Iterator[tuple[_FileJob, int, int | None]]:

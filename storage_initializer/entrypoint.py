@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -22,7 +22,7 @@ log = logging.getLogger("storage_initializer")
 
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     from storage_initializer import settings as settings_mod
-    from storage_initializer import stall
+    from storage_initializer import signals, stall
     from storage_initializer.errors import InitializerError
     from storage_initializer.pull import describe_failure, failure_stats, pull
     from storage_initializer.report import setup_logging, summary
@@ -35,6 +35,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         _termination_message(None, f"invalid configuration: {exc.describe()}", None, [])
         return 1
     setup_logging(settings.log_format)
+    signals.install()  # SIGTERM/SIGINT: stop now, keep the work, exit 143/130 (signals.py)
     runs: list[dict] = []
     current = {"source": ""}
     _arm_deadline(settings, runs, current)
@@ -44,10 +45,8 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         began = time.monotonic()
         try:
             result = pull(source, dest, settings)
-        except KeyboardInterrupt:
-            log.error("interrupted while downloading %s", source)
-            _termination_message(settings, f"interrupted while downloading {source}", source, runs)
-            return 1
+        except signals.Terminated as exc:
+            _terminated(exc, settings, source, len(pairs), runs, time.monotonic() - began)
         except Exception as failure:  # every failure ends in one explanatory line
             exc = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
             log.debug("failure details", exc_info=True)
@@ -89,6 +88,28 @@ def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> N
         _termination_message(settings, reason, current["source"], runs)
 
     stall.start_deadline(settings.timeout, hung)
+
+
+def _terminated(
+    exc: BaseException, settings: Any, source: str, count: int, runs: list[dict], seconds: float
+) -> NoReturn:
+    """The end of a run terminated during a pull: one last line saying what was interrupted
+    and how far it got, the termination message and metrics, and exit 128 + signal without
+    waiting for threads stuck in a request."""
+    from storage_initializer import signals
+    from storage_initializer.pull import failure_stats
+    from storage_initializer.redact import redact
+
+    assert isinstance(exc, signals.Terminated)
+    shown = _redacted(source)
+    where = f" (model {len(runs) + 1} of {count})" if count > 1 else ""
+    reason = redact(f"{exc}{where} {exc.detail or f'while pulling {shown}'}")
+    if settings.metrics_file:
+        stats = {**failure_stats(exc), "source": shown, "outcome": "terminated"}
+        _write_metrics(settings.metrics_file, [*runs, {**stats, "seconds": seconds}])
+    log.error("%s", reason)
+    _termination_message(settings, reason, source, runs)
+    signals.leave(exc.code)
 
 
 def _termination_message(

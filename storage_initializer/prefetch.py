@@ -22,12 +22,13 @@ any failed.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from storage_initializer import settings as settings_mod
+from storage_initializer import signals
 from storage_initializer.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def run(
 
     def one(item: Item) -> Outcome:
         try:
+            signals.check()  # terminated before this model's turn: do not start it
             settings = settings_mod.load({**flags, **defaults, **item.options})
             if item.dest is None and not settings.cache_dirs:
                 raise UsageError(
@@ -111,8 +113,27 @@ def run(
         size = result.bytes_from_origin + result.bytes_reused
         return Outcome(item, True, result.outcome, size, result.seconds, result.dest)
 
-    with ThreadPoolExecutor(parallel, thread_name_prefix="prefetch") as pool:
-        return list(pool.map(one, items))
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="prefetch")
+    futures = [pool.submit(one, item) for item in items]
+    try:
+        outcomes = [future.result() for future in futures]
+    except signals.Terminated as exc:
+        # The pulls stop at their next block or poll (signals.py); one stuck in a request is
+        # left to die with the process, its lease released by signals.leave.
+        wait(futures, timeout=signals.STOP_GRACE)
+        pool.shutdown(wait=False, cancel_futures=True)
+        ready = sum(1 for f in futures if f.done() and not f.cancelled() and _ok(f))
+        exc.detail = (
+            f"while prefetching {len(items)} model(s): {ready} ready, the others stopped "
+            "with their staged files kept and their leases released"
+        )
+        raise
+    pool.shutdown(wait=True)
+    return outcomes
+
+
+def _ok(future: Future[Outcome]) -> bool:
+    return future.exception() is None and future.result().ok
 
 
 def table(outcomes: list[Outcome]) -> str:

@@ -16,7 +16,8 @@ model at the same time), and evicts, through gc's eviction (lease claimed, use r
 entry renamed away), models it preloaded that no longer match once they have not been used for
 ``--min-idle`` seconds. After every change it rewrites the readiness file atomically (temporary
 file + rename): JSON with the models ready, failed and pending, for a readiness probe or a
-scheduler hint. SIGTERM (or SIGINT) ends the loop after the pull in progress; exit 0.
+scheduler hint. SIGTERM (or SIGINT) ends the loop, and the pulls in progress stop at once,
+keeping their staged files and releasing their leases (signals.py); exit 0.
 
 Failed pulls are retried with a backoff (doubling from the poll interval up to 10 minutes), or
 at once when the models or labels file changes.
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage_initializer import prefetch
+from storage_initializer import prefetch, signals
 from storage_initializer import settings as settings_mod
 from storage_initializer.errors import InitializerError, UsageError
 from storage_initializer.uri import parse
@@ -336,9 +337,14 @@ def watch(options: Options) -> int:
         raise UsageError("--poll-interval must be positive", "Use e.g. --poll-interval 10")
     watcher = Watcher(options)
 
-    def stop(_signum: int, _frame: object) -> None:
+    def stop(signum: int, _frame: object) -> None:
         watcher.stop.set()
+        signals.stop_pulls(signum)  # pulls in progress stop now, keeping their staged files
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return watcher.run()
+    try:
+        return watcher.run()
+    except signals.Terminated as exc:  # raised by the pulls that were stopped
+        log.info("stopped: %s received; %s", exc.name, exc.detail or "pulls stopped")
+        signals.leave(0)

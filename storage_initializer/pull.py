@@ -286,6 +286,7 @@ def _locked_pull(
 ) -> Result:
     from filelock import FileLock
 
+    from storage_initializer import signals
     from storage_initializer.report import describe_progress
     from storage_initializer.store.lease import Observer, Owner, current, try_claim
 
@@ -296,11 +297,13 @@ def _locked_pull(
     flock_held, flock_usable = False, True
     # The fast path found no complete model: if one appears now, another replica made it.
     waited = not settings.revalidate
+    holding, data = False, None  # (for the last line of a terminated waiter)
     free_since: float | None = None
     last_report = 0.0
     poll = settings.poll_interval
     try:
         while True:
+            signals.check()  # a terminated prefetch's waiter threads stop here
             model, existing = _published(entry)
             if _valid(model, existing, settings) and not (settings.revalidate and not waited):
                 assert existing is not None
@@ -337,6 +340,12 @@ def _locked_pull(
                         entry.root,
                         _describe_holder(data),
                     )
+                elif (data or {}).get("outcome") == "terminated":
+                    log.info(
+                        "%s was terminated while downloading %s; taking over",
+                        _describe_holder(data),
+                        uri.redacted,
+                    )
                 # gc may have removed the whole entry, state directory and all, while we
                 # waited: claim in a fresh one (a download from scratch) rather than fail.
                 layout.ensure_state_dir(entry)
@@ -344,6 +353,7 @@ def _locked_pull(
                     entry, owner, generation, {"source": uri.redacted, "phase": "starting"}
                 )
                 if lease is not None:
+                    holding = True
                     return _as_holder(
                         uri,
                         entry,
@@ -353,7 +363,7 @@ def _locked_pull(
                         lease,
                         waited,
                         owner,
-                        took_over=state == "stale",
+                        took_over=state == "stale" or (data or {}).get("outcome") == "terminated",
                     )
                 continue
             waited = True
@@ -375,6 +385,13 @@ def _locked_pull(
                 )
             if flock_held or not flock_usable:
                 time.sleep(poll)
+    except signals.Terminated as exc:
+        if not holding and not exc.detail:
+            exc.detail = (
+                f"while waiting for {_describe_holder(data)} to download {uri.redacted}; "
+                "this pod fetched nothing of it"
+            )
+        raise
     finally:
         if flock_held:
             with contextlib.suppress(Exception):
@@ -469,8 +486,17 @@ def _as_holder(
             result.outcome = "waited"
         return result
     except BaseException as exc:
+        where = progress.snapshot()  # before _failure_stats books the phase as "failed"
         stats = _failure_stats(progress, claimed - started, took_over)
         _attach_stats(exc, stats)
+        ended = _terminated(exc, uri, where, stats)
+        if ended is not None:
+            # SIGTERM/SIGINT: the staging journal stays for the next owner, and the lease is
+            # released as "terminated" (below) so that a waiter takes over at once.
+            outcome = "terminated"
+            if ended is exc:
+                raise
+            raise ended from exc
         lost = lease.lost.is_set() or not _still_held(lease)
         keep = isinstance(exc, TransientError | KeyboardInterrupt) or lost
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -499,6 +525,27 @@ def _as_holder(
 
             with contextlib.suppress(OSError):
                 forget_empty_entry(entry, lease.path)
+
+
+def _terminated(
+    exc: BaseException, uri: SourceUri, where: dict[str, Any], stats: dict[str, Any]
+) -> BaseException | None:
+    """``exc`` as a termination (signals.Terminated) that says how far the download got, or
+    None when the process was not terminated. The engine's Cancelled in a thread other than
+    the main one becomes the Terminated behind it."""
+    from storage_initializer import signals
+    from storage_initializer.report import describe_progress
+
+    ended = signals.terminated_by(exc)
+    if ended is None:
+        return None
+    _attach_stats(ended, stats)
+    ended.detail = (
+        f"while downloading {uri.redacted} (phase {where.get('phase')}, "
+        f"{describe_progress(where)}); the staged files are kept for the next owner and "
+        "the lease is released"
+    )
+    return ended
 
 
 def _phase_seconds(wait: float, progress: Any) -> dict[str, float]:
@@ -765,9 +812,9 @@ def _dedupe_fetched(
 
 def _cancel_on_loss(lease: Lease) -> Any:
     """The engine stops when the lease is lost; its own failures must not look like a loss."""
-    import threading
+    from storage_initializer import signals
 
-    cancel = threading.Event()
+    cancel = signals.cancel_event()  # set by SIGTERM/SIGINT too: one way to stop the engine
     original = lease.lost.set
 
     def lost_and_cancel() -> None:

@@ -56,7 +56,7 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
     """Repair ``entry`` (a direct entry or a cache version) from ``source``; returns the bad
     files and the pull's result (None when nothing was bad)."""
     from storage_initializer.pull import pull
-    from storage_initializer.store.lease import LeaseState, Observer, Owner, current, try_claim
+    from storage_initializer.store.lease import LeaseState, Owner, current, glance, try_claim
     from storage_initializer.store.staging import Staging
     from storage_initializer.uri import parse
 
@@ -77,7 +77,8 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
     )
     layout.ensure_state_dir(keyed)
     generation, data = current(keyed)
-    if Observer(settings.stale_after).classify(generation, data) == LeaseState.HELD:
+    # One look, judged like gc's (a watcher's first look calls every live-looking lease held).
+    if glance(keyed, generation, data, settings.stale_after) == LeaseState.HELD:
         raise DestinationError(
             f"a replica is downloading {uri.redacted} into {keyed.root} right now",
             "Try again when it has finished",

@@ -59,7 +59,7 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     now, so a writable entry that grew since (a model server writing caches beside the weights)
     shows, and is flagged ``over_quota`` when it exceeds ``max_size`` (--max-size)."""
     from storage_initializer.diskspace import usage
-    from storage_initializer.store.lease import current, stale_at_a_glance
+    from storage_initializer.store.lease import current, silent_for, stale_at_a_glance
 
     entry = find_entry(path)
     if entry is None:
@@ -96,11 +96,12 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     else:
         info["state"] = "incomplete"
     generation, lease = current(_lease_entry(entry))
-    if lease is not None and not lease.get("released"):
-        age = time.time() - float(lease.get("heartbeat", 0))
-        # The same one-look test as gc and `status --cache-dir`: a dead local holder, or a
-        # heartbeat older than stale-after plus the clock skew tolerated between nodes.
-        stale = stale_at_a_glance(lease, stale_after)
+    if lease is not None and lease.get("released") is not True:
+        # The lease file's age by the filesystem's clock (never the holder's heartbeat time:
+        # its clock may be hours off ours), and the same one-look test as gc and `status
+        # --cache-dir`: a dead local holder, or a file older than stale-after plus the skew.
+        age = silent_for(_lease_entry(entry), generation) or 0.0
+        stale = stale_at_a_glance(_lease_entry(entry), generation, lease, stale_after)
         info["lease"] = {
             "generation": generation,
             "holder": lease.get("pod") or lease.get("host"),

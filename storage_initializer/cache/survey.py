@@ -134,10 +134,9 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
 
 
 def _heartbeat(data: dict[str, Any] | None) -> float | None:
-    try:
-        return float(data["heartbeat"]) if data else None
-    except (KeyError, TypeError, ValueError):
-        return None
+    from storage_initializer.store.lease import number
+
+    return number(data.get("heartbeat")) if data else None
 
 
 def entries(cache_dir: Path) -> list[layout.Entry]:

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from storage_initializer import signals
 from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.fsutil import (
@@ -102,6 +103,7 @@ def recover_interrupted(entry: Entry, staging: Staging | None) -> None:
         entry.commit_journal.unlink()
 
 
+@signals.deferred  # a SIGTERM meanwhile ends the pull once the model is published
 def commit(
     entry: Entry,
     staging: Staging,
@@ -177,6 +179,7 @@ def find_version(entry: Entry, fingerprint: str) -> str | None:
     return None
 
 
+@signals.deferred
 def commit_version(
     entry: Entry,
     staging: Staging,

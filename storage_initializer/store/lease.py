@@ -12,9 +12,13 @@ is frozen (SIGSTOP, a stuck node) keeps its lock forever. So the lease decides:
   progress. Before every heartbeat and before committing it checks that no higher generation
   exists; if one does, it has lost the lease and stops without committing.
 * A waiter judges staleness by its own monotonic clock (the sequence number has not moved for
-  ``stale_after`` seconds), so clock skew between nodes does not matter; a lease whose wall-clock
-  heartbeat is far in the past, or whose holder is a dead process on this very host, is stale at
-  once.
+  ``stale_after`` seconds), so clock skew between nodes does not matter; a lease whose holder is
+  a dead process on this very host is stale at once. No node's wall clock takes part: the
+  ``heartbeat`` time in the file is for people. A reader that looks once (``status``, ``gc``,
+  ``verify --repair``) judges the file's age by the filesystem's own clock (:func:`silent_for`).
+* A lease file is read defensively (:func:`read_lease`): anything but a regular file of JSON
+  is "unreadable" (stale once it stays so for ``stale_after``), and fields of the wrong type
+  are dropped with one warning, so a planted or corrupt lease never stops a pull.
 
 Correctness does not rest on any of this: staging is private and the marker is written last, so
 two owners at once would only cost bandwidth.
@@ -26,67 +30,40 @@ import contextlib
 import json
 import logging
 import os
-import re
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from storage_initializer import signals
 from storage_initializer.errors import LeaseLostError
 from storage_initializer.store.layout import Entry
+from storage_initializer.store.lease_view import (  # noqa: F401 - the lease API, in one place
+    CLOCK_SKEW,
+    LEASE_RE,
+    NODE_ID_ENV,
+    LeaseState,
+    Observer,
+    _host_id,
+    _pid_start,
+    current,
+    generations,
+    glance,
+    holder_is_dead,
+    lease_path,
+    node_name,
+    number,
+    process_is_dead,
+    read_lease,
+    silent_for,
+    stale_at_a_glance,
+)
 from storage_initializer.store.marker import write_atomic
 
 log = logging.getLogger(__name__)
-
-LEASE_RE = re.compile(r"^lease\.(\d{12})\.json$")
-#: Clock skew we tolerate between nodes before trusting a wall-clock age on its own.
-CLOCK_SKEW = 30.0
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
-def _pid_start(pid: int) -> str:
-    """Start time of a process in clock ticks since boot (defends against pid reuse)."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    if not stat:
-        return ""
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
-
-
-#: Names this node in leases instead of the hostname (in Kubernetes, pass ``spec.nodeName``
-#: through the downward API). Two processes with different node ids never judge each other's
-#: liveness by pid, only by heartbeat: that is what a lease from another node needs.
-NODE_ID_ENV = "STORAGE_INITIALIZER_NODE_ID"
-
-
-def node_name() -> str:
-    """The node as leases and logs name it: the override, else the hostname."""
-    return os.environ.get(NODE_ID_ENV, "").strip() or socket.gethostname()
-
-
-def _host_id() -> str:
-    """Equal for two processes exactly when they share a node name, a pid namespace and a boot.
-
-    Only then may a waiter conclude from a missing pid that the holder died; a pid on another
-    node says nothing about ours."""
-    try:
-        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        pidns = "?"
-    boot = _read_text("/proc/sys/kernel/random/boot_id") or "?"
-    return f"{node_name()}/{pidns}/{boot}"
 
 
 @dataclass(frozen=True)
@@ -104,129 +81,6 @@ class Owner:
         host = node_name()
         pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or host
         return cls(uuid.uuid4().hex[:12], host, _host_id(), pod, pid, _pid_start(pid))
-
-
-def process_is_dead(host_id: str, pid: int, pid_start: str) -> bool:
-    """True only when we can prove it: same host and pid namespace, and the process is gone
-    (or a zombie, or a different process reusing the pid)."""
-    if host_id != _host_id() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    stat = _read_text(f"/proc/{pid}/stat")
-    if not stat:
-        return True
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    if state in ("Z", "X"):
-        return True
-    return bool(pid_start) and _pid_start(pid) != pid_start
-
-
-def lease_path(entry: Entry, generation: int) -> Path:
-    return entry.state / f"lease.{generation:012d}.json"
-
-
-def generations(entry: Entry) -> list[int]:
-    try:
-        names = os.listdir(entry.state)
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := LEASE_RE.match(n)))
-
-
-def read_lease(entry: Entry, generation: int) -> dict[str, Any] | None:
-    try:
-        with open(lease_path(entry, generation), encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def current(entry: Entry) -> tuple[int, dict[str, Any] | None]:
-    """The highest generation and its content (0, None when there is no lease at all)."""
-    gens = generations(entry)
-    if not gens:
-        return 0, None
-    return gens[-1], read_lease(entry, gens[-1])
-
-
-def stale_at_a_glance(data: dict[str, Any], stale_after: float) -> bool:
-    """Whether one reading of a lease proves it stale: its holder is a dead process on this
-    very host, or its wall-clock heartbeat is older than ``stale_after`` plus the clock skew we
-    tolerate between nodes.
-
-    The one test for every reader that cannot watch a lease over time (``status``, ``gc``'s
-    plan and its eviction); a waiter adds its own observation (:class:`Observer`). Keeping it
-    in one place is what lets ``gc --dry-run`` announce exactly what a real run does."""
-    if process_is_dead(
-        str(data.get("host_id", "")), int(data.get("pid", 0)), str(data.get("pid_start", ""))
-    ):
-        return True
-    try:
-        heartbeat = float(data.get("heartbeat", 0))
-    except (TypeError, ValueError):
-        heartbeat = 0.0
-    return time.time() - heartbeat > stale_after + CLOCK_SKEW
-
-
-class LeaseState(StrEnum):
-    """What the current lease says, the one vocabulary of every reader (status, gc, waiters)."""
-
-    #: No lease, or released: anyone may claim it.
-    FREE = "free"
-    #: A live holder is downloading.
-    HELD = "held"
-    #: Its holder is dead or silent for longer than stale-after: it may be taken over.
-    STALE = "stale"
-
-
-def glance(
-    entry: Entry, generation: int, data: dict[str, Any] | None, stale_after: float
-) -> LeaseState:
-    """From one look at the current lease (see :func:`stale_at_a_glance`). An unreadable lease
-    file (a crash left it empty) is judged by its age on disk."""
-    if generation == 0 or (data is not None and data.get("released")):
-        return LeaseState.FREE
-    if data is None:
-        try:
-            age = time.time() - lease_path(entry, generation).stat().st_mtime
-        except OSError:
-            return LeaseState.FREE  # replaced this very instant: the next look sees its successor
-        return LeaseState.STALE if age > stale_after + CLOCK_SKEW else LeaseState.HELD
-    return LeaseState.STALE if stale_at_a_glance(data, stale_after) else LeaseState.HELD
-
-
-class Observer:
-    """A waiter's view of the current lease, watched over time."""
-
-    def __init__(self, stale_after: float) -> None:
-        self.stale_after = stale_after
-        self._seen: dict[int, tuple[Any, float]] = {}
-
-    def classify(self, generation: int, data: dict[str, Any] | None) -> LeaseState:
-        now = time.monotonic()
-        if generation == 0:
-            return LeaseState.FREE
-        if data is None:
-            # Being replaced this very instant, or a file left empty by a crash: judge it by
-            # how long it stays unreadable.
-            seq: Any = ("unreadable",)
-        else:
-            if data.get("released"):
-                return LeaseState.FREE
-            if stale_at_a_glance(data, self.stale_after):
-                return LeaseState.STALE
-            seq = data.get("seq")
-        seen = self._seen.get(generation)
-        if seen is None or seen[0] != seq:
-            self._seen[generation] = (seq, now)
-            return LeaseState.HELD
-        return LeaseState.STALE if now - seen[1] >= self.stale_after else LeaseState.HELD
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
@@ -327,11 +181,18 @@ class Lease:
                     return
 
     def update(self, **changes: Any) -> None:
-        """Publish a phase change right away (waiters show it)."""
+        """Publish a phase change right away (waiters show it). A phase change is also where
+        a holder on a thread other than the main one stops when the process is terminated."""
+        signals.check()
         with contextlib.suppress(OSError):
             self._write(**{**self._progress(), **changes})
 
+    @signals.deferred
     def release(self, outcome: str) -> None:
+        """Mark the lease released with ``outcome``: waiters claim it at their next poll.
+        Runs whole even when a signal arrives meanwhile (signals.deferred)."""
+        with _held_lock:
+            _held.discard(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -342,6 +203,7 @@ class Lease:
                 self._write(released=True, outcome=outcome, **self._progress())
 
 
+@signals.deferred  # a claimed lease is always in _held, for release_all
 def try_claim(
     entry: Entry, owner: Owner, after_generation: int, info: dict[str, Any]
 ) -> Lease | None:
@@ -361,8 +223,25 @@ def try_claim(
     data.pop("id", None)
     if not _create_exclusive(lease_path(entry, generation), json.dumps(data, sort_keys=True)):
         return None
+    lease = Lease(entry, owner, generation, data)
+    with _held_lock:
+        _held.add(lease)
     for old in generations(entry):
         if old < generation:
             with contextlib.suppress(OSError):
                 os.unlink(lease_path(entry, old))
-    return Lease(entry, owner, generation, data)
+    return lease
+
+
+#: Leases this process holds and has not released: what :func:`release_all` releases.
+_held: set[Lease] = set()
+_held_lock = threading.Lock()
+
+
+def release_all(outcome: str) -> None:
+    """Release every lease still held (a terminated process leaving without waiting for a
+    thread stuck in a request): waiters take over at once instead of after ``stale_after``."""
+    with _held_lock:
+        leases = list(_held)
+    for lease in leases:
+        lease.release(outcome)
