@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath
+from storage_initializer import checksums, crcmath, resume
 from storage_initializer.errors import InitializerError, IntegrityError, TransientError
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
@@ -75,6 +75,9 @@ class _FileJob:
     remaining: int = 0
     #: Chunks already on disk from a previous owner (kept, hashed in order with the rest).
     resumed: set[tuple[int, int]] = field(default_factory=set)
+    #: Chunk start -> where that range continues: a previous owner durably wrote its prefix
+    #: (resume.py); taken by the first fetch of the range.
+    prefix: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: For a chunked file verified by a CRC: ``update(data, crc)``; each chunk is hashed by
     #: its own worker as bytes arrive and the file's CRC is combined at the end (crcmath).
@@ -114,6 +117,7 @@ class Engine:
         self._guarded_at = time.monotonic()
         self._guard_lock = threading.Lock()
         self._resumable: dict[str, set[tuple[int, int]]] = {}
+        self._checkpoints: resume.Checkpointer | None = None
         self.workers = settings.workers or source.workers()
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
@@ -134,21 +138,43 @@ class Engine:
         job = _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
         if len(spans) > 1:
             job.crc_update = crcmath.updater(algorithm)
-        done = self._resumable.get(file.path, set())
-        if len(spans) > 1 and done and path.is_file() and path.stat().st_size == size:
-            job.resumed = {span for span in spans if span in done}  # type: ignore[misc]
+        if self.ranged and size is not None and file.path in self._resumable:
+            self._plan_resume(job, staging)
+        return job
+
+    def _plan_resume(self, job: _FileJob, staging: Staging) -> None:
+        """Keep what a previous owner durably wrote of this file (resume.py): whole chunks,
+        and the prefix of each range it had in flight; claims the staged file does not back
+        (past its end, over a hole, through a link) are discarded and fetched again."""
+        size = job.file.size
+        staged = staging.staged_size(job.file.path)
+        if size is None or staged is None or (len(job.chunks) > 1 and staged != size):
+            return
+        on_disk = resume.disk_extent(job.path)
+        if on_disk is None:
+            return
+        claims = self._resumable[job.file.path]
+        kept = resume.kept_prefixes(claims, job.chunks, size, on_disk)
+        for start, end in job.chunks:
+            done = kept.get(start)
+            if done is not None and done == end and len(job.chunks) > 1:
+                job.resumed.add((start, done))
+            elif done is not None:
+                job.prefix[start] = done
         if job.resumed:
             # One bookkeeping task replaces the chunks we keep (see _chunk with start < 0).
-            job.remaining = len(spans) - len(job.resumed) + 1
-            kept = sum(end - start for start, end in job.resumed)
-            self.progress.reused_bytes(kept)
+            job.remaining = len(job.chunks) - len(job.resumed) + 1
+        kept_bytes = sum(done - start for start, done in kept.items())
+        if kept_bytes:
+            self.progress.reused_bytes(kept_bytes)
             log.info(
-                "%s: resuming, %d of %d chunks already on disk",
-                file.path,
+                "%s: resuming, %d of %d bytes already on disk (%d of %d chunks whole)",
+                job.file.path,
+                kept_bytes,
+                size,
                 len(job.resumed),
-                len(spans),
+                len(job.chunks),
             )
-        return job
 
     def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
         """Chunks of a few files at a time, taken in turn (A1 B1 C1 A2 B2 C2 ...).
@@ -180,6 +206,7 @@ class Engine:
     def run(self, files: list[RemoteFile], staging: Staging) -> dict[str, dict[str, str]]:
         """Download ``files`` into ``staging``; returns path -> verified checksums."""
         self._resumable = staging.chunks()
+        checkpoints = self._checkpoints = resume.Checkpointer(staging)
         jobs = [self._job(f, staging) for f in files]
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
@@ -206,6 +233,7 @@ class Engine:
                     future.cancel()
                 raise
             finally:
+                checkpoints.close()  # journals the last progress: a failed pull resumes there
                 for job in jobs:
                     if job.fd >= 0:
                         with contextlib.suppress(OSError):
@@ -217,10 +245,12 @@ class Engine:
             if job.fd >= 0:
                 return
             job.path.parent.mkdir(parents=True, exist_ok=True)
-            if job.resumed:
-                job.fd = os.open(job.path, os.O_RDWR)
+            if job.resumed or job.prefix:
+                job.fd = os.open(job.path, os.O_RDWR | os.O_NOFOLLOW)
                 for start, end in job.resumed:
                     job.finished[start] = end
+                if job.inline_hash:  # drop what was written after the last journalled block
+                    os.ftruncate(job.fd, job.prefix.get(0, 0))
             else:
                 self.guard()
                 job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -249,7 +279,6 @@ class Engine:
             self._fetch(job, start, None)
         if not job.inline_hash and start >= 0 and end is not None:
             _start_writeback(job.fd, start, end - start)
-            staging.record_chunk(job.file.path, start, end)
         with job.lock:
             if start >= 0:
                 job.finished[start] = job.hashed_to if end is None else end
@@ -273,14 +302,16 @@ class Engine:
         self.guard()
 
     def _fetch(self, job: _FileJob, start: int, end: int | None) -> None:
-        offset = start
         attempt = 0
         source = self.source
         crc_update = job.crc_update if job.combined else None
-        crc = 0  # this chunk's CRC so far (resumed along with ``offset`` after a failure)
+        # Where this range starts, and its CRC so far (resumed along with ``offset`` after a
+        # failure): past the prefix a previous owner left, if any.
+        offset, crc = self._resume_point(job, start)
         while True:
             try:
-                for block in source.read(job.file, offset, end):
+                blocks = source.read(job.file, offset, end) if end is None or offset < end else ()
+                for block in blocks:
                     if self.cancel.is_set():
                         raise Cancelled()
                     size = len(block)
@@ -300,6 +331,7 @@ class Engine:
                         job.hashed_to = offset + size
                     offset += size
                     self.progress.transferred(size)
+                    self._note(job, start, offset)
                 expected_end = end if end is not None else job.file.size
                 if expected_end is not None and offset < expected_end:
                     raise TransientError(
@@ -340,6 +372,39 @@ class Engine:
                 )
                 if self.cancel.wait(delay):
                     raise Cancelled() from exc
+
+    def _resume_point(self, job: _FileJob, start: int) -> tuple[int, int]:
+        """Where the range at ``start`` continues, and its CRC so far. A kept prefix is read
+        back from disk into the range's CRC, or into the file's hash when the file is one
+        range (chunks hashed in order are read back when they finish anyway), so what is
+        verified is the bytes on disk, never the journal's word."""
+        kept = job.prefix.pop(start, None)
+        if kept is None or job.fd < 0:
+            return start, 0
+        crc = 0
+        crc_update = job.crc_update
+
+        def update(block: bytes) -> None:
+            nonlocal crc
+            if job.combined and crc_update is not None:
+                crc = crc_update(block, crc)
+            elif job.inline_hash and job.hasher is not None:
+                job.hasher.update(block)
+                if job.sha256 is not None:
+                    job.sha256.update(block)
+
+        if not job.combined and not job.inline_hash:
+            return kept, 0
+        reached = resume.read_back(job.fd, start, kept, update)
+        if job.inline_hash:
+            job.hashed_to = reached
+        return reached, crc
+
+    def _note(self, job: _FileJob, start: int, offset: int) -> None:
+        """Bytes up to ``offset`` of the range at ``start`` are written: journal them once
+        they are durable (resume.Checkpointer), so a new owner continues from there."""
+        if self._checkpoints is not None and self.ranged and job.file.size is not None:
+            self._checkpoints.note(job.path, job.file.path, start, offset)
 
     def _hash_in_order(self, job: _FileJob) -> None:
         """Hash every chunk that is now contiguous with what was hashed (job.lock held); for a
@@ -419,6 +484,7 @@ class Engine:
                 job.finished.clear()
                 job.crcs.clear()
                 job.resumed = set()
+                job.prefix.clear()
                 job.remaining = len(job.chunks)
                 return job
             raise IntegrityError(f"{job.file.path} failed verification: {problem}")
