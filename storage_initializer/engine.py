@@ -8,6 +8,8 @@ chunk by chunk as bytes arrive and the CRCs are combined at the end (crcmath); o
 files are hashed in order as soon as the chunks before them are complete (reading back from
 the page cache). Large files are worked on a few at a time, and each finished chunk is handed
 to the kernel's writeback at once, so the fsync before a file counts as verified is short.
+Progress is journalled as it becomes durable, so a new owner resumes each range at its last
+block (resume.py).
 Failures worth retrying resume the chunk at the last byte written, with exponential backoff
 and jitter (honouring Retry-After); a file whose checksum does not match is fetched once more,
 then reported.
@@ -402,7 +404,9 @@ class Engine:
 
     def _note(self, job: _FileJob, start: int, offset: int) -> None:
         """Bytes up to ``offset`` of the range at ``start`` are written: journal them once
-        they are durable (resume.Checkpointer), so a new owner continues from there."""
+        they are durable (resume.Checkpointer), so a new owner continues from there. Call
+        it only once the bytes were handed to the kernel (the write returned), never for
+        bytes still buffered in the process."""
         if self._checkpoints is not None and self.ranged and job.file.size is not None:
             self._checkpoints.note(job.path, job.file.path, start, offset)
 

@@ -1,9 +1,10 @@
 """Private staging: where a download happens before anything becomes visible.
 
 Each owner writes below ``<state>/staging/<owner>/data`` on the same filesystem as the entry,
-so that commit is a rename. Every file that passed verification is appended to a journal; a new
-owner that takes over adopts the most recent orphaned staging area of the same source version
-and keeps the verified files, so a killed download resumes instead of starting over.
+so that commit is a rename. Every file that passed verification is appended to a journal, and
+the ranges durably written so far to another (resume.py); a new owner that takes over adopts the
+most recent orphaned staging area of the same source version and keeps the verified files and
+the written ranges, so a killed download resumes instead of starting over.
 """
 
 from __future__ import annotations
