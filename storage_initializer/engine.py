@@ -150,7 +150,7 @@ class Engine:
         (past its end, over a hole, through a link) are discarded and fetched again."""
         size = job.file.size
         staged = staging.staged_size(job.file.path)
-        if size is None or staged is None or (len(job.chunks) > 1 and staged != size):
+        if size is None or staged is None or staged > size:
             return
         on_disk = resume.disk_extent(job.path)
         if on_disk is None:
@@ -259,7 +259,7 @@ class Engine:
             job.hasher = checksums.new_hasher(job.algorithm)
             job.sha256 = self._new_sha256(job)
             job.hashed_to = 0
-            if job.file.size and not job.inline_hash and not job.resumed:
+            if job.file.size and not job.inline_hash:  # a resumed file may be shorter
                 os.ftruncate(job.fd, job.file.size)
 
     def _chunk(

@@ -288,7 +288,9 @@ class _Source:
             yield self.data[offset : min(offset + 1000, stop)]
 
 
-def _engine_run(source: _Source, root: Path, chunk: int) -> tuple[dict[str, Any], Any]:
+def _engine_run(
+    source: _Source, root: Path, chunk: int, workers: int = 1
+) -> tuple[dict[str, Any], Any]:
     from storage_initializer.engine import Engine
     from storage_initializer.progress import Progress
     from storage_initializer.settings import Settings
@@ -298,7 +300,7 @@ def _engine_run(source: _Source, root: Path, chunk: int) -> tuple[dict[str, Any]
     entry = layout.direct(root, "k" * 16)
     layout.ensure_state_dir(entry)
     staging = Staging.prepare(entry, "owner", entry.key, "fp")
-    settings = Settings(chunk_size=chunk, retries=0, workers=1)  # one range in flight
+    settings = Settings(chunk_size=chunk, retries=0, workers=workers)
     engine = Engine(source, settings, Progress(), threading.Event())  # type: ignore[arg-type]
     return engine.run(source.files(), staging), staging
 
@@ -333,3 +335,17 @@ def test_a_resumed_prefix_is_verified_from_disk(
         assert 0 in starts, second.reads
     else:  # ... within one block of where the first run stopped
         assert 0 not in starts and min(starts) >= first.fail_at - 1000, second.reads  # type: ignore[operator]
+
+
+def test_a_file_of_one_range_resumes_in_chunks_when_the_chunk_size_changed(tmp: Path) -> None:
+    """The dead owner fetched the file as one range (a larger chunk size); the new owner
+    splits it into chunks: the bytes on disk are kept all the same."""
+    data = pattern(6 * 4096 + 777, 5)
+    first = _Source(data, "crc32", fail_at=3 * 4096 + 2000)
+    with pytest.raises(Exception, match="gone"):
+        _engine_run(first, tmp / "dest", 1 << 20)
+    second = _Source(data, "crc32")
+    results, staging = _engine_run(second, tmp / "dest", 4096, workers=2)
+    assert (staging.data / "w.bin").read_bytes() == data
+    assert results["w.bin"] == second.sums
+    assert min(start for start, _end in second.reads) == 15_000, second.reads
