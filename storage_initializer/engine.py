@@ -281,6 +281,7 @@ class Engine:
             self._fetch(job, start, None)
         if not job.inline_hash and start >= 0 and end is not None:
             _start_writeback(job.fd, start, end - start)
+            self._settle(job, start)
         with job.lock:
             if start >= 0:
                 job.finished[start] = job.hashed_to if end is None else end
@@ -409,6 +410,11 @@ class Engine:
         bytes still buffered in the process."""
         if self._checkpoints is not None and self.ranged and job.file.size is not None:
             self._checkpoints.note(job.path, job.file.path, start, offset)
+
+    def _settle(self, job: _FileJob, start: int) -> None:
+        """A chunk is complete: wait until its progress is journalled before the next one."""
+        if self._checkpoints is not None and self.ranged:
+            self._checkpoints.settle(job.file.path, start)
 
     def _hash_in_order(self, job: _FileJob) -> None:
         """Hash every chunk that is now contiguous with what was hashed (job.lock held); for a

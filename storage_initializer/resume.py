@@ -127,6 +127,10 @@ class Checkpointer:
         self._wake = threading.Condition()
         self._closed = False
         self._broken = False
+        self._stopped = False
+        #: Rounds that took their batch / that finished journalling it (see settle).
+        self._started = 0
+        self._finished = 0
         self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
         self._thread.start()
 
@@ -136,6 +140,15 @@ class Checkpointer:
             self._pending[(name, start)] = (path, offset)
             self._wake.notify()
 
+    def settle(self, name: str, start: int) -> None:
+        """Wait until the progress noted for the range at ``start`` of ``name`` is journalled
+        (or could not be): a worker calls it when its range is complete, so a finished chunk
+        is on record before the worker takes the next one."""
+        with self._wake:
+            # Still pending: the next round takes it; otherwise the round under way has it.
+            target = self._started + 1 if (name, start) in self._pending else self._started
+            self._wake.wait_for(lambda: self._finished >= target or self._stopped)
+
     def close(self) -> None:
         """Journal what is pending, then stop (called once the workers are done)."""
         with self._wake:
@@ -144,15 +157,24 @@ class Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    self._wake.wait_for(lambda: self._pending or self._closed)
+                    batch, self._pending = self._pending, {}
+                    last = self._closed and not batch
+                    self._started += 1
+                if batch and not self._broken:
+                    self._flush(batch)
+                with self._wake:
+                    self._finished = self._started
+                    self._wake.notify_all()
+                if last:
+                    return
+        finally:
             with self._wake:
-                self._wake.wait_for(lambda: self._pending or self._closed)
-                batch, self._pending = self._pending, {}
-                last = self._closed
-            if batch and not self._broken:
-                self._flush(batch)
-            if last and not self._pending:
-                return
+                self._stopped = True
+                self._wake.notify_all()
 
     def _flush(self, batch: dict[tuple[str, int], tuple[Path, int]]) -> None:
         synced: set[Path] = set()
