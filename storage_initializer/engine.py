@@ -208,8 +208,8 @@ class Engine:
     def run(self, files: list[RemoteFile], staging: Staging) -> dict[str, dict[str, str]]:
         """Download ``files`` into ``staging``; returns path -> verified checksums."""
         self._resumable = staging.chunks()
-        checkpoints = self._checkpoints = resume.Checkpointer(staging)
         jobs = [self._job(f, staging) for f in files]
+        checkpoints = self._checkpoints = resume.Checkpointer(staging)
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
         window = self.workers * 2
