@@ -19,6 +19,7 @@ again, never published.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -53,13 +54,12 @@ def kept_prefixes(
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
+    firsts = [first for first, _last in merged]
     kept: dict[int, int] = {}
     for start, end in spans:
-        limit = size if end is None else end
-        for first, last in merged:
-            if first <= start < last:
-                kept[start] = min(limit, last)
-                break
+        index = bisect.bisect_right(firsts, start) - 1
+        if index >= 0 and start < merged[index][1]:
+            kept[start] = min(size if end is None else end, merged[index][1])
     return kept
 
 
@@ -80,8 +80,11 @@ def disk_extent(path: Path) -> Callable[[int, int], bool] | None:
     if not regular:
         return None
 
+    firsts = [first for first, _last in written]  # in order: found by bisection
+
     def on_disk(start: int, end: int) -> bool:
-        return any(first <= start and end <= last for first, last in written)
+        index = bisect.bisect_right(firsts, start) - 1
+        return index >= 0 and end <= written[index][1]
 
     return on_disk
 
