@@ -149,23 +149,14 @@ class Engine:
         and the prefix of each range it had in flight; claims the staged file does not back
         (past its end, over a hole, through a link) are discarded and fetched again."""
         size = job.file.size
-        staged = staging.staged_size(job.file.path)
-        if size is None or staged is None or staged > size:
-            return
-        on_disk = resume.disk_extent(job.path)
-        if on_disk is None:
-            return
+        assert size is not None
         claims = self._resumable[job.file.path]
-        kept = resume.kept_prefixes(claims, job.chunks, size, on_disk)
-        for start, end in job.chunks:
-            done = kept.get(start)
-            if done is not None and done == end and len(job.chunks) > 1:
-                job.resumed.add((start, done))
-            elif done is not None:
-                job.prefix[start] = done
+        staged = staging.staged_size(job.file.path)
+        job.resumed, job.prefix = resume.plan(claims, job.chunks, size, job.path, staged)
         if job.resumed:
             # One bookkeeping task replaces the chunks we keep (see _chunk with start < 0).
             job.remaining = len(job.chunks) - len(job.resumed) + 1
+        kept = {**dict(job.resumed), **job.prefix}
         kept_bytes = sum(done - start for start, done in kept.items())
         if kept_bytes:
             self.progress.reused_bytes(kept_bytes)

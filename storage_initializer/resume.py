@@ -63,6 +63,27 @@ def kept_prefixes(
     return kept
 
 
+def plan(
+    claims: Iterable[tuple[int, int]],
+    spans: list[tuple[int, int | None]],
+    size: int,
+    path: Path,
+    staged: int | None,
+) -> tuple[set[tuple[int, int]], dict[int, int]]:
+    """What a new owner keeps of the file staged at ``path`` (``staged``: its size when it is
+    a regular file reached without a link, else None): the chunks kept whole, and chunk start
+    -> where each partly written range continues."""
+    on_disk = disk_extent(path) if staged is not None and staged <= size else None
+    if on_disk is None:
+        return set(), {}
+    kept = kept_prefixes(claims, spans, size, on_disk)
+    whole = {(start, done) for start, done in kept.items() if (start, done) in spans}
+    if len(spans) == 1:  # a file of one range is hashed as it streams: continue it
+        whole = set()
+    partial = {start: done for start, done in kept.items() if (start, done) not in whole}
+    return whole, partial
+
+
 def disk_extent(path: Path) -> Callable[[int, int], bool] | None:
     """``on_disk(start, end)`` for a staged file: within its size and without a hole (a range
     journalled over a hole was never written). None when the file cannot be opened as a
