@@ -8,6 +8,8 @@ chunk by chunk as bytes arrive and the CRCs are combined at the end (crcmath); o
 files are hashed in order as soon as the chunks before them are complete (reading back from
 the page cache). Large files are worked on a few at a time, and each finished chunk is handed
 to the kernel's writeback at once, so the fsync before a file counts as verified is short.
+Progress is journalled as it becomes durable, so a new owner resumes each range at its last
+block (resume.py).
 Failures worth retrying resume the chunk at the last byte written, with exponential backoff
 and jitter (honouring Retry-After); a file whose checksum does not match is fetched once more,
 then reported.
@@ -28,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath, stall
+from storage_initializer import checksums, crcmath, resume, stall
 from storage_initializer.errors import (
     InitializerError,
     IntegrityError,
@@ -81,6 +83,9 @@ class _FileJob:
     remaining: int = 0
     #: Chunks already on disk from a previous owner (kept, hashed in order with the rest).
     resumed: set[tuple[int, int]] = field(default_factory=set)
+    #: Chunk start -> where that range continues: a previous owner durably wrote its prefix
+    #: (resume.py); taken by the first fetch of the range.
+    prefix: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: For a chunked file verified by a CRC: ``update(data, crc)``; each chunk is hashed by
     #: its own worker as bytes arrive and the file's CRC is combined at the end (crcmath).
@@ -120,6 +125,7 @@ class Engine:
         self._guarded_at = time.monotonic()
         self._guard_lock = threading.Lock()
         self._resumable: dict[str, set[tuple[int, int]]] = {}
+        self._checkpoints: resume.Checkpointer | None = None
         self.workers = settings.workers or source.workers()
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
@@ -142,21 +148,34 @@ class Engine:
         job = _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
         if len(spans) > 1:
             job.crc_update = crcmath.updater(algorithm)
-        done = self._resumable.get(file.path, set())
-        if len(spans) > 1 and done and path.is_file() and path.stat().st_size == size:
-            job.resumed = {span for span in spans if span in done}  # type: ignore[misc]
+        if self.ranged and size is not None and file.path in self._resumable:
+            self._plan_resume(job, staging)
+        return job
+
+    def _plan_resume(self, job: _FileJob, staging: Staging) -> None:
+        """Keep what a previous owner durably wrote of this file (resume.py): whole chunks,
+        and the prefix of each range it had in flight; claims the staged file does not back
+        (past its end, over a hole, through a link) are discarded and fetched again."""
+        size = job.file.size
+        assert size is not None
+        claims = self._resumable[job.file.path]
+        staged = staging.staged_size(job.file.path)
+        job.resumed, job.prefix = resume.plan(claims, job.chunks, size, job.path, staged)
         if job.resumed:
             # One bookkeeping task replaces the chunks we keep (see _chunk with start < 0).
-            job.remaining = len(spans) - len(job.resumed) + 1
-            kept = sum(end - start for start, end in job.resumed)
-            self.progress.reused_bytes(kept)
+            job.remaining = len(job.chunks) - len(job.resumed) + 1
+        kept = {**dict(job.resumed), **job.prefix}
+        kept_bytes = sum(done - start for start, done in kept.items())
+        if kept_bytes:
+            self.progress.reused_bytes(kept_bytes)
             log.info(
-                "%s: resuming, %d of %d chunks already on disk",
-                file.path,
+                "%s: resuming, %d of %d bytes already on disk (%d of %d chunks whole)",
+                job.file.path,
+                kept_bytes,
+                size,
                 len(job.resumed),
-                len(spans),
+                len(job.chunks),
             )
-        return job
 
     def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
         """Chunks of a few files at a time, taken in turn (A1 B1 C1 A2 B2 C2 ...).
@@ -189,6 +208,7 @@ class Engine:
         """Download ``files`` into ``staging``; returns path -> verified checksums."""
         self._resumable = staging.chunks()
         jobs = [self._job(f, staging) for f in files]
+        checkpoints = self._checkpoints = resume.Checkpointer(staging)
         queue = self._tasks(jobs)
         in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
         window = self.workers * 2
@@ -217,6 +237,7 @@ class Engine:
                 wait(in_flight, timeout=STOP_GRACE)
                 raise
             finally:
+                checkpoints.close()  # journals the last progress: a failed pull resumes there
                 for job in jobs:
                     if job.fd >= 0:
                         with contextlib.suppress(OSError):
@@ -228,17 +249,19 @@ class Engine:
             if job.fd >= 0:
                 return
             job.path.parent.mkdir(parents=True, exist_ok=True)
-            if job.resumed:
-                job.fd = os.open(job.path, os.O_RDWR)
+            if job.resumed or job.prefix:
+                job.fd = os.open(job.path, os.O_RDWR | os.O_NOFOLLOW)
                 for start, end in job.resumed:
                     job.finished[start] = end
+                if job.inline_hash:  # drop what was written after the last journalled block
+                    os.ftruncate(job.fd, job.prefix.get(0, 0))
             else:
                 self.guard()
                 job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             job.hasher = checksums.new_hasher(job.algorithm)
             job.sha256 = self._new_sha256(job)
             job.hashed_to = 0
-            if job.file.size and not job.inline_hash and not job.resumed:
+            if job.file.size and not job.inline_hash:  # a resumed file may be shorter
                 os.ftruncate(job.fd, job.file.size)
 
     def _chunk(
@@ -260,7 +283,7 @@ class Engine:
             self._fetch(job, start, None)
         if not job.inline_hash and start >= 0 and end is not None:
             _start_writeback(job.fd, start, end - start)
-            staging.record_chunk(job.file.path, start, end)
+            self._settle(job, start)
         with job.lock:
             if start >= 0:
                 job.finished[start] = job.hashed_to if end is None else end
@@ -284,15 +307,17 @@ class Engine:
         self.guard()
 
     def _fetch(self, job: _FileJob, start: int, end: int | None) -> None:
-        offset = start
         attempt = 0
         source = self.source
         crc_update = job.crc_update if job.combined else None
-        crc = 0  # this chunk's CRC so far (resumed along with ``offset`` after a failure)
+        # Where this range starts, and its CRC so far (resumed along with ``offset`` after a
+        # failure): past the prefix a previous owner left, if any.
+        offset, crc = self._resume_point(job, start)
         while True:
             watch = self.stalls.watch()
             try:
-                for block in watch.blocks(source.read(job.file, offset, end), job.file.path):
+                blocks = source.read(job.file, offset, end) if end is None or offset < end else ()
+                for block in watch.blocks(blocks, job.file.path):
                     if self.cancel.is_set():
                         raise Cancelled()
                     size = len(block)
@@ -312,6 +337,7 @@ class Engine:
                         job.hashed_to = offset + size
                     offset += size
                     self.progress.transferred(size)
+                    self._note(job, start, offset)
                 expected_end = end if end is not None else job.file.size
                 if expected_end is not None and offset < expected_end:
                     raise TransientError(
@@ -365,6 +391,46 @@ class Engine:
                 )
                 if self.cancel.wait(delay):
                     raise Cancelled() from exc
+
+    def _resume_point(self, job: _FileJob, start: int) -> tuple[int, int]:
+        """Where the range at ``start`` continues, and its CRC so far. A kept prefix is read
+        back from disk into the range's CRC, or into the file's hash when the file is one
+        range (chunks hashed in order are read back when they finish anyway), so what is
+        verified is the bytes on disk, never the journal's word."""
+        kept = job.prefix.pop(start, None)
+        if kept is None or job.fd < 0:
+            return start, 0
+        crc = 0
+        crc_update = job.crc_update
+
+        def update(block: bytes) -> None:
+            nonlocal crc
+            if job.combined and crc_update is not None:
+                crc = crc_update(block, crc)
+            elif job.inline_hash and job.hasher is not None:
+                job.hasher.update(block)
+                if job.sha256 is not None:
+                    job.sha256.update(block)
+
+        if not job.combined and not job.inline_hash:
+            return kept, 0
+        reached = resume.read_back(job.fd, start, kept, update)
+        if job.inline_hash:
+            job.hashed_to = reached
+        return reached, crc
+
+    def _note(self, job: _FileJob, start: int, offset: int) -> None:
+        """Bytes up to ``offset`` of the range at ``start`` are written: journal them once
+        they are durable (resume.Checkpointer), so a new owner continues from there. Call
+        it only once the bytes were handed to the kernel (the write returned), never for
+        bytes still buffered in the process."""
+        if self._checkpoints is not None and self.ranged and job.file.size is not None:
+            self._checkpoints.note(job.path, job.file.path, start, offset)
+
+    def _settle(self, job: _FileJob, start: int) -> None:
+        """A chunk is complete: wait until its progress is journalled before the next one."""
+        if self._checkpoints is not None and self.ranged:
+            self._checkpoints.settle(job.file.path, start)
 
     def _hash_in_order(self, job: _FileJob) -> None:
         """Hash every chunk that is now contiguous with what was hashed (job.lock held); for a
@@ -444,6 +510,7 @@ class Engine:
                 job.finished.clear()
                 job.crcs.clear()
                 job.resumed = set()
+                job.prefix.clear()
                 job.remaining = len(job.chunks)
                 return job
             raise IntegrityError(f"{job.file.path} failed verification: {problem}")

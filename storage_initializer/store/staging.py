@@ -1,9 +1,10 @@
 """Private staging: where a download happens before anything becomes visible.
 
 Each owner writes below ``<state>/staging/<owner>/data`` on the same filesystem as the entry,
-so that commit is a rename. Every file that passed verification is appended to a journal; a new
-owner that takes over adopts the most recent orphaned staging area of the same source version
-and keeps the verified files, so a killed download resumes instead of starting over.
+so that commit is a rename. Every file that passed verification is appended to a journal, and
+the ranges durably written so far to another (resume.py); a new owner that takes over adopts the
+most recent orphaned staging area of the same source version and keeps the verified files and
+the written ranges, so a killed download resumes instead of starting over.
 """
 
 from __future__ import annotations
@@ -127,9 +128,19 @@ class Staging:
         append_state_line(self._journal, line)
 
     def record_chunk(self, path: str, start: int, end: int) -> None:
-        """A chunk of a large file is on disk; a new owner need not fetch it again."""
-        line = json.dumps({"path": path, "start": start, "end": end}) + "\n"
-        append_state_line(self.dir / CHUNKS, line)
+        """Bytes ``[start, end)`` of ``path`` are durably on disk; a new owner need not fetch
+        them again."""
+        self.record_ranges([(path, start, end)])
+
+    def record_ranges(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Several ranges in one append (the checkpointer's round, see resume.py)."""
+        if not ranges:
+            return
+        lines = "".join(
+            json.dumps({"path": path, "start": start, "end": end}) + "\n"
+            for path, start, end in ranges
+        )
+        append_state_line(self.dir / CHUNKS, lines)
 
     def chunks(self) -> dict[str, set[tuple[int, int]]]:
         found: dict[str, set[tuple[int, int]]] = {}

@@ -82,7 +82,10 @@ class Fault:
     ``delay`` seconds: the server whose every read arrives in time but never finishes),
     ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
     to emulate an origin that ignores ranges), ``"gate"`` (hold the request until ``gate`` is
-    set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived).
+    set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived),
+    ``"hold"`` (forward, send the first ``hold_after`` bytes of the body, then hold the rest
+    until ``gate`` is set, at most ``gate_timeout`` seconds; ``held`` says how many responses
+    sent exactly that much and are holding: a client is then known to be mid-body).
     A request matches when ``method`` (if set) equals its method, ``path_contains`` (if set) is in
     its path, and ``predicate`` (if set) returns true. ``times``: only the first N matches are
     faulted (None: all); ``probability``: fault that fraction of matches (seeded, reproducible).
@@ -102,7 +105,10 @@ class Fault:
     strip_headers: tuple[str, ...] = ()
     gate: threading.Event | None = None
     gate_timeout: float = 60.0
+    hold_after: int = 0
     seed: int = 0
+    #: How many responses of a ``"hold"`` fault sent their ``hold_after`` bytes and wait.
+    held: int = 0
     #: How many requests this fault has hit so far.
     hits: int = 0
     _random: random.Random = field(default_factory=random.Random, repr=False)
@@ -216,6 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self, record: RequestRecord, body: bytes, fault: Fault | None) -> None:
         proxy = self.server.proxy
         truncate = fault if fault is not None and fault.kind in ("truncate", "trickle") else None
+        hold = fault if fault is not None and fault.kind == "hold" else None
         stripped = (
             {h.lower() for h in fault.strip_headers} if fault and fault.kind == "strip" else set()
         )
@@ -264,6 +271,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if want <= 0 and truncate is not None and truncate.kind == "trickle":
                     self._trickle(record, response, truncate.delay)
                     return
+                if hold is not None and sent < hold.hold_after:
+                    want = min(want, hold.hold_after - sent)
+                elif hold is not None:
+                    self.wfile.flush()
+                    proxy._hold(hold)
+                    hold = None
+                    continue
                 if want <= 0:
                     # Cut off: the client announced Content-Length will never be reached.
                     self.close_connection = True
@@ -399,6 +413,13 @@ class CountingProxy:
     def _record(self, record: RequestRecord) -> None:
         with self._lock:
             self._requests.append(record)
+
+    def _hold(self, fault: Fault) -> None:
+        """A ``"hold"`` response sent its first bytes: say so, and wait for the test."""
+        with self._lock:
+            fault.held += 1
+        if fault.gate is not None:
+            fault.gate.wait(fault.gate_timeout)
 
     def _add_bytes(self, record: RequestRecord, size: int) -> None:
         with self._lock:
