@@ -170,6 +170,13 @@ class SessionPool:
         self._local = threading.local()
 
 
+def backoff_delay(error: BaseException, attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: the server's Retry-After carried by
+    ``error``, else 1 s, 2 s, 4 s...; at most MAX_METADATA_DELAY."""
+    asked = getattr(error, "retry_after", None)
+    return min(asked if asked is not None else 0.5 * 2**attempt, MAX_METADATA_DELAY)
+
+
 def with_backoff(
     call: Callable[[], T],
     attempts: int,
@@ -186,8 +193,7 @@ def with_backoff(
                 if give_up is None:
                     raise
                 raise give_up(error, attempt) from None
-            delay = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
-            delay = min(delay, MAX_METADATA_DELAY)
+            delay = backoff_delay(error, attempt)
             log.info("%s; retrying in %.1fs", error, delay)
             time.sleep(delay)  # backoff between real attempts, not test synchronisation
     raise AssertionError("unreachable")

@@ -465,12 +465,7 @@ class OciSource(Source):
                 if attempt == ATTEMPTS:
                     raise
                 log.warning("%s; retrying the layer (attempt %d of %d)", exc, attempt + 1, ATTEMPTS)
-                asked = getattr(exc, "retry_after", None)  # the registry's Retry-After first
-                time.sleep(
-                    min(10.0, 0.5 * 2**attempt)
-                    if asked is None
-                    else min(asked, httpcommon.MAX_METADATA_DELAY)
-                )
+                time.sleep(httpcommon.backoff_delay(exc, attempt))  # the registry's Retry-After
         for path, opaque in whiteouts:
             tree.remove(path, below_only=opaque)
         for path, node in entries:
