@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from storage_initializer.redact import redact
 from storage_initializer.settings import Settings
 from tests.helpers import clean_env, cli_argv, pattern, run, start_all, wait_all
 from tests.servers.nginx import make_certificate
+from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.webhdfs import WebHdfs, start_webhdfs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -477,6 +479,29 @@ def test_error_mapping(
         b"".join(src.read(item))
     assert b"".join(src.read(item)) == b"joblib bytes"  # and then it recovers
     src.close()
+
+
+def test_a_429_carries_the_retry_after_in_both_forms(
+    server: WebHdfs, hdfs_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A throttling gateway in front of the namenode: its Retry-After reaches the engine's
+    backoff (it was dropped before the shared HTTP layer)."""
+    with CountingProxy(server.namenode) as proxy:
+        monkeypatch.setenv("HDFS_SECRET_DIR", str(secret_dir(tmp_path / "proxied", proxy.url)))
+        proxy.set_faults(Fault(status=429, headers={"Retry-After": "7"}, times=1))
+        with pytest.raises(TransientError) as caught:
+            source("hdfs://models/single").list()
+        assert caught.value.retry_after == 7.0
+        assert "hdfs://models/single" in str(caught.value)
+        src = source("hdfs://models/single/model.joblib")
+        [item] = src.list().files
+        past = formatdate(0, usegmt=True)  # an HTTP-date already past: retry now
+        proxy.set_faults(Fault(status=503, headers={"Retry-After": past}, times=1))
+        with pytest.raises(TransientError) as caught:
+            b"".join(src.read(item))
+        assert caught.value.retry_after == 0.0
+        assert b"".join(src.read(item)) == b"joblib bytes"
+        src.close()
 
 
 def test_short_body_is_transient(server: WebHdfs, hdfs_env: dict) -> None:

@@ -29,6 +29,7 @@ from storage_initializer.errors import (
     IntegrityError,
     NotFoundError,
     SourceError,
+    TransientError,
     UsageError,
 )
 from storage_initializer.paths import UnsafePathError
@@ -48,7 +49,7 @@ from tests.helpers import (
     tree_digest,
     wait_all,
 )
-from tests.servers.proxy import CountingProxy
+from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -366,6 +367,27 @@ def test_cli_pull_end_to_end(registry: Registry, tmp: Path) -> None:
     assert again.returncode == 0 and again.outcome() == "complete"
     missing = cli("pull", f"oci://{registry.host}/{repo}:nope", tmp / "x", env=env)
     assert missing.returncode == 1 and "MANIFEST_UNKNOWN" in missing.last_line
+
+
+def test_a_throttled_registry_is_asked_again_after_its_retry_after(registry: Registry) -> None:
+    """429 with Retry-After from a throttling proxy in front of the registry: the manifest is
+    asked again (it was not retried before the shared HTTP layer), a layer is retried by the
+    layer loop, and the Retry-After the registry gave is carried by the last error."""
+    repo, salt = unique_repo(), secrets.token_hex(4)
+    registry.push_image(repo, "v1", modelcar(salt))
+    with CountingProxy(registry.url) as proxy:
+        uri = f"oci://{proxy.url.split('://', 1)[1].rstrip('/')}/{repo}:v1"
+        throttle = {"status": 429, "headers": {"Retry-After": "0"}}
+        proxy.set_faults(Fault(**throttle, path_contains="/manifests/", times=1))
+        assert fetch(uri)[1] == expected(salt)
+        assert proxy.count(method="GET", path_contains="/manifests/") == 2
+        proxy.reset()
+        proxy.set_faults(Fault(**throttle, path_contains="/blobs/"))
+        with pytest.raises(TransientError) as caught:
+            fetch(uri)
+        assert caught.value.retry_after == 0.0
+        assert "429" in str(caught.value) and repo in str(caught.value)
+        assert len(proxy.select(method="GET", path_contains="/blobs/")) == 3  # ATTEMPTS
 
 
 def test_eight_replicas_fetch_each_blob_once(registry: Registry, tmp: Path) -> None:

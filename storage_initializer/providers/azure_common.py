@@ -28,6 +28,7 @@ from storage_initializer.errors import (
     TransientError,
     UsageError,
 )
+from storage_initializer.providers import httpcommon
 from storage_initializer.redact import redact, register_secret
 from storage_initializer.uri import SourceUri
 
@@ -285,13 +286,7 @@ def _error_code(exc: Any) -> str:
 
 
 def _retry_after(exc: Any) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return httpcommon.retry_after(getattr(getattr(exc, "response", None), "headers", None))
 
 
 def translate(

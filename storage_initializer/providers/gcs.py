@@ -55,6 +55,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.redact import redact
 
@@ -210,16 +211,6 @@ def _listing_retry() -> Retry:
         return isinstance(exc, _RETRYABLE_ERRORS)
 
     return Retry(predicate=retryable, initial=0.25, maximum=8.0, timeout=LIST_RETRY_DEADLINE)
-
-
-def _retry_after(headers: Any) -> float | None:
-    value = (headers or {}).get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def _error_message(body: bytes) -> str:
@@ -489,7 +480,7 @@ class GcsSource(Source):
         if status in _TRANSIENT_STATUS:
             return TransientError(
                 f"{where}: GCS is overloaded or failing: {detail}",
-                retry_after=_retry_after(response.headers),
+                retry_after=httpcommon.retry_after(response.headers),
             )
         if status in (401, 403):
             return self._denied(where, detail)
@@ -567,7 +558,7 @@ class GcsSource(Source):
             headers = getattr(getattr(exc, "response", None), "headers", None)
             return TransientError(
                 f"{where}: GCS is overloaded or failing{retried}: {detail}",
-                retry_after=_retry_after(headers),
+                retry_after=httpcommon.retry_after(headers),
             )
         if status in (401, 403):
             return self._denied(where, detail)

@@ -44,16 +44,14 @@ import logging
 import os
 import posixpath
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from storage_initializer import __version__, tls
+from storage_initializer import tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
@@ -64,6 +62,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.redact import register_secret
 
@@ -273,9 +272,7 @@ class HdfsSource(Source):
         self._relative = uri_path(uri.raw)
         self._path: str | None = None
         self._active = 0  # index of the namenode that answered last
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
+        self._sessions = httpcommon.SessionPool(self._configure)
 
     # -- sessions and TLS ---------------------------------------------------------------------
 
@@ -291,35 +288,22 @@ class HdfsSource(Source):
             return self.config.tls_ca
         return tls.requests_verify()
 
+    def _configure(self, session: requests.Session) -> None:
+        session.headers.update(self.config.headers)
+        if self.config.tls_cert:
+            session.cert = (
+                (self.config.tls_cert, self.config.tls_key)
+                if self.config.tls_key
+                else self.config.tls_cert
+            )
+        if self._auth is not None:
+            session.auth = self._auth
+
     def _session(self) -> requests.Session:
-        """One session per thread: requests does not promise a shared session is thread-safe."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = f"storage-initializer/{__version__}"
-            session.headers.update(self.config.headers)
-            if self.config.tls_cert:
-                session.cert = (
-                    (self.config.tls_cert, self.config.tls_key)
-                    if self.config.tls_key
-                    else self.config.tls_cert
-                )
-            if self._auth is not None:
-                session.auth = self._auth
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        return self._sessions.get()
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+        self._sessions.close()
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -386,7 +370,10 @@ class HdfsSource(Source):
         detail += f": {message}" if message else ""
         where = f"{self.uri.redacted}: {what}"
         if exception in RETRIABLE_EXCEPTIONS:
-            return TransientError(f"{where}: the namenode answered {detail}")
+            return TransientError(
+                f"{where}: the namenode answered {detail}",
+                retry_after=httpcommon.retry_after(response.headers),
+            )
         if exception in NOT_FOUND_EXCEPTIONS or (status == 404 and not exception):
             hint = "Check the path: the URI's part after the scheme is the HDFS path"
             first = self._relative.split("/", 1)[0]
@@ -403,8 +390,10 @@ class HdfsSource(Source):
                 "and the HDFS permissions of the path",
             )
         if status == 429 or status >= 500:
-            return TransientError(f"{where}: {detail}")
-        return SourceError(f"{where}: unexpected answer {detail}")
+            message = f"{where}: {detail}"
+        else:
+            message = f"{where}: unexpected answer {detail}"
+        return httpcommon.status_error(response, message) or SourceError(message)
 
     def _unreachable(self, exc: Exception, namenodes: list[str]) -> SourceError:
         if isinstance(exc, requests.exceptions.SSLError):

@@ -26,17 +26,14 @@ import logging
 import os
 import re
 import tempfile
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, unquote
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from storage_initializer import __version__, tls
+from storage_initializer import tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
@@ -47,6 +44,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import (
     Listing,
     RemoteFile,
@@ -68,7 +66,6 @@ DEFAULT_REVISION = "main"
 #: Bytes per yielded block: bounds memory per worker whatever the chunk size.
 #: Attempts for the metadata calls, which the engine does not retry (list() runs once).
 METADATA_ATTEMPTS = 3
-MAX_RETRY_AFTER = 30.0
 #: Repository kinds the URI may name with a prefix, as in huggingface_hub's ``hf://`` paths.
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -192,16 +189,6 @@ def _connect_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, min(float(value), MAX_RETRY_AFTER))
-    except ValueError:
-        return None
-
-
 class HfSource(Source):
     """A Hub repository at one commit, read with parallel ranged GETs."""
 
@@ -225,9 +212,7 @@ class HfSource(Source):
         self.commit: str | None = None
         self._connect_timeout = 10.0
         self._read_timeout = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or 30)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
+        self._sessions = httpcommon.SessionPool(self._configure)
         #: Set when serving from huggingface_hub's cache (offline): the snapshot directory.
         self._snapshot_dir: str | None = None
 
@@ -275,31 +260,18 @@ class HfSource(Source):
         kind = "" if self.ref.repo_type == "model" else f"{self.ref.repo_type}s/"
         return f"{self.endpoint}/{kind}{self.ref.repo_id}/resolve"
 
+    def _configure(self, session: requests.Session) -> None:
+        session.headers["Accept-Encoding"] = "identity"  # sizes and ranges are of raw bytes
+        if self.token:
+            # A session-level header is removed by requests on a redirect to another host
+            # (Session.rebuild_auth), so the token never reaches the CDN.
+            session.headers["Authorization"] = f"Bearer {self.token}"
+
     def _session(self) -> requests.Session:
-        """One session per thread: requests does not promise a shared session is thread-safe."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = f"storage-initializer/{__version__}"
-            session.headers["Accept-Encoding"] = "identity"  # sizes and ranges are of raw bytes
-            if self.token:
-                # A session-level header is removed by requests on a redirect to another host
-                # (Session.rebuild_auth), so the token never reaches the CDN.
-                session.headers["Authorization"] = f"Bearer {self.token}"
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
+        return self._sessions.get()
 
     def close(self) -> None:
-        with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+        self._sessions.close()
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -349,16 +321,16 @@ class HfSource(Source):
             if code == "EntryNotFound":
                 return NotFoundError(f"{where}: not found at commit {self.commit or '?'}")
             return NotFoundError(f"{where}: repository {self.ref.repo_id} not found (HTTP 404)")
-        if status == 429 or status >= 500:
-            return TransientError(
-                f"{where}: the Hub is rate-limiting requests (HTTP 429)"
-                if status == 429
-                else f"{where}: the Hub answered HTTP {status}",
-                retry_after=_retry_after(response),
-            )
-        if status == 416:
-            return SourceError(f"{where}: range not satisfiable (HTTP 416): the file changed?")
-        return SourceError(f"{where}: unexpected HTTP {status} from the Hub")
+        if status == 429:
+            message = f"{where}: the Hub is rate-limiting requests (HTTP 429)"
+        elif status >= 500:
+            message = f"{where}: the Hub answered HTTP {status}"
+        elif status == 416:
+            message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
+        else:
+            message = f"{where}: unexpected HTTP {status} from the Hub"
+        error = httpcommon.status_error(response, message)
+        return error or SourceError(message)
 
     def _transport_error(self, exc: Exception, what: str) -> InitializerError:
         """A requests failure before any answer. The exception text may hold a URL but never
@@ -396,7 +368,7 @@ class HfSource(Source):
     def _get_api(
         self, url: str, what: str, params: Mapping[str, str] | None = None
     ) -> requests.Response:
-        for attempt in range(1, METADATA_ATTEMPTS + 1):
+        def attempt() -> requests.Response:
             try:
                 response = self._session().get(
                     url,
@@ -404,24 +376,22 @@ class HfSource(Source):
                     timeout=(self._connect_timeout, self._read_timeout),
                     verify=tls.requests_verify(),
                 )
-                if response.status_code == 200:
-                    return response
-                error: InitializerError = self._http_error(response, what)
             except requests.RequestException as exc:
-                error = self._transport_error(exc, what)
-            if not isinstance(error, TransientError):
-                raise error
-            if attempt == METADATA_ATTEMPTS:
-                raise TransientError(
-                    f"{error} (gave up after {attempt} attempt{'s' if attempt > 1 else ''})",
-                    error.hint
-                    or "The Hub kept refusing or failing; wait and run again (a token, HF_TOKEN, "
-                    "raises the Hub's rate limits)",
-                ) from None
-            delay = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
-            log.info("%s; retrying in %.1fs", error, delay)
-            time.sleep(delay)  # backoff between real attempts, not test synchronisation
-        raise AssertionError("unreachable")
+                raise self._transport_error(exc, what) from None
+            if response.status_code != 200:
+                raise self._http_error(response, what)
+            return response
+
+        return httpcommon.with_backoff(attempt, METADATA_ATTEMPTS, self._give_up)
+
+    @staticmethod
+    def _give_up(error: TransientError, attempts: int) -> TransientError:
+        return TransientError(
+            f"{error} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})",
+            error.hint
+            or "The Hub kept refusing or failing; wait and run again (a token, HF_TOKEN, "
+            "raises the Hub's rate limits)",
+        )
 
     def resolve_commit(self) -> str:
         """The commit the revision points at now (a commit sha is taken as it is)."""

@@ -18,7 +18,6 @@ import logging
 import os
 import posixpath
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -27,14 +26,12 @@ import requests
 
 from storage_initializer import tls
 from storage_initializer.errors import (
-    AccessDeniedError,
-    NotFoundError,
     SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
 )
-from storage_initializer.providers import http_pin, redirects
+from storage_initializer.providers import http_pin, httpcommon, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.redact import register_secret
 
@@ -44,34 +41,15 @@ BLOCK = 1 << 20
 TIMEOUT = (15, 60)
 PIN_RE = re.compile(r"^(sha256|md5|sha1)[=:]([0-9a-fA-F]+)$")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+_CREDENTIALS_HINT = (
+    "Provide credentials with the <hostname>-headers environment variable, or check them"
+)
+HINTS = {401: _CREDENTIALS_HINT, 403: _CREDENTIALS_HINT}
 
 
 def raise_for_status(response: requests.Response, what: str) -> None:
-    """Turn an HTTP error status into the error a user can act on."""
-    code = response.status_code
-    if code < 400:
-        return
-    if code in (401, 403):
-        raise AccessDeniedError(
-            f"{what}: the server answered {code} {response.reason}",
-            "Provide credentials with the <hostname>-headers environment variable, or check them",
-        )
-    if code in (404, 410):
-        raise NotFoundError(f"{what}: the server answered {code} {response.reason}")
-    if code == 429 or code >= 500:
-        raise TransientError(
-            f"{what}: the server answered {code} {response.reason}",
-            retry_after=_retry_after(response),
-        )
-    raise SourceError(f"{what}: the server answered {code} {response.reason}")
+    """Turn an HTTP error status into the error a user can act on (httpcommon's table)."""
+    httpcommon.raise_for_status(response, what, hints=HINTS)
 
 
 class HttpSource(Source):
@@ -101,7 +79,7 @@ class HttpSource(Source):
         self.private_headers = tuple(self.headers)
         self.headers["Accept-Encoding"] = "identity"
         self.verify = tls.requests_verify()
-        self._local = threading.local()
+        self._sessions = httpcommon.SessionPool(self._configure, pool_size=10)
         self.supports_ranges = False  # decided by list()
         #: A ranged read was answered with the whole file: never ask for ranges again.
         self._ranges_ignored = False
@@ -120,15 +98,16 @@ class HttpSource(Source):
             register_secret(str(value))
         return {str(k): str(v) for k, v in headers.items()}
 
+    def _configure(self, session: requests.Session) -> None:
+        session.headers.update(self.headers)
+        session.verify = self.verify
+
     @property
     def session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers.update(self.headers)
-            session.verify = self.verify
-            self._local.session = session
-        return session
+        return self._sessions.get()
+
+    def close(self) -> None:
+        self._sessions.close()
 
     def _request(self, method: str, headers: dict[str, str] | None = None) -> requests.Response:
         what = self.uri.redacted

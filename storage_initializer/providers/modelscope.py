@@ -34,17 +34,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from storage_initializer import __version__, tls
+from storage_initializer import tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
@@ -55,6 +52,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import (
     Listing,
     RemoteFile,
@@ -78,7 +76,6 @@ DEFAULT_REVISION = "master"
 #: REPO_FILES_TRUNCATION_LIMIT); a listing that long is walked directory by directory.
 TRUNCATION_LIMIT = 3000
 METADATA_ATTEMPTS = 3
-MAX_RETRY_AFTER = 30.0
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -134,14 +131,8 @@ def configured_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     return value.rstrip("/")
 
 
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, min(float(value), MAX_RETRY_AFTER))
-    except ValueError:
-        return None
+def _raw_bytes(session: requests.Session) -> None:
+    session.headers["Accept-Encoding"] = "identity"  # sizes and ranges of raw bytes
 
 
 class ModelScopeSource(Source):
@@ -166,27 +157,14 @@ class ModelScopeSource(Source):
             self.endpoints = [DEFAULT_ENDPOINT, INTL_ENDPOINT]
         self.endpoint = self.endpoints[0]
         self.commit: str | None = None
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
+        self._sessions = httpcommon.SessionPool(_raw_bytes)
 
     # -- sessions -----------------------------------------------------------------------------
 
     def _session(self) -> requests.Session:
         """One session per thread, without credentials: they are added per request to the Hub
         only, so that no redirect can carry them to the storage host."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = f"storage-initializer/{__version__}"
-            session.headers["Accept-Encoding"] = "identity"  # sizes and ranges of raw bytes
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        return self._sessions.get()
 
     def _hub_headers(self) -> dict[str, str]:
         if not self.token:
@@ -194,11 +172,7 @@ class ModelScopeSource(Source):
         return {"Authorization": f"Bearer {self.token}", "Cookie": f"m_session_id={self.token}"}
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+        self._sessions.close()
 
     @property
     def _api(self) -> str:
@@ -243,10 +217,12 @@ class ModelScopeSource(Source):
         if status == 404:
             return NotFoundError(f"{where}: not found ({detail})")
         if status == 429 or status >= 500:
-            return TransientError(f"{where}: {detail}", retry_after=_retry_after(response))
-        if status == 416:
-            return SourceError(f"{where}: range not satisfiable (HTTP 416): the file changed?")
-        return SourceError(f"{where}: unexpected answer {detail}")
+            message = f"{where}: {detail}"
+        elif status == 416:
+            message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
+        else:
+            message = f"{where}: unexpected answer {detail}"
+        return httpcommon.status_error(response, message) or SourceError(message)
 
     def _transport_error(self, exc: Exception, what: str) -> InitializerError:
         if isinstance(exc, requests.exceptions.SSLError):
@@ -261,7 +237,8 @@ class ModelScopeSource(Source):
     def _get_json(self, url: str, what: str, params: Mapping[str, str] | None = None) -> Any:
         """GET a Hub API URL and return its ``Data``, retrying transient failures a few times
         (list() runs once; the engine retries reads, not listings)."""
-        for attempt in range(1, METADATA_ATTEMPTS + 1):
+
+        def attempt() -> Any:
             try:
                 response = self._session().get(
                     url,
@@ -270,19 +247,13 @@ class ModelScopeSource(Source):
                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                     verify=tls.requests_verify(),
                 )
-                error: InitializerError | None = None
-                if response.status_code != 200:
-                    error = self._http_error(response, what)
             except requests.RequestException as exc:
-                error = self._transport_error(exc, what)
-            if error is None:
-                return self._data(response, what)
-            if not isinstance(error, TransientError) or attempt == METADATA_ATTEMPTS:
-                raise error
-            delay = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
-            log.info("%s; retrying in %.1fs", error, delay)
-            time.sleep(delay)  # backoff between real attempts, not test synchronisation
-        raise AssertionError("unreachable")
+                raise self._transport_error(exc, what) from None
+            if response.status_code != 200:
+                raise self._http_error(response, what)
+            return self._data(response, what)
+
+        return httpcommon.with_backoff(attempt, METADATA_ATTEMPTS)
 
     def _data(self, response: requests.Response, what: str) -> Any:
         """The ``Data`` of the Hub's envelope; ``Success: false`` in a 200 is an error too."""

@@ -75,6 +75,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import UnsafePathError, safe_relpath
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
 from storage_initializer.redact import register_secret
 
@@ -266,6 +267,10 @@ class _Tree:
             del self.nodes[name]
 
 
+def _verify(session: requests.Session) -> None:
+    session.verify = tls.requests_verify()
+
+
 class OciSource(Source):
     """The ``models/`` tree of an image's layers, extracted once into local scratch space."""
 
@@ -278,9 +283,7 @@ class OciSource(Source):
         insecure = os.environ.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes")
         self.base = f"{'http' if insecure else 'https'}://{self.ref.registry}/v2/"
         self.credentials = docker_credentials(self.ref.registry)
-        self.session = requests.Session()
-        self.session.verify = tls.requests_verify()
-        self.session.headers["User-Agent"] = "storage-initializer"
+        self._sessions = httpcommon.SessionPool(_verify)
         self._auth: str | None = None
         self._lock = threading.Lock()
         self._scratch: Path | None = None
@@ -289,7 +292,7 @@ class OciSource(Source):
 
     def _send(self, url: str, headers: Mapping[str, str], what: str) -> requests.Response:
         try:
-            return self.session.get(
+            return self._sessions.get().get(
                 url, headers=dict(headers), stream=True, timeout=TIMEOUT, allow_redirects=True
             )
         except requests.exceptions.SSLError as exc:
@@ -345,16 +348,15 @@ class OciSource(Source):
         url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
         auth = self.credentials
         try:
-            response = self.session.get(url, auth=auth, timeout=TIMEOUT)
+            response = self._sessions.get().get(url, auth=auth, timeout=TIMEOUT)
         except requests.exceptions.RequestException as exc:
             raise TransientError(f"{what}: the token service failed ({_reason(exc)})") from None
         with response:
             if response.status_code in (401, 403):
                 raise self._denied(what, response.status_code)
-            if response.status_code >= 500 or response.status_code == 429:
-                raise TransientError(f"{what}: the token service answered {response.status_code}")
             if response.status_code != 200:
-                raise SourceError(f"{what}: the token service answered {response.status_code}")
+                message = f"{what}: the token service answered {response.status_code}"
+                raise httpcommon.status_error(response, message) or SourceError(message)
             try:
                 body = response.json()
                 token = body.get("token") or body.get("access_token")
@@ -389,13 +391,16 @@ class OciSource(Source):
             raise self._denied(what, code)
         if code == 404:
             raise NotFoundError(f"{what}: not found in {self.ref.registry}{detail}")
-        if code == 429 or code >= 500:
-            raise TransientError(f"{what}: the registry answered {code}{detail}")
-        raise SourceError(f"{what}: the registry answered {code}{detail}")
+        message = f"{what}: the registry answered {code}{detail}"
+        raise httpcommon.status_error(response, message) or SourceError(message)
 
     # -- manifests ----------------------------------------------------------------------------
 
     def _manifest(self, reference: str) -> tuple[dict[str, Any], str]:
+        """The manifest, asked again on a transient failure (list() itself runs once)."""
+        return httpcommon.with_backoff(lambda: self._fetch_manifest(reference), ATTEMPTS)
+
+    def _fetch_manifest(self, reference: str) -> tuple[dict[str, Any], str]:
         what = f"{self.uri.redacted}: manifest {reference}"
         path = f"{self.ref.repository}/manifests/{reference}"
         response = self._get(path, {"Accept": ", ".join(MANIFEST_TYPES)}, what)
@@ -460,7 +465,7 @@ class OciSource(Source):
                 if attempt == ATTEMPTS:
                     raise
                 log.warning("%s; retrying the layer (attempt %d of %d)", exc, attempt + 1, ATTEMPTS)
-                time.sleep(min(10.0, 0.5 * 2**attempt))
+                time.sleep(httpcommon.backoff_delay(exc, attempt))  # the registry's Retry-After
         for path, opaque in whiteouts:
             tree.remove(path, below_only=opaque)
         for path, node in entries:
@@ -690,6 +695,7 @@ class OciSource(Source):
             ) from None
 
     def close(self) -> None:
+        self._sessions.close()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
