@@ -329,6 +329,39 @@ def marker_path(entry: Path) -> Path:
     return entry / STATE_DIR / "marker.json"
 
 
+# -- providers in process -------------------------------------------------------------------
+
+
+def read_all(
+    source: Any, file: Any, start: int = 0, end: int | None = None, *, chunk: int | None = None
+) -> bytes:
+    """Bytes ``[start, end)`` of ``file`` through ``source.read`` in one request, or, with
+    ``chunk``, the whole file read in ``chunk``-sized ranges reassembled in order (what the
+    engine's chunked reads do). One copy for every provider test."""
+    if chunk is None:
+        return b"".join(source.read(file, start, end))
+    assert file.size is not None, "chunked reads need a size"
+    return b"".join(
+        b"".join(source.read(file, offset, min(file.size, offset + chunk)))
+        for offset in range(0, file.size, chunk)
+    )
+
+
+def read_tree(source: Any, listing: Any) -> dict[str, bytes]:
+    """Relative path -> content of every file of ``listing``, each read whole."""
+    return {f.path: read_all(source, f) for f in listing.files}
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
 # -- archives ------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
+from tests.helpers import payload, read_all
 from tests.servers.gcs import (
     GcsServer,
     TokenServer,
@@ -103,22 +104,6 @@ def listing(uri: str) -> Listing:
 
 def paths(uri: str) -> dict[str, int | None]:
     return {f.path: f.size for f in listing(uri).files}
-
-
-def read_all(
-    source: gcsmod.GcsSource, file: RemoteFile, start: int = 0, end: int | None = None
-) -> bytes:
-    return b"".join(source.read(file, start, end))
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def media_path(bucket: str, name: str) -> str:

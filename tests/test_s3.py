@@ -32,6 +32,7 @@ from storage_initializer.providers import s3 as s3mod
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
+from tests.helpers import payload, read_all
 from tests.servers.proxy import CountingProxy, Fault, s3_error
 from tests.servers.s3 import SECRET_KEY, S3Server, free_port, s3_server
 
@@ -88,20 +89,6 @@ def listing(uri: str) -> Listing:
 
 def paths(uri: str) -> dict[str, int | None]:
     return {f.path: f.size for f in listing(uri).files}
-
-
-def read_all(source: s3mod.S3Source, file: RemoteFile, start: int = 0, end: int | None = None):
-    return b"".join(source.read(file, start, end))
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 # --------------------------------------------------------------------------- layout
