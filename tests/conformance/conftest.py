@@ -1,0 +1,358 @@
+"""One fixture, ``backend``, parametrized over every provider with a real local server.
+
+Each row is the backend's server (moto, fake-gcs-server, Azurite, nginx, the Hub server of
+tests/servers/hub.py) with the one counting, fault-injecting proxy (tests/servers/proxy.py) in
+front of it, and what the contract tests need to know about it:
+
+- :meth:`Backend.publish` uploads a file set and returns its URI for our provider, the path
+  fragment every download of its content contains (to aim faults at content reads only) and a
+  way to replace one file at the origin (for the version-pinning test);
+- :attr:`Backend.env`: the environment (endpoint through the proxy, credentials) for a child
+  process, and :meth:`Backend.use` puts it into this process for provider-level tests;
+- :meth:`Backend.error` builds the answer the *service* gives for a status (S3's XML
+  ``<Error>``, GCS's JSON, Azure's ``x-ms-error-code``, the Hub's ``X-Error-Code``), so the
+  proxy injects what each client really parses;
+- capabilities the contract depends on (``one_file``, ``pins``, ``statuses``) with the reason
+  when a backend lacks one: its tests are skipped with that reason, never passed silently.
+
+To add a backend, write a subclass and add its row to :data:`BACKENDS` (see
+docs/providers/adding-a-backend.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from tests.helpers import clean_env
+from tests.servers.azurite import Azurite, azurite
+from tests.servers.gcs import GcsServer, gcs_server
+from tests.servers.hub import HubServer, start_hub
+from tests.servers.nginx import Nginx
+from tests.servers.proxy import CountingProxy, Fault, s3_error
+from tests.servers.s3 import S3Server, s3_server
+
+__all__ = ["azurite", "gcs_server", "s3_server"]  # session fixtures, started only when asked
+
+
+@dataclass
+class Published:
+    """A file set at the origin, as our provider names it."""
+
+    uri: str
+    files: dict[str, bytes]
+    #: In the path of every GET of this set's content (and of no listing request).
+    content_path: str
+    #: Replace one file (by its relative path) at the origin, bypassing the proxy.
+    replace: Callable[[str, bytes], None]
+
+
+class Backend:
+    """A backend behind the proxy. Subclasses fill in the service-specific parts."""
+
+    name = ""
+    #: The URI names one file (plain HTTP): the contract's file set is one file.
+    one_file = False
+    #: What a read pinned to the listed version does once the file is replaced:
+    #: ``"refuses"`` (SourceChangedError) or ``"commit"`` (the listed commit is immutable, so
+    #: the read still returns the listed bytes).
+    pins = "refuses"
+    #: Requests per read attempt of ours (the SDK's own retries of an error status).
+    sdk_attempts = 1
+    #: Error statuses the service never answers, with the reason (their tests are skipped).
+    never_answers: ClassVar[Mapping[int, str]] = {}
+
+    def __init__(self, proxy: CountingProxy, env: dict[str, str]) -> None:
+        self.proxy = proxy
+        self.env = env
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        raise NotImplementedError
+
+    def missing_uri(self, published: Published) -> str:
+        """A URI of this backend's form that names nothing (next to ``published``)."""
+        raise NotImplementedError
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        """A proxy fault answering ``status`` the way the service does."""
+        raise NotImplementedError
+
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make this process's environment exactly the child's (``clean_env(self.env)``), for
+        providers opened in process."""
+        wanted = clean_env(self.env)
+        for name in list(os.environ):
+            if name not in wanted:
+                monkeypatch.delenv(name)
+        for name, value in wanted.items():
+            monkeypatch.setenv(name, value)
+
+
+def _headers(retry_after: str | None, **more: str) -> dict[str, str]:
+    return {**more, **({"Retry-After": retry_after} if retry_after is not None else {})}
+
+
+# -- S3 (moto) -----------------------------------------------------------------------------
+
+
+class S3(Backend):
+    name = "s3"
+    sdk_attempts = 2  # botocore retries once with S3_MAX_ATTEMPTS=1, as the stock initializer
+    never_answers: ClassVar[Mapping[int, str]] = {
+        401: "S3 answers bad keys and signatures with 403, never 401"
+    }
+    CODES: ClassVar[dict[int, str]] = {
+        401: "AccessDenied",
+        403: "AccessDenied",
+        404: "NoSuchKey",
+        429: "SlowDown",
+    }
+
+    def __init__(self, server: S3Server, proxy: CountingProxy) -> None:
+        env = {
+            **server.env(endpoint=proxy.url),
+            "S3_MAX_ATTEMPTS": "1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        super().__init__(proxy, env)
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        bucket = self.server.new_bucket({f"m/{k}": v for k, v in files.items()})
+        return Published(
+            f"s3://{bucket}/m",
+            dict(files),
+            f"/{bucket}/m/",
+            lambda path, data: self.server.upload(bucket, {f"m/{path}": data}),
+        )
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri.rsplit("/", 1)[0] + "/no-such-model"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        code = self.CODES.get(status, "InternalError")
+        headers = _headers(retry_after)
+        return s3_error(code, f"injected {status}", status=status, headers=headers, **match)
+
+
+# -- GCS (fake-gcs-server) ----------------------------------------------------------------
+
+
+class Gcs(Backend):
+    name = "gcs"
+    REASONS: ClassVar[dict[int, str]] = {
+        401: "required",
+        403: "forbidden",
+        404: "notFound",
+        429: "rateLimitExceeded",
+    }
+
+    def __init__(self, server: GcsServer, proxy: CountingProxy) -> None:
+        super().__init__(proxy, server.env(endpoint=proxy.url))
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        bucket = self.server.new_bucket({f"m/{k}": v for k, v in files.items()})
+        return Published(
+            f"gs://{bucket}/m",
+            dict(files),
+            f"/download/storage/v1/b/{bucket}/o/",
+            lambda path, data: self.server.upload(bucket, {f"m/{path}": data}),
+        )
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri.rsplit("/", 1)[0] + "/no-such-model"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        reason = self.REASONS.get(status, "backendError")
+        body = {"error": {"code": status, "message": f"injected {status}", "errors": [{}]}}
+        body["error"]["errors"][0]["reason"] = reason  # type: ignore[index]
+        headers = _headers(retry_after, **{"Content-Type": "application/json"})
+        return Fault(status=status, body=json.dumps(body).encode(), headers=headers, **match)  # type: ignore[arg-type]
+
+
+# -- Azure Blob (Azurite) -------------------------------------------------------------------
+
+
+class AzureBlob(Backend):
+    name = "azure-blob"
+    CODES: ClassVar[dict[int, str]] = {
+        401: "NoAuthenticationInformation",
+        403: "AuthorizationFailure",
+        404: "BlobNotFound",
+        429: "TooManyRequests",
+    }
+
+    def __init__(self, server: Azurite, proxy: CountingProxy) -> None:
+        super().__init__(proxy, server.env(endpoint=f"{proxy.url}/{server.account}"))
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        container = self.server.new_container_name("conform")
+        self.server.upload(container, {f"m/{k}": v for k, v in files.items()})
+        return Published(
+            self.server.uri(container, "m"),
+            dict(files),
+            f"/{container}/m/",
+            lambda path, data: self.server.upload(container, {f"m/{path}": data}),
+        )
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri.rsplit("/", 1)[0] + "/no-such-model"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        code = self.CODES.get(status, "InternalError")
+        body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code></Error>'
+        headers = _headers(
+            retry_after, **{"x-ms-error-code": code, "Content-Type": "application/xml"}
+        )
+        return Fault(status=status, body=body.encode(), headers=headers, **match)  # type: ignore[arg-type]
+
+
+# -- plain HTTP (nginx) ---------------------------------------------------------------------
+
+
+class Http(Backend):
+    name = "http"
+    one_file = True
+
+    def __init__(self, server: Nginx, proxy: CountingProxy) -> None:
+        super().__init__(proxy, {})
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        (name, data), *rest = files.items()
+        assert not rest, "an HTTP URI names one file"
+        folder = self.server.new_dir()
+        self.server.put(f"{folder}/{name}", data)
+        return Published(
+            f"{self.proxy.url}/{folder}/{name}", dict(files), f"/{folder}/", self._replacer(folder)
+        )
+
+    def _replacer(self, folder: str) -> Callable[[str, bytes], None]:
+        def replace(path: str, data: bytes) -> None:
+            """As an upload does: a new file renamed over the old one, with a later mtime
+            (nginx's ETag and Last-Modified are mtime and size)."""
+            target = self.server.docroot / folder / path
+            before = target.stat().st_mtime
+            fresh = target.with_name(target.name + ".upload")
+            fresh.write_bytes(data)
+            os.utime(fresh, (before + 10, before + 10))
+            os.replace(fresh, target)
+
+        return replace
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri.rsplit("/", 1)[0] + "/no-such-model.bin"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        more = {"Content-Type": "text/html"}
+        if status == 401:
+            more["WWW-Authenticate"] = 'Bearer realm="models"'
+        body = f"<html><body><h1>{status}</h1></body></html>".encode()
+        return Fault(status=status, body=body, headers=_headers(retry_after, **more), **match)  # type: ignore[arg-type]
+
+
+# -- the Hugging Face Hub -------------------------------------------------------------------
+
+
+class Hub(Backend):
+    name = "hf"
+    pins = "commit"
+
+    def __init__(self, server: HubServer, proxy: CountingProxy, home: Path) -> None:
+        super().__init__(proxy, {**server.env(home=str(home)), "HF_ENDPOINT": proxy.url})
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        # Regular (non-LFS) files: LFS content is redirected to the CDN host, past the proxy.
+        repo = self.server.add_repo(f"acme/conform-{uuid.uuid4().hex[:10]}")
+        repo.add_commit(dict(files))
+
+        def replace(path: str, data: bytes) -> None:
+            current = dict(repo.commits[repo.refs["main"]])
+            repo.add_commit({**{p: f.data for p, f in current.items()}, path: data})
+
+        return Published(f"hf://{repo.repo_id}", dict(files), f"/{repo.repo_id}/resolve/", replace)
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri + ":no-such-branch"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        codes = {401: "RepoNotFound", 403: "GatedRepo", 404: "EntryNotFound"}
+        more = {"Content-Type": "application/json"}
+        if status in codes:
+            more["X-Error-Code"] = codes[status]
+        body = json.dumps({"error": f"injected {status}"}).encode()
+        return Fault(status=status, body=body, headers=_headers(retry_after, **more), **match)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[HubServer]:
+    server = start_hub()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _s3(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: S3Server = request.getfixturevalue("s3_server")
+    return S3(server, proxy_for(server.endpoint))
+
+
+def _gcs(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: GcsServer = request.getfixturevalue("gcs_server")
+    return Gcs(server, proxy_for(server.endpoint))
+
+
+def _azure(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: Azurite = request.getfixturevalue("azurite")
+    return AzureBlob(server, proxy_for(f"http://127.0.0.1:{server.port}"))
+
+
+def _http(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: Nginx = request.getfixturevalue("nginx")
+    return Http(server, proxy_for(f"http://127.0.0.1:{server.http_port}"))
+
+
+def _hub(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: HubServer = request.getfixturevalue("hub_server")
+    home: Path = request.getfixturevalue("tmp_path") / "hf-home"
+    return Hub(server, proxy_for(server.url), home)
+
+
+#: One row per backend: how to build it from its (session-scoped) server and a fresh proxy.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingProxy]], Backend]] = {
+    "s3": _s3,
+    "gcs": _gcs,
+    "azure-blob": _azure,
+    "http": _http,
+    "hf": _hub,
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Each backend in turn, behind a fresh counting proxy (its server is started on first use
+    and shared by the session)."""
+    proxies: list[CountingProxy] = []
+
+    def proxy_for(upstream: str) -> CountingProxy:
+        proxies.append(CountingProxy(upstream).start())
+        return proxies[-1]
+
+    try:
+        yield BACKENDS[request.param](request, proxy_for)
+    finally:
+        for proxy in proxies:
+            proxy.stop()
