@@ -362,6 +362,38 @@ def payload(size: int, seed: int = 0) -> bytes:
     return bytes(out[:size])
 
 
+def listing(uri: str, **settings: Any) -> Any:
+    """The provider's listing of ``uri`` (opened with ``Settings(**settings)``, then closed)."""
+    from storage_initializer.providers import open_source
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import parse
+
+    source = open_source(parse(uri), Settings(**settings))
+    try:
+        return source.list()
+    finally:
+        source.close()
+
+
+def paths(uri: str) -> dict[str, int | None]:
+    """Relative path -> size of every file the provider lists for ``uri``."""
+    return {f.path: f.size for f in listing(uri).files}
+
+
+def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
+    """The argv of ``storage-initializer pull URI DEST EXTRA...``."""
+    return cli_argv("pull", uri, dest, *extra)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Relative path -> content of every file below ``root``, our state directory excluded."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and STATE_DIR not in p.relative_to(root).parts
+    }
+
+
 # -- archives ------------------------------------------------------------------------------
 
 
