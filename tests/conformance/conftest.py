@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import unquote
 
 import pytest
 
@@ -35,8 +36,9 @@ from tests.helpers import clean_env
 from tests.servers.azurite import Azurite, azurite
 from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hub import HubServer, start_hub
+from tests.servers.modelscope_hub import ModelScopeHub, start_modelscope_hub
 from tests.servers.nginx import Nginx
-from tests.servers.proxy import CountingProxy, Fault, s3_error
+from tests.servers.proxy import CountingProxy, Fault, RequestRecord, s3_error
 from tests.servers.s3 import S3Server, s3_server
 
 __all__ = ["azurite", "gcs_server", "s3_server"]  # session fixtures, started only when asked
@@ -52,6 +54,19 @@ class Published:
     content_path: str
     #: Replace one file (by its relative path) at the origin, bypassing the proxy.
     replace: Callable[[str, bytes], None]
+    #: Where the path alone cannot tell a content read (ModelScope: ``.../repo?FilePath=``).
+    content_query: str = ""
+
+    def reads(self, record: RequestRecord) -> bool:
+        """A proxy predicate: ``record`` reads content of this set (not a listing)."""
+        if self.content_query:
+            return record.path.endswith(self.content_path) and self.content_query in record.query
+        return self.content_path in record.path
+
+    def reads_file(self, path: str) -> Callable[[RequestRecord], bool]:
+        """A proxy predicate: reads of the file ``path`` only."""
+        name = path.rsplit("/", 1)[-1]
+        return lambda record: self.reads(record) and name in unquote(record.path + record.query)
 
 
 class Backend:
@@ -62,7 +77,7 @@ class Backend:
     one_file = False
     #: What a read pinned to the listed version does once the file is replaced:
     #: ``"refuses"`` (SourceChangedError) or ``"commit"`` (the listed commit is immutable, so
-    #: the read still returns the listed bytes).
+    #: the read still returns the listed bytes), or the reason it cannot pin (skipped).
     pins = "refuses"
     #: Requests per read attempt of ours (the SDK's own retries of an error status).
     sdk_attempts = 1
@@ -305,6 +320,62 @@ def hub_server() -> Iterator[HubServer]:
         server.stop()
 
 
+# -- ModelScope -----------------------------------------------------------------------------
+
+
+class ModelScope(Backend):
+    name = "modelscope"
+    pins = (
+        "ModelScope downloads address the revision by name (its download endpoint is not "
+        "documented to take a commit id): a branch moved mid-pull is caught by the listing's "
+        "sha256 after the read, not refused by it (providers/modelscope.py)"
+    )
+
+    def __init__(self, server: ModelScopeHub, proxy: CountingProxy) -> None:
+        super().__init__(proxy, {**server.env(), "MODELSCOPE_ENDPOINT": proxy.url})
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        # Regular files: LFS content is redirected to the object-storage host, past the proxy.
+        repo = self.server.add_repo(f"acme/conform-{uuid.uuid4().hex[:10]}")
+        repo.add_commit(dict(files))
+
+        def replace(path: str, data: bytes) -> None:
+            current = repo.commits[repo.branches["master"]]
+            repo.add_commit({**{p: f.data for p, f in current.items()}, path: data})
+
+        return Published(
+            f"modelscope://{repo.repo_id}",
+            dict(files),
+            f"/api/v1/models/{repo.repo_id}/repo",
+            replace,
+            content_query="FilePath=",
+        )
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri + ":no-such-branch"
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        body = {"Code": status, "Message": f"injected {status}", "RequestId": "proxy"}
+        more = {"Content-Type": "application/json"}
+        body["Success"] = False  # type: ignore[assignment]
+        return Fault(
+            status=status,
+            body=json.dumps(body).encode(),
+            headers=_headers(retry_after, **more),
+            **match,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(scope="session")
+def modelscope_server() -> Iterator[ModelScopeHub]:
+    server = start_modelscope_hub()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def _s3(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
     server: S3Server = request.getfixturevalue("s3_server")
     return S3(server, proxy_for(server.endpoint))
@@ -331,6 +402,13 @@ def _hub(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProx
     return Hub(server, proxy_for(server.url), home)
 
 
+def _modelscope(
+    request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]
+) -> Backend:
+    server: ModelScopeHub = request.getfixturevalue("modelscope_server")
+    return ModelScope(server, proxy_for(server.url))
+
+
 #: One row per backend: how to build it from its (session-scoped) server and a fresh proxy.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingProxy]], Backend]] = {
     "s3": _s3,
@@ -338,6 +416,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingPro
     "azure-blob": _azure,
     "http": _http,
     "hf": _hub,
+    "modelscope": _modelscope,
 }
 
 
