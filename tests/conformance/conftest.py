@@ -21,6 +21,7 @@ docs/providers/adding-a-backend.md).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import uuid
@@ -99,6 +100,14 @@ class Backend:
         """A proxy fault answering ``status`` the way the service does."""
         raise NotImplementedError
 
+    #: Why the local server cannot be made to refuse a client (its real-denial test is skipped).
+    cannot_deny = ""
+
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """A URI and environment the *server itself* refuses (no proxy fault): a private
+        location without the credential, or a wrong key."""
+        raise NotImplementedError
+
     def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Make this process's environment exactly the child's (``clean_env(self.env)``), for
         providers opened in process."""
@@ -150,6 +159,8 @@ class S3(Backend):
             lambda path, data: self.server.upload(bucket, {f"m/{path}": data}),
         )
 
+    cannot_deny = "moto accepts any credentials and has no bucket policies enforced"
+
     def missing_uri(self, published: Published) -> str:
         return published.uri.rsplit("/", 1)[0] + "/no-such-model"
 
@@ -164,6 +175,7 @@ class S3(Backend):
 
 class Gcs(Backend):
     name = "gcs"
+    cannot_deny = "fake-gcs-server checks no credentials"
     REASONS: ClassVar[dict[int, str]] = {
         401: "required",
         403: "forbidden",
@@ -224,6 +236,11 @@ class AzureBlob(Backend):
     def missing_uri(self, published: Published) -> str:
         return published.uri.rsplit("/", 1)[0] + "/no-such-model"
 
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """Azurite refuses a request signed with another account key (403)."""
+        wrong = base64.b64encode(b"not-the-account-key-" * 3).decode()
+        return self.publish(files).uri, {**self.env, "AZURE_STORAGE_ACCESS_KEY": wrong}
+
     def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
         code = self.CODES.get(status, "InternalError")
         body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code></Error>'
@@ -269,6 +286,13 @@ class Http(Backend):
     def missing_uri(self, published: Published) -> str:
         return published.uri.rsplit("/", 1)[0] + "/no-such-model.bin"
 
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """nginx's ``/private/`` location answers 401 without its bearer token."""
+        published = self.publish(files)
+        folder = published.content_path.strip("/")
+        name = next(iter(files))
+        return f"{self.proxy.url}/private/{folder}/{name}", self.env
+
     def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
         more = {"Content-Type": "text/html"}
         if status == 401:
@@ -301,6 +325,12 @@ class Hub(Backend):
 
     def missing_uri(self, published: Published) -> str:
         return published.uri + ":no-such-branch"
+
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """A private repository read without a token: the Hub answers 401."""
+        repo = self.server.add_repo(f"acme/private-{uuid.uuid4().hex[:10]}", readers=("hf_x",))
+        repo.add_commit(dict(files))
+        return f"hf://{repo.repo_id}", self.env
 
     def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
         codes = {401: "RepoNotFound", 403: "GatedRepo", 404: "EntryNotFound"}
@@ -354,6 +384,12 @@ class ModelScope(Backend):
 
     def missing_uri(self, published: Published) -> str:
         return published.uri + ":no-such-branch"
+
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """A private model read without a token: the Hub answers 401."""
+        repo = self.server.add_repo(f"acme/private-{uuid.uuid4().hex[:10]}", readers=("ms_x",))
+        repo.add_commit(dict(files))
+        return f"modelscope://{repo.repo_id}", self.env
 
     def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
         body = {"Code": status, "Message": f"injected {status}", "RequestId": "proxy"}

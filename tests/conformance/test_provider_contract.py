@@ -205,6 +205,29 @@ def test_denied_read_fails_the_pull_naming_the_uri(
     assert per_path and max(per_path.values()) <= backend.sdk_attempts, per_path
 
 
+def test_server_that_refuses_is_access_denied(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server itself refuses (a private location, a wrong key; no proxy fault): the
+    provider raises AccessDeniedError, and the pull exits 1 naming the URI."""
+    if backend.cannot_deny:
+        pytest.skip(f"{backend.name}: {backend.cannot_deny}")
+    uri, env = backend.denied(model(backend))
+    result = cli("pull", uri, tmp_path / "dest", env=clean_env(env, **PULL_ENV))
+    assert result.returncode == 1, result.describe()
+    assert uri in result.last_line, result.last_line
+    backend.use(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    source = open_source(parse(uri), Settings())
+    try:
+        with pytest.raises(AccessDeniedError):
+            source.list()
+    finally:
+        source.close()
+    assert backend.proxy.select(status=401) or backend.proxy.select(status=403)
+
+
 def test_throttled_read_is_transient_with_retry_after(
     backend: Backend, opened: tuple[Published, Source]
 ) -> None:
