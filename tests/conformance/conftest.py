@@ -358,7 +358,8 @@ class ModelScope(Backend):
     pins = (
         "ModelScope downloads address the revision by name (its download endpoint is not "
         "documented to take a commit id): a branch moved mid-pull is caught by the listing's "
-        "sha256 after the read, not refused by it (providers/modelscope.py)"
+        "sha256 after the read, and fails the pull, instead of being refused by the read and "
+        "listed again (providers/modelscope.py)"
     )
 
     def __init__(self, server: ModelScopeHub, proxy: CountingProxy) -> None:

@@ -27,7 +27,7 @@ from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.conformance.conftest import Backend, Published
 from tests.helpers import clean_env, cli, digests, payload, read_all, tree_digest
-from tests.servers.proxy import Fault
+from tests.servers.proxy import Fault, RequestRecord
 
 #: Big enough for several proxy blocks (64 KiB) and a cut mid-body; small enough to be quick.
 BIG = 300_000
@@ -287,3 +287,31 @@ def test_read_after_replacement_is_pinned_to_the_listed_version(
         return
     with pytest.raises(SourceChangedError):
         read_all(source, file, 10, 20)
+
+
+def test_file_replaced_mid_pull_ends_as_one_version(backend: Backend, tmp_path: Path) -> None:
+    """The big file is replaced at the origin just before its first read reaches the server:
+    the pull succeeds with one whole version of it: the new one (a refused read makes the pull
+    list again) or, commit-pinned, the listed one; never a failure or a mix."""
+    if backend.pins not in ("refuses", "commit"):
+        pytest.skip(f"{backend.name}: {backend.pins}")
+    published = backend.publish(model(backend))
+    path = big_path(published)
+    new = payload(len(published.files[path]), 3)
+    big = published.reads_file(path)
+    replaced: list[RequestRecord] = []
+
+    def replace_first_read(record: RequestRecord) -> bool:
+        if record.method == "GET" and big(record) and not replaced:
+            published.replace(path, new)
+            replaced.append(record)
+        return False  # never faulted: the request goes on to the changed origin
+
+    backend.proxy.set_faults(Fault(predicate=replace_first_read))
+    result = pull(backend, published.uri, tmp_path / "dest")
+    assert result.returncode == 0, result.describe()
+    assert replaced
+    expected = dict(published.files)
+    if backend.pins == "refuses":
+        expected[path] = new
+    assert tree_digest(tmp_path / "dest") == digests(expected)
