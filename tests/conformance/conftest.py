@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import unquote
 
 import pytest
@@ -41,6 +41,7 @@ from tests.servers.modelscope_hub import ModelScopeHub, start_modelscope_hub
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord, s3_error
 from tests.servers.s3 import S3Server, s3_server
+from tests.servers.webhdfs import PREFIX, WebHdfs, start_webhdfs
 
 __all__ = ["azurite", "gcs_server", "s3_server"]  # session fixtures, started only when asked
 
@@ -61,7 +62,7 @@ class Published:
     def reads(self, record: RequestRecord) -> bool:
         """A proxy predicate: ``record`` reads content of this set (not a listing)."""
         if self.content_query:
-            return record.path.endswith(self.content_path) and self.content_query in record.query
+            return self.content_path in record.path and self.content_query in record.query
         return self.content_path in record.path
 
     def reads_file(self, path: str) -> Callable[[RequestRecord], bool]:
@@ -82,6 +83,9 @@ class Backend:
     pins = "refuses"
     #: Requests per read attempt of ours (the SDK's own retries of an error status).
     sdk_attempts = 1
+    #: Contract clauses this provider is known to break (test id word -> why): those tests run
+    #: as strict xfail, so a fix shows up as XPASS and the entry must go.
+    known_bugs: ClassVar[Mapping[str, str]] = {}
     #: Error statuses the service never answers, with the reason (their tests are skipped).
     never_answers: ClassVar[Mapping[int, str]] = {}
 
@@ -413,6 +417,82 @@ def modelscope_server() -> Iterator[ModelScopeHub]:
         server.stop()
 
 
+# -- WebHDFS ----------------------------------------------------------------------------------
+
+
+class ProxyPair:
+    """Two counting proxies seen as one: WebHDFS's namenode answers metadata and redirects each
+    read to a datanode (another port), so each gets a proxy; faults apply to both, counts merge."""
+
+    def __init__(self, namenode: CountingProxy, datanode: CountingProxy) -> None:
+        self.pair = (namenode, datanode)
+        self.url = namenode.url
+
+    def set_faults(self, *faults: Fault) -> None:
+        for proxy in self.pair:
+            proxy.set_faults(*faults)
+
+    def select(self, **criteria: Any) -> list[RequestRecord]:
+        return [r for proxy in self.pair for r in proxy.select(**criteria)]
+
+    def count(self, **criteria: Any) -> int:
+        return len(self.select(**criteria))
+
+
+class WebHdfsBackend(Backend):
+    name = "webhdfs"
+    pins = "refuses"
+    known_bugs: ClassVar[Mapping[str, str]] = {
+        "retry-after": "providers/hdfs.py maps 429 to a TransientError without the answer's "
+        "Retry-After (a gateway such as Knox or HttpFS sends one); left to the unification "
+        "of the HTTP error mapping"
+    }
+    EXCEPTIONS: ClassVar[dict[int, str]] = {
+        401: "SecurityException",
+        403: "AccessControlException",
+        404: "FileNotFoundException",
+    }
+
+    def __init__(self, server: WebHdfs, proxy: ProxyPair, home: Path) -> None:
+        secrets = home / "hdfscreds"
+        secrets.mkdir(parents=True, exist_ok=True)
+        (secrets / "HDFS_NAMENODE").write_text(proxy.url)
+        env = {"HDFS_SECRET_DIR": str(secrets), "NO_PROXY": "127.0.0.1,localhost"}
+        super().__init__(proxy, env)  # type: ignore[arg-type]
+        self.server = server
+
+    def publish(self, files: Mapping[str, bytes]) -> Published:
+        root = f"conform-{uuid.uuid4().hex[:10]}"
+        self.server.put_tree(f"/{root}", files)
+        return Published(
+            f"hdfs://{root}",
+            dict(files),
+            f"{PREFIX}/{root}/",
+            lambda path, data: self.server.put(f"/{root}/{path}", data),
+            content_query="namenoderpcaddress=",  # the datanode's read, not the redirect
+        )
+
+    def missing_uri(self, published: Published) -> str:
+        return published.uri + "-no-such-model"
+
+    def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
+        """Hadoop's permission check: the directory readable by another user only (403)."""
+        published = self.publish(files)
+        self.server.restrict(published.uri.removeprefix("hdfs://"), ("someone-else",))
+        return published.uri, self.env
+
+    def error(self, status: int, retry_after: str | None = None, **match: object) -> Fault:
+        exception = self.EXCEPTIONS.get(status, "IOException")
+        body = {"RemoteException": {"exception": exception, "message": f"injected {status}"}}
+        more = {"Content-Type": "application/json"}
+        return Fault(
+            status=status,
+            body=json.dumps(body).encode(),
+            headers=_headers(retry_after, **more),
+            **match,  # type: ignore[arg-type]
+        )
+
+
 def _s3(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
     server: S3Server = request.getfixturevalue("s3_server")
     return S3(server, proxy_for(server.endpoint))
@@ -446,6 +526,16 @@ def _modelscope(
     return ModelScope(server, proxy_for(server.url))
 
 
+def _webhdfs(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server = start_webhdfs()  # per test: the datanode's address is pointed at its proxy
+    request.addfinalizer(server.stop)
+    namenode = proxy_for(f"http://127.0.0.1:{server.namenode_ports[0]}")
+    datanode = proxy_for(f"http://127.0.0.1:{server.datanode_port}")
+    server.datanode_port = int(datanode.url.rsplit(":", 1)[1])  # redirects go to the proxy
+    home: Path = request.getfixturevalue("tmp_path")
+    return WebHdfsBackend(server, ProxyPair(namenode, datanode), home)
+
+
 #: One row per backend: how to build it from its (session-scoped) server and a fresh proxy.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingProxy]], Backend]] = {
     "s3": _s3,
@@ -454,6 +544,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingPro
     "http": _http,
     "hf": _hub,
     "modelscope": _modelscope,
+    "webhdfs": _webhdfs,
 }
 
 

@@ -33,6 +33,8 @@ from tests.servers.proxy import Fault, RequestRecord
 BIG = 300_000
 #: Short retries for the end-to-end pulls: giving up, when it happens, is quick.
 PULL_ENV = {"STORAGE_INITIALIZER_RETRIES": "2"}
+#: Small chunks and one worker: a file's chunks are read in order, one at a time.
+CHUNKED = {"STORAGE_INITIALIZER_CHUNK_SIZE": "64KiB", "STORAGE_INITIALIZER_WORKERS": "1"}
 
 
 def model(backend: Backend) -> dict[str, bytes]:
@@ -66,6 +68,13 @@ def by_path(source: Source) -> dict[str, RemoteFile]:
 
 def pull(backend: Backend, uri: str, dest: Path):  # -> tests.helpers.Run
     return cli("pull", uri, dest, env=clean_env(backend.env, **PULL_ENV))
+
+
+def known_bug(request: pytest.FixtureRequest, backend: Backend, clause: str) -> None:
+    """Run the test as a strict xfail where ``backend`` is known to break ``clause``."""
+    if clause in backend.known_bugs:
+        reason = f"{backend.name}: {backend.known_bugs[clause]}"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
 
 
 def skip_unless_answered(backend: Backend, status: int) -> None:
@@ -229,8 +238,9 @@ def test_server_that_refuses_is_access_denied(
 
 
 def test_throttled_read_is_transient_with_retry_after(
-    backend: Backend, opened: tuple[Published, Source]
+    backend: Backend, opened: tuple[Published, Source], request: pytest.FixtureRequest
 ) -> None:
+    known_bug(request, backend, "retry-after")
     published, source = opened
     file = by_path(source)[big_path(published)]
     backend.proxy.set_faults(
@@ -241,9 +251,12 @@ def test_throttled_read_is_transient_with_retry_after(
     assert caught.value.retry_after == 3.0
 
 
-def test_throttled_read_is_retried_after_retry_after(backend: Backend, tmp_path: Path) -> None:
+def test_throttled_read_is_retried_after_retry_after(
+    backend: Backend, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The first content GET(s) answered 429 with ``Retry-After: 1``: the pull succeeds, the
     proxy saw the throttled request and the retry, and the engine's wait is the server's."""
+    known_bug(request, backend, "retry-after")
     published = backend.publish(model(backend))
     backend.proxy.set_faults(
         backend.error(
@@ -289,28 +302,31 @@ def test_read_after_replacement_is_pinned_to_the_listed_version(
         read_all(source, file, 10, 20)
 
 
-def test_file_replaced_mid_pull_ends_as_one_version(backend: Backend, tmp_path: Path) -> None:
-    """The big file is replaced at the origin just before its first read reaches the server:
-    the pull succeeds with one whole version of it: the new one (a refused read makes the pull
-    list again) or, commit-pinned, the listed one; never a failure or a mix."""
+def test_file_replaced_between_chunks_ends_as_one_version(backend: Backend, tmp_path: Path) -> None:
+    """The big file is read in 64 KiB chunks, one at a time, and replaced at the origin (same
+    size) just before its second chunk's read reaches the server: the pull succeeds with one
+    whole version of it: the new one (the read is refused, the pull lists again) or,
+    commit-pinned, the listed one; never a stitch of the two, which no size check can see."""
     if backend.pins not in ("refuses", "commit"):
         pytest.skip(f"{backend.name}: {backend.pins}")
     published = backend.publish(model(backend))
     path = big_path(published)
     new = payload(len(published.files[path]), 3)
     big = published.reads_file(path)
-    replaced: list[RequestRecord] = []
+    reads: list[RequestRecord] = []
 
-    def replace_first_read(record: RequestRecord) -> bool:
-        if record.method == "GET" and big(record) and not replaced:
-            published.replace(path, new)
-            replaced.append(record)
+    def replace_at_second_read(record: RequestRecord) -> bool:
+        if record.method == "GET" and big(record):
+            reads.append(record)
+            if len(reads) == 2:
+                published.replace(path, new)
         return False  # never faulted: the request goes on to the changed origin
 
-    backend.proxy.set_faults(Fault(predicate=replace_first_read))
-    result = pull(backend, published.uri, tmp_path / "dest")
+    backend.proxy.set_faults(Fault(predicate=replace_at_second_read))
+    env = clean_env(backend.env, **PULL_ENV, **CHUNKED)
+    result = cli("pull", published.uri, tmp_path / "dest", env=env)
     assert result.returncode == 0, result.describe()
-    assert replaced
+    assert len(reads) >= 2, "the file was not read in chunks"
     expected = dict(published.files)
     if backend.pins == "refuses":
         expected[path] = new
