@@ -25,7 +25,7 @@ from storage_initializer.providers import open_source
 from storage_initializer.providers.base import RemoteFile, Source
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
-from tests.conformance.conftest import Backend, Published
+from tests.conformance.backends import Backend, Published
 from tests.helpers import clean_env, cli, digests, payload, read_all, tree_digest
 from tests.servers.proxy import Fault, RequestRecord
 
