@@ -329,6 +329,71 @@ def marker_path(entry: Path) -> Path:
     return entry / STATE_DIR / "marker.json"
 
 
+# -- providers in process -------------------------------------------------------------------
+
+
+def read_all(
+    source: Any, file: Any, start: int = 0, end: int | None = None, *, chunk: int | None = None
+) -> bytes:
+    """Bytes ``[start, end)`` of ``file`` through ``source.read`` in one request, or, with
+    ``chunk``, the whole file read in ``chunk``-sized ranges reassembled in order (what the
+    engine's chunked reads do). One copy for every provider test."""
+    if chunk is None:
+        return b"".join(source.read(file, start, end))
+    assert file.size is not None, "chunked reads need a size"
+    return b"".join(
+        b"".join(source.read(file, offset, min(file.size, offset + chunk)))
+        for offset in range(0, file.size, chunk)
+    )
+
+
+def read_tree(source: Any, listing: Any) -> dict[str, bytes]:
+    """Relative path -> content of every file of ``listing``, each read whole."""
+    return {f.path: read_all(source, f) for f in listing.files}
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def listing(uri: str, **settings: Any) -> Any:
+    """The provider's listing of ``uri`` (opened with ``Settings(**settings)``, then closed)."""
+    from storage_initializer.providers import open_source
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import parse
+
+    source = open_source(parse(uri), Settings(**settings))
+    try:
+        return source.list()
+    finally:
+        source.close()
+
+
+def paths(uri: str) -> dict[str, int | None]:
+    """Relative path -> size of every file the provider lists for ``uri``."""
+    return {f.path: f.size for f in listing(uri).files}
+
+
+def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
+    """The argv of ``storage-initializer pull URI DEST EXTRA...``."""
+    return cli_argv("pull", uri, dest, *extra)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Relative path -> content of every file below ``root``, our state directory excluded."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and STATE_DIR not in p.relative_to(root).parts
+    }
+
+
 # -- archives ------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from storage_initializer.providers.azure_blob import AzureBlobSource
 from storage_initializer.providers.azure_file import AzureFileSource
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.settings import Settings
+from tests.helpers import read_tree
 from tests.servers import azurite as azurite_server
 from tests.servers.azure_files import ACCOUNT_KEY, FileShareServer
 from tests.servers.proxy import CountingProxy, Fault
@@ -148,10 +149,6 @@ def file_source(path: str) -> AzureFileSource:
     return source
 
 
-def read_all(source: AzureBlobSource | AzureFileSource, listing: Listing) -> dict[str, bytes]:
-    return {f.path: b"".join(source.read(f)) for f in listing.files}
-
-
 def by_path(listing: Listing) -> dict[str, RemoteFile]:
     return {f.path: f for f in listing.files}
 
@@ -169,7 +166,7 @@ def test_directory_prefix_keeps_relative_paths_and_excludes_siblings(
     source = blob_source(azure_env.uri(models, "model"))
     listing = source.list()
     assert {f.path for f in listing.files} == MODEL_PATHS
-    contents = read_all(source, listing)
+    contents = read_tree(source, listing)
     assert contents == {
         k.removeprefix("model/"): v for k, v in MODEL.items() if k.startswith("model/")
     }
@@ -188,7 +185,7 @@ def test_blob_name_downloads_under_its_basename(
     source = blob_source(azure_env.uri(models, "model/sub/dir/deep.txt"))
     listing = source.list()
     assert [f.path for f in listing.files] == ["deep.txt"]
-    assert read_all(source, listing) == {"deep.txt": b"deep\n"}
+    assert read_tree(source, listing) == {"deep.txt": b"deep\n"}
 
 
 def test_top_level_blob_is_not_confused_with_a_longer_name(
@@ -213,7 +210,7 @@ def test_percent_encoded_prefix_names_unicode_and_spaces(
         azure_env.uri(models, "model/sub%20dir/%C3%BCn%C3%AF%20c%C3%B4d%C3%A9.txt")
     )
     listing = source.list()
-    assert read_all(source, listing) == {"ünï côdé.txt": "unicode ✓\n".encode()}
+    assert read_tree(source, listing) == {"ünï côdé.txt": "unicode ✓\n".encode()}
 
 
 def test_folder_placeholders_are_skipped(azure_env: azurite_server.Azurite) -> None:
@@ -253,7 +250,7 @@ def test_md5_is_announced_as_hex_and_matches(
 ) -> None:
     source = blob_source(azure_env.uri(models, "model"))
     listing = source.list()
-    contents = read_all(source, listing)
+    contents = read_tree(source, listing)
     for item in listing.files:
         assert item.checksums == {"md5": hashlib.md5(contents[item.path]).hexdigest()}
         assert item.version and not item.version.startswith('"')
@@ -358,7 +355,7 @@ def test_fingerprint_follows_content_and_reads_refuse_a_changed_blob(
 def test_account_key(azure_env: azurite_server.Azurite, models: str) -> None:
     source = blob_source(azure_env.uri(models, "model/config.json"))
     assert "AZURE_STORAGE_ACCESS_KEY" in source.credential_mode
-    assert read_all(source, source.list()) == {"config.json": MODEL["model/config.json"]}
+    assert read_tree(source, source.list()) == {"config.json": MODEL["model/config.json"]}
 
 
 def test_bad_account_key_is_access_denied(
@@ -377,7 +374,7 @@ def test_sas_in_uri_wins_over_a_bad_key(
     source = blob_source(uri)
     assert source.credential_mode.startswith("SAS")
     listing = source.list()
-    assert read_all(source, listing)["weights.bin"] == BIG
+    assert read_tree(source, listing)["weights.bin"] == BIG
 
 
 def test_sas_alone(
@@ -385,7 +382,7 @@ def test_sas_alone(
 ) -> None:
     monkeypatch.delenv("AZURE_STORAGE_ACCESS_KEY")
     source = blob_source(azure_env.uri(models, "model/config.json", sas=azure_env.sas(models)))
-    assert read_all(source, source.list()) == {"config.json": MODEL["model/config.json"]}
+    assert read_tree(source, source.list()) == {"config.json": MODEL["model/config.json"]}
 
 
 def test_anonymous_on_a_public_container(
@@ -396,7 +393,7 @@ def test_anonymous_on_a_public_container(
     monkeypatch.delenv("AZURE_STORAGE_ACCESS_KEY")
     source = blob_source(azure_env.uri(container, "m"))
     assert source.credential_mode.startswith("anonymous")
-    assert read_all(source, source.list()) == {"a.txt": b"public"}
+    assert read_tree(source, source.list()) == {"a.txt": b"public"}
 
 
 def test_anonymous_on_a_private_container_says_so(
@@ -579,7 +576,7 @@ def test_file_share_directory_layout_md5_and_ranges(files_server: FileShareServe
     files = by_path(listing)
     assert files["no-md5.txt"].checksums == {}
     assert files["empty"].size == 0
-    contents = read_all(source, listing)
+    contents = read_tree(source, listing)
     for path, data in contents.items():
         expected = SHARE_TREE.get(f"models/m/{path}", b"none")
         assert data == expected
@@ -613,7 +610,7 @@ def test_file_share_sas_and_credentials(
         file_source("share/m").list()
     sas = files_server.issue_sas()
     source = open_source(uri_module.parse(f"{FILE_HOST}/share/m?{sas}"), Settings())
-    assert read_all(source, source.list()) == {"a.txt": b"a"}  # SAS wins over the bad key
+    assert read_tree(source, source.list()) == {"a.txt": b"a"}  # SAS wins over the bad key
     monkeypatch.delenv("AZURE_STORAGE_ACCESS_KEY")
     with pytest.raises(AccessDeniedError, match="anonymous"):
         file_source("share/m").list()

@@ -31,9 +31,10 @@ from storage_initializer.errors import (
 from storage_initializer.paths import UnsafePathError
 from storage_initializer.providers import gcs as gcsmod
 from storage_initializer.providers import open_source
-from storage_initializer.providers.base import Listing, RemoteFile
+from storage_initializer.providers.base import RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
+from tests.helpers import listing, paths, payload, pull_command, read_all, tree
 from tests.servers.gcs import (
     GcsServer,
     TokenServer,
@@ -91,34 +92,6 @@ def source_for(uri: str, **settings: Any) -> gcsmod.GcsSource:
     source = open_source(parse(uri), Settings(**settings))
     assert isinstance(source, gcsmod.GcsSource)
     return source
-
-
-def listing(uri: str) -> Listing:
-    source = source_for(uri)
-    try:
-        return source.list()
-    finally:
-        source.close()
-
-
-def paths(uri: str) -> dict[str, int | None]:
-    return {f.path: f.size for f in listing(uri).files}
-
-
-def read_all(
-    source: gcsmod.GcsSource, file: RemoteFile, start: int = 0, end: int | None = None
-) -> bytes:
-    return b"".join(source.read(file, start, end))
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def media_path(bucket: str, name: str) -> str:
@@ -668,18 +641,6 @@ def cli_env(server: GcsServer, endpoint: str | None = None) -> dict[str, str]:
     env.update(server.env(endpoint))
     env["PYTHONPATH"] = str(REPO)
     return env
-
-
-def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "storage_initializer", "pull", uri, str(dest), *extra]
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and ".storage-initializer" not in p.parts
-    }
 
 
 @needs_cli

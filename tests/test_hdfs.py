@@ -35,11 +35,10 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.providers import open_source
-from storage_initializer.providers.base import RemoteFile
 from storage_initializer.providers.hdfs import HdfsSource, load_config
 from storage_initializer.redact import redact
 from storage_initializer.settings import Settings
-from tests.helpers import clean_env, cli_argv, pattern, run, start_all, wait_all
+from tests.helpers import clean_env, cli_argv, pattern, read_all, run, start_all, wait_all
 from tests.servers.nginx import make_certificate
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.webhdfs import WebHdfs, start_webhdfs
@@ -107,16 +106,6 @@ def source(text: str) -> HdfsSource:
     opened = open_source(uri_module.parse(text), Settings())
     assert isinstance(opened, HdfsSource)
     return opened
-
-
-def read_all(src: HdfsSource, file: RemoteFile, chunk: int | None = None) -> bytes:
-    if chunk is None:
-        return b"".join(src.read(file))
-    assert file.size is not None
-    return b"".join(
-        b"".join(src.read(file, start, min(file.size, start + chunk)))
-        for start in range(0, file.size, chunk)
-    )
 
 
 def download(text: str) -> dict[str, bytes]:

@@ -27,10 +27,10 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.providers import open_source
-from storage_initializer.providers.base import Listing, RemoteFile
+from storage_initializer.providers.base import Listing
 from storage_initializer.providers.hf import HfSource, parse_hf_uri
 from storage_initializer.settings import Settings
-from tests.helpers import NO_STOCK_REASON, stock_download, stock_python
+from tests.helpers import NO_STOCK_REASON, read_all, stock_download, stock_python
 from tests.servers.hub import HubFile, HubServer, git_blob_oid, start_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,17 +108,6 @@ def source(text: str) -> HfSource:
     opened = open_source(uri_module.parse(text), Settings())
     assert isinstance(opened, HfSource)
     return opened
-
-
-def read_all(src: HfSource, file: RemoteFile, chunk: int | None = None) -> bytes:
-    """Read a file whole, or in ``chunk``-sized ranges reassembled in order."""
-    if chunk is None:
-        return b"".join(src.read(file))
-    assert file.size is not None
-    parts = []
-    for start in range(0, file.size, chunk):
-        parts.append(b"".join(src.read(file, start, min(file.size, start + chunk))))
-    return b"".join(parts)
 
 
 def contents(files: dict[str, bytes | HubFile], prefix: str = "") -> dict[str, bytes]:

@@ -28,14 +28,22 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.providers import open_source
-from storage_initializer.providers.base import RemoteFile
 from storage_initializer.providers.modelscope import (
     ModelScopeSource,
     configured_endpoint,
     parse_modelscope_uri,
 )
 from storage_initializer.settings import Settings
-from tests.helpers import clean_env, cli_argv, pattern, run, start_all, tar_bytes, wait_all
+from tests.helpers import (
+    clean_env,
+    cli_argv,
+    pattern,
+    read_all,
+    run,
+    start_all,
+    tar_bytes,
+    wait_all,
+)
 from tests.servers.modelscope_hub import ModelScopeHub, MsFile, start_modelscope_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,16 +103,6 @@ def source(text: str) -> ModelScopeSource:
     opened = open_source(uri_module.parse(text), Settings())
     assert isinstance(opened, ModelScopeSource)
     return opened
-
-
-def read_all(src: ModelScopeSource, file: RemoteFile, chunk: int | None = None) -> bytes:
-    if chunk is None:
-        return b"".join(src.read(file))
-    assert file.size is not None
-    return b"".join(
-        b"".join(src.read(file, start, min(file.size, start + chunk)))
-        for start in range(0, file.size, chunk)
-    )
 
 
 def download(text: str) -> dict[str, bytes]:

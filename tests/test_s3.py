@@ -9,7 +9,6 @@ import importlib.util
 import itertools
 import os
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,9 +28,10 @@ from storage_initializer.errors import (
 from storage_initializer.paths import UnsafePathError
 from storage_initializer.providers import open_source
 from storage_initializer.providers import s3 as s3mod
-from storage_initializer.providers.base import Listing, RemoteFile
+from storage_initializer.providers.base import RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
+from tests.helpers import listing, paths, payload, pull_command, read_all, tree
 from tests.servers.proxy import CountingProxy, Fault, s3_error
 from tests.servers.s3 import SECRET_KEY, S3Server, free_port, s3_server
 
@@ -76,32 +76,6 @@ def source_for(uri: str, **settings: Any) -> s3mod.S3Source:
     source = open_source(parse(uri), Settings(**settings))
     assert isinstance(source, s3mod.S3Source)
     return source
-
-
-def listing(uri: str) -> Listing:
-    source = source_for(uri)
-    try:
-        return source.list()
-    finally:
-        source.close()
-
-
-def paths(uri: str) -> dict[str, int | None]:
-    return {f.path: f.size for f in listing(uri).files}
-
-
-def read_all(source: s3mod.S3Source, file: RemoteFile, start: int = 0, end: int | None = None):
-    return b"".join(source.read(file, start, end))
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 # --------------------------------------------------------------------------- layout
@@ -860,10 +834,6 @@ def cli_env(server: S3Server, endpoint: str | None = None) -> dict[str, str]:
     return env
 
 
-def pull_command(uri: str, dest: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "storage_initializer", "pull", uri, str(dest), *extra]
-
-
 def run_pull(
     uri: str, dest: Path, *extra: str, env: Mapping[str, str]
 ) -> subprocess.CompletedProcess[str]:
@@ -871,14 +841,6 @@ def run_pull(
     return subprocess.run(
         pull_command(uri, dest, *extra), env=env, capture_output=True, text=True, timeout=120
     )
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and ".storage-initializer" not in p.parts
-    }
 
 
 @needs_cli

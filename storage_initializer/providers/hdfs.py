@@ -57,6 +57,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceChangedError,
     SourceError,
     TransientError,
     UsageError,
@@ -576,6 +577,24 @@ class HdfsSource(Source):
                     f"{self.uri.redacted}: {what}: connection closed after {sent} of "
                     f"{expected} bytes"
                 )
+        self._check_unchanged(file, what)
+
+    def _check_unchanged(self, file: RemoteFile, what: str) -> None:
+        """A datanode's answer carries no version of the file, so ask the namenode once the
+        bytes are read: a file replaced since the listing (or during this read) must not have
+        its bytes joined to the listed version's (the engine discards the file and lists
+        again). One GETFILESTATUS per read, a small cost next to a chunk."""
+        if not file.version:
+            return
+        try:
+            status = self._status(file.handle)
+        except NotFoundError:
+            status = {}
+        current = self._remote_file(status, file.path, file.handle).version if status else ""
+        if current != file.version:
+            raise SourceChangedError(
+                f"{self.uri.redacted}: {what}: the file changed at the source since it was listed"
+            )
 
     def _datanode(self, location: str, what: str) -> requests.Response:
         """Follow OPEN's redirect. An Authorization header (from HEADERS) goes only to the
