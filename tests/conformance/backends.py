@@ -326,11 +326,6 @@ class ProxyPair:
 class WebHdfsBackend(Backend):
     name = "webhdfs"
     pins = "refuses"
-    known_bugs: ClassVar[Mapping[str, str]] = {
-        "retry-after": "providers/hdfs.py maps 429 to a TransientError without the answer's "
-        "Retry-After (a gateway such as Knox or HttpFS sends one); left to the unification "
-        "of the HTTP error mapping"
-    }
     EXCEPTIONS: ClassVar[dict[int, str]] = {
         401: "SecurityException",
         403: "AccessControlException",
