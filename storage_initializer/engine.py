@@ -389,7 +389,7 @@ class Engine:
             if chunk_crc is None:  # cannot happen: every chunk records its CRC
                 return "missing"
             value = crcmath.combine(job.algorithm, value, chunk_crc, end - start)
-        return crcmath.hexdigest(value)
+        return crcmath.hexdigest(value, job.algorithm)
 
     def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
         assert job.hasher is not None

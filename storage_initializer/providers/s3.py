@@ -413,6 +413,12 @@ class S3Source(Source):
                 # A large object is worth one HEAD for a full-object CRC: verifying it costs
                 # a fraction of the CPU of the ETag's MD5 (about 0.5 GB/s on one core).
                 or int(o.get("Size", 0)) >= CHEAP_CHECKSUM_MIN_SIZE
+                # So is one fetched in chunks whose listing names a CRC (CRC64NVME by default
+                # for current SDKs): combined per chunk, no in-order read-back for the MD5.
+                or (
+                    int(o.get("Size", 0)) > self.settings.chunk_size
+                    and _verifiable(o.get("ChecksumAlgorithm"))
+                )
             )
         ]
         if len(wanted) > MAX_CHECKSUM_HEADS:

@@ -1,0 +1,92 @@
+"""The data plane against a real S3 server (moto) on 127.0.0.1: checksum ranking (combinable CRCs
+before MD5), CRC64NVME end to end, write sizes and direct I/O, the lean ranged GET.
+
+Every pull runs ``python -m storage_initializer pull`` as its own process with a small chunk
+size, so large files are fetched in concurrent ranged chunks and reassembled on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storage_initializer import checksums, crcmath
+from tests.servers.s3 import S3Server, s3_server
+from tests.test_s3 import _crc64nvme, cli_env, payload, put_with_checksum, run_pull, tree
+
+__all__ = ["s3_server"]  # the session fixture, imported so that pytest finds it
+
+CHUNK = 64 * 1024
+
+
+def small_chunks(server: S3Server, **extra: str) -> dict[str, str]:
+    return {
+        **cli_env(server),
+        "STORAGE_INITIALIZER_CHUNK_SIZE": str(CHUNK),
+        "STORAGE_INITIALIZER_WORKERS": "4",
+        "STORAGE_INITIALIZER_RETRIES": "1",
+        **extra,
+    }
+
+
+def recorded_checksums(dest: Path) -> dict[str, dict[str, str]]:
+    """path -> checksums from the marker the pull wrote."""
+    (marker,) = dest.rglob("marker.json")
+    data = json.loads(marker.read_text())
+    return {item["path"]: item["checksums"] for item in data["files"]}
+
+
+def test_combinable_crcs_rank_before_md5() -> None:
+    announced = {"md5": "0" * 32, "sha256": "1" * 64, "crc32": "2" * 8}
+    assert checksums.choose(announced) == "crc32"
+    assert checksums.choose({**announced, "crc32c": "3" * 8}) == "crc32c"
+    assert checksums.choose({**announced, "crc64nvme": "4" * 16}) == "crc64nvme"
+    assert checksums.choose({"md5": "0" * 32, "sha256": "1" * 64}) == "md5"
+
+
+def test_crc64nvme_combines_across_chunks() -> None:
+    data = payload(300_001, 5)
+    update = crcmath.updater("crc64nvme")
+    assert update is not None
+    whole = crcmath.hexdigest(update(data, 0), "crc64nvme")
+    assert whole == f"{_crc64nvme(data):016x}"  # against the test's pure-Python reference
+    value = 0
+    for start in range(0, len(data), 65_536):
+        part = data[start : start + 65_536]
+        value = crcmath.combine("crc64nvme", value, update(part, 0), len(part))
+    assert crcmath.hexdigest(value, "crc64nvme") == whole
+
+
+def test_crc64nvme_announced_with_an_md5_etag_verifies_a_chunked_pull(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """An object as current AWS SDKs upload it: CRC64NVME and an MD5 ETag. It is fetched in
+    ranged chunks and verified with the CRC64NVME (combined from the chunks), which the marker
+    records."""
+    bucket = s3_server.new_bucket({"model/config.json": b"{}"})
+    data = payload(10 * CHUNK + 7, 3)
+    value = _crc64nvme(data).to_bytes(8, "big")
+    put_with_checksum(s3_server, bucket, "model/weights.bin", data, "CRC64NVME", value)
+    dest = tmp_path / "out"
+    result = run_pull(f"s3://{bucket}/model", dest, env=small_chunks(s3_server))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert tree(dest) == {"config.json": b"{}", "weights.bin": data}
+    assert recorded_checksums(dest)["weights.bin"] == {"crc64nvme": value.hex()}
+
+
+def test_a_wrong_crc64nvme_fails_the_pull_even_with_a_matching_md5_etag(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The CRC is what is checked (the ETag's MD5 would have passed): damaged bytes behind a
+    stored CRC64NVME fail the pull, naming the file and the algorithm."""
+    bucket = s3_server.new_bucket({"model/config.json": b"{}"})
+    data = payload(5 * CHUNK + 1, 4)
+    damaged = bytearray(_crc64nvme(data).to_bytes(8, "big"))
+    damaged[0] ^= 0x80
+    put_with_checksum(s3_server, bucket, "model/weights.bin", data, "CRC64NVME", bytes(damaged))
+    dest = tmp_path / "out"
+    result = run_pull(f"s3://{bucket}/model", dest, env=small_chunks(s3_server))
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "weights.bin failed verification: crc64nvme " in last, last
+    assert not dest.exists() or tree(dest) == {}
