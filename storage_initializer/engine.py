@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath
+from storage_initializer import checksums, crcmath, writer
 from storage_initializer.errors import InitializerError, IntegrityError, TransientError
 from storage_initializer.progress import Progress
 from storage_initializer.providers.base import RemoteFile, Source
@@ -118,6 +118,7 @@ class Engine:
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
         self._results_lock = threading.Lock()
+        self.writer = writer.Writer(settings.write_size, settings.direct_io)
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -280,26 +281,30 @@ class Engine:
         crc = 0  # this chunk's CRC so far (resumed along with ``offset`` after a failure)
         while True:
             try:
-                for block in source.read(job.file, offset, end):
-                    if self.cancel.is_set():
-                        raise Cancelled()
-                    size = len(block)
-                    limit = end if end is not None else job.file.size
-                    if limit is not None and offset + size > limit:
-                        raise IntegrityError(
-                            f"{job.file.path}: the source sent more bytes than the "
-                            f"{limit} it announced"
-                        )
-                    os.pwrite(job.fd, block, offset)
-                    if crc_update is not None:
-                        crc = crc_update(block, crc)
-                    elif job.inline_hash and job.hasher is not None:
-                        job.hasher.update(block)
-                        if job.sha256 is not None:
-                            job.sha256.update(block)
-                        job.hashed_to = offset + size
-                    offset += size
-                    self.progress.transferred(size)
+                sink = self.writer.open(job.fd, job.path, offset, job.file.size)
+                try:
+                    for block in source.read(job.file, offset, end):
+                        if self.cancel.is_set():
+                            raise Cancelled()
+                        size = len(block)
+                        limit = end if end is not None else job.file.size
+                        if limit is not None and offset + size > limit:
+                            raise IntegrityError(
+                                f"{job.file.path}: the source sent more bytes than the "
+                                f"{limit} it announced"
+                            )
+                        sink.write(block, offset)
+                        if crc_update is not None:
+                            crc = crc_update(block, crc)
+                        elif job.inline_hash and job.hasher is not None:
+                            job.hasher.update(block)
+                            if job.sha256 is not None:
+                                job.sha256.update(block)
+                            job.hashed_to = offset + size
+                        offset += size
+                        self.progress.transferred(size)
+                finally:
+                    sink.close()  # what it buffered is written before any retry from offset
                 expected_end = end if end is not None else job.file.size
                 if expected_end is not None and offset < expected_end:
                     raise TransientError(

@@ -33,6 +33,10 @@ class Settings:
     lock_timeout: float = 0.0
     workers: int = 0
     chunk_size: int = 32 * 1024 * 1024
+    #: Size of each write into the page cache (writer.py; the benchmark's sweep chose it).
+    write_size: int = 256 * 1024
+    #: Write large files with O_DIRECT (writer.py): for models much larger than free memory.
+    direct_io: bool = False
     retries: int = 5
     progress_interval: float = 10.0
     log_format: str = "text"
@@ -217,6 +221,8 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "lock_timeout": (_positive(float), ("STORAGE_INITIALIZER_LOCK_TIMEOUT",)),
     "workers": (_positive(int), ("STORAGE_INITIALIZER_WORKERS",)),
     "chunk_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_CHUNK_SIZE",)),
+    "write_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_WRITE_SIZE",)),
+    "direct_io": (_bool, ("STORAGE_INITIALIZER_DIRECT_IO",)),
     "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
     "progress_interval": (
         _positive(float, allow_zero=False),

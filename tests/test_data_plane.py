@@ -7,16 +7,23 @@ size, so large files are fetched in concurrent ranged chunks and reassembled on 
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath
+import pytest
+
+from storage_initializer import checksums, crcmath, writer
+from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
 from tests.test_s3 import _crc64nvme, cli_env, payload, put_with_checksum, run_pull, tree
 
 __all__ = ["s3_server"]  # the session fixture, imported so that pytest finds it
 
 CHUNK = 64 * 1024
+MiB = 1 << 20
 
 
 def small_chunks(server: S3Server, **extra: str) -> dict[str, str]:
@@ -90,3 +97,124 @@ def test_a_wrong_crc64nvme_fails_the_pull_even_with_a_matching_md5_etag(
     last = result.stderr.strip().splitlines()[-1]
     assert "weights.bin failed verification: crc64nvme " in last, last
     assert not dest.exists() or tree(dest) == {}
+
+
+# -- writes -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
+    with CountingProxy(s3_server.endpoint) as running:
+        yield running
+
+
+def faulty(proxy: CountingProxy) -> list[Fault]:
+    """Cut bodies and 500s on some GETs: retries resume chunks at unaligned offsets."""
+    faults = [
+        Fault(status=500, method="GET", path_contains="/model/", probability=0.1, seed=1),
+        Fault(
+            kind="truncate",
+            method="GET",
+            path_contains="/model/",
+            probability=0.2,
+            truncate_fraction=0.37,
+            seed=3,
+        ),
+    ]
+    proxy.set_faults(*faults)
+    return faults
+
+
+@pytest.mark.parametrize("write_size", ["4097", "16KiB", "1MiB"])
+def test_every_write_size_reassembles_files_byte_identically(
+    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path, write_size: str
+) -> None:
+    files = {
+        "model/a.bin": payload(10 * CHUNK + 7, 1),
+        "model/b.bin": payload(3 * CHUNK, 2),
+        "model/small.json": payload(5000, 3),
+        "model/empty": b"",
+    }
+    bucket = s3_server.new_bucket(files)
+    faults = faulty(proxy)
+    dest = tmp_path / "out"
+    env = {
+        **small_chunks(s3_server),
+        **s3_server.env(proxy.url),
+        "STORAGE_INITIALIZER_WRITE_SIZE": write_size,
+        "STORAGE_INITIALIZER_RETRIES": "12",
+    }
+    result = run_pull(f"s3://{bucket}/model", dest, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
+    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
+
+
+def test_buffered_sink_writes_blocks_in_pieces(tmp_path: Path) -> None:
+    data = payload(100_003, 4)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        sink = writer.Writer(write_size=4096).open(fd, path, 0, len(data))
+        assert isinstance(sink, writer.BufferedSink)
+        sink.write(data[:70_000], 0)
+        sink.write(data[70_000:], 70_000)
+        sink.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def _direct_or_skip(directory: Path) -> None:
+    if not writer.direct_io_supported(directory):
+        pytest.skip(f"the filesystem of {directory} does not support O_DIRECT")
+
+
+def test_direct_sink_writes_aligned_blocks_and_a_buffered_tail(tmp_path: Path) -> None:
+    _direct_or_skip(tmp_path)
+    size = writer.DIRECT_MIN_SIZE + writer.DIRECT_BUFFER + 4097
+    data = payload(size, 5)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        sink = writer.Writer(direct=True).open(fd, path, 0, size)
+        assert isinstance(sink, writer.DirectSink)
+        position = 0
+        for length in itertools.cycle((1, 65_537, 1 << 20, 333)):
+            if position >= size:
+                break
+            block = data[position : position + length]
+            sink.write(block, position)
+            position += len(block)
+        sink.close()
+        # A sink starting at an unaligned offset (a resumed chunk) writes through the cache.
+        assert isinstance(writer.Writer(direct=True).open(fd, path, 17, size), writer.BufferedSink)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def test_direct_io_pull_with_faults_is_byte_identical(
+    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    _direct_or_skip(tmp_path)
+    files = {
+        "model/big.bin": payload(writer.DIRECT_MIN_SIZE + 3 * MiB + 4097, 6),
+        "model/small.bin": payload(100_000, 7),
+    }
+    bucket = s3_server.new_bucket(files)
+    faults = faulty(proxy)
+    dest = tmp_path / "out"
+    env = {
+        **small_chunks(s3_server),
+        **s3_server.env(proxy.url),
+        "STORAGE_INITIALIZER_CHUNK_SIZE": "1MiB",
+        "STORAGE_INITIALIZER_DIRECT_IO": "true",
+        "STORAGE_INITIALIZER_RETRIES": "12",
+    }
+    result = run_pull(f"s3://{bucket}/model", dest, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
+    assert "direct I/O is not possible" not in result.stderr
+    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
