@@ -16,11 +16,29 @@ from pathlib import Path
 import pytest
 
 from storage_initializer import checksums, crcmath, writer
-from tests.servers.proxy import CountingProxy, Fault
+from storage_initializer.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    SourceChangedError,
+    TransientError,
+)
+from storage_initializer.providers import s3 as s3mod
+from tests.servers.proxy import CountingProxy, Fault, s3_error
 from tests.servers.s3 import S3Server, s3_server
-from tests.test_s3 import _crc64nvme, cli_env, payload, put_with_checksum, run_pull, tree
+from tests.test_s3 import (
+    _crc64nvme,
+    cli_env,
+    payload,
+    put_with_checksum,
+    read_all,
+    run_pull,
+    s3_env,
+    source_for,
+    tree,
+    via_proxy,
+)
 
-__all__ = ["s3_server"]  # the session fixture, imported so that pytest finds it
+__all__ = ["s3_env", "s3_server", "via_proxy"]  # fixtures, imported so that pytest finds them
 
 CHUNK = 64 * 1024
 MiB = 1 << 20
@@ -218,3 +236,91 @@ def test_direct_io_pull_with_faults_is_byte_identical(
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
     assert "direct I/O is not possible" not in result.stderr
     assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
+
+
+# -- the lean S3 GET ----------------------------------------------------------------------------
+
+
+def lean_source(uri: str) -> s3mod.S3Source:
+    source = source_for(uri)
+    assert source._lean is not None, "the lean path is not in use"
+    return source
+
+
+def test_lean_get_is_presigned_ranged_and_pinned(
+    s3_env: S3Server, via_proxy: CountingProxy
+) -> None:
+    data = payload(300_000, 8)
+    bucket = s3_env.new_bucket({"m/a": data})
+    source = lean_source(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    assert read_all(source, file, 1000, 200_000) == data[1000:200_000]
+    assert read_all(source, file) == data
+    gets = [r for r in via_proxy.requests if r.method == "GET" and r.path.endswith("/m/a")]
+    assert len(gets) == 2
+    assert all("X-Amz-Signature=" in r.query for r in gets)  # SigV4, signed by botocore
+    assert gets[0].range == "bytes=1000-199999" and gets[1].range is None
+    etag = file.version.partition("@")[0]
+    assert all(r.headers.get("If-Match") == f'"{etag}"' for r in gets), gets[0].headers
+
+
+def test_lean_get_of_an_object_replaced_after_listing_is_source_changed(
+    s3_env: S3Server,
+) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"version one"})
+    source = lean_source(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    s3_env.upload(bucket, {"m/a": b"version two!"})
+    with pytest.raises(SourceChangedError, match=r"\(a\).*changed after it was listed"):
+        read_all(source, file)
+
+
+def test_lean_get_errors_are_mapped_like_the_sdk_path(
+    s3_env: S3Server, via_proxy: CountingProxy
+) -> None:
+    bucket = s3_env.new_bucket({"m/a": b"payload", "m/b": b"other"})
+    source = lean_source(f"s3://{bucket}/m")
+    first, second = source.list().files
+    s3_env.client().delete_object(Bucket=bucket, Key="m/a")
+    with pytest.raises(NotFoundError, match="disappeared"):
+        read_all(source, first)
+    via_proxy.set_faults(s3_error("AccessDenied", "Access Denied", status=403, method="GET"))
+    with pytest.raises(AccessDeniedError, match="AccessDenied"):
+        read_all(source, second)
+    via_proxy.set_faults(
+        s3_error(
+            "SlowDown", "Reduce your rate", status=503, method="GET", headers={"Retry-After": "7"}
+        )
+    )
+    with pytest.raises(TransientError, match="SlowDown") as raised:
+        read_all(source, second)
+    assert raised.value.retry_after == 7.0  # the engine's backoff honours it
+    via_proxy.set_faults()
+    assert read_all(source, second) == b"other"
+
+
+def test_lean_get_body_cut_off_is_transient_and_resumes(
+    s3_env: S3Server, via_proxy: CountingProxy
+) -> None:
+    data = payload(3 * MiB, 9)
+    bucket = s3_env.new_bucket({"m/a": data})
+    source = lean_source(f"s3://{bucket}/m")
+    (file,) = source.list().files
+    via_proxy.set_faults(Fault(kind="truncate", truncate_fraction=0.5, method="GET", times=1))
+    received = bytearray()
+    with pytest.raises(TransientError, match="broke off"):
+        for block in source.read(file):
+            received += block
+    assert 0 < len(received) < len(data)
+    assert read_all(source, file, len(received)) == data[len(received) :]
+
+
+def test_lean_get_is_not_used_behind_a_proxy(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    bucket = s3_env.new_bucket({"m/a": b"x"})
+    assert source_for(f"s3://{bucket}/m")._lean is None
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert source_for(f"s3://{bucket}/m")._lean is not None
