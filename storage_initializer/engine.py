@@ -41,7 +41,7 @@ BLOCK = 1 << 20
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
 #: Verification failures of one file that we retry from scratch before giving up.
 INTEGRITY_ATTEMPTS = 2
-#: Seconds between lease checks before new requests (see Engine._guard_if_due).
+#: Least seconds between lease checks before new requests and files (Engine._guard_if_due).
 GUARD_INTERVAL = 1.0
 #: Large files whose chunks are fetched at the same time (see Engine._tasks).
 ACTIVE_FILES = 4
@@ -223,7 +223,7 @@ class Engine:
                 for start, end in job.resumed:
                     job.finished[start] = end
             else:
-                self.guard()
+                self._guard_if_due()
                 job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             job.hasher = checksums.new_hasher(job.algorithm)
             job.sha256 = self._new_sha256(job)
@@ -262,13 +262,15 @@ class Engine:
         return self._complete(job, staging)
 
     def _guard_if_due(self) -> None:
-        """Check that we still own the download before a new request, at most every
-        GUARD_INTERVAL seconds. A holder that was frozen (SIGSTOP, a stalled node) finds the
-        time since its last check long when it resumes, so it asks before fetching another
-        byte, instead of waiting for its next heartbeat while the new owner works."""
+        """Check that we still own the download before a new request or a new file, at most
+        once per heartbeat interval (a check reads the lease: on a model of many small files,
+        one per file was a large part of the per-file cost). A holder that was frozen
+        (SIGSTOP, a stalled node) finds the time since its last check long when it resumes,
+        so it asks before fetching another byte, instead of waiting for its next heartbeat
+        while the new owner works."""
         with self._guard_lock:
             now = time.monotonic()
-            if now - self._guarded_at < GUARD_INTERVAL:
+            if now - self._guarded_at < max(GUARD_INTERVAL, self.settings.heartbeat_interval):
                 return
             self._guarded_at = now
         self.guard()
