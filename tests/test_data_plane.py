@@ -7,6 +7,8 @@ size, so large files are fetched in concurrent ranged chunks and reassembled on 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -23,6 +25,8 @@ from storage_initializer.errors import (
     TransientError,
 )
 from storage_initializer.providers import s3 as s3mod
+from tests.helpers import clean_env, cli_argv, run
+from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault, s3_error
 from tests.servers.s3 import S3Server, s3_server
 from tests.test_s3 import (
@@ -324,3 +328,71 @@ def test_lean_get_is_not_used_behind_a_proxy(
     assert source_for(f"s3://{bucket}/m")._lean is None
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert source_for(f"s3://{bucket}/m")._lean is not None
+
+
+# -- a model larger than the memory limit ---------------------------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _memory_cgroup(name: str, limit: int) -> tuple[Path, Path]:
+    """A fresh memory cgroup (v2, else v1): its directory and the file counting OOM kills."""
+    controllers = CGROUP_ROOT / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        group = CGROUP_ROOT / name
+        group.mkdir()
+        (group / "memory.max").write_text(f"{limit}\n")
+        with contextlib.suppress(OSError):
+            (group / "memory.swap.max").write_text("0\n")
+        return group, group / "memory.events"
+    group = CGROUP_ROOT / "memory" / name
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    with contextlib.suppress(OSError):
+        (group / "memory.memsw.limit_in_bytes").write_text(f"{limit}\n")
+    return group, group / "memory.oom_control"
+
+
+def _oom_kills(events: Path) -> int:
+    for line in events.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct-io"])
+def test_a_model_four_times_the_memory_limit_is_pulled_within_it(
+    nginx: Nginx, tmp_path: Path, direct: bool
+) -> None:
+    """The pull runs in a cgroup whose memory limit (page cache included, as in a pod) is a
+    quarter of the file: written back as it goes, it is neither OOM-killed nor stalled."""
+    limit = 128 * MiB
+    if direct:
+        _direct_or_skip(tmp_path)
+    try:
+        group, events = _memory_cgroup(f"si-test-{os.getpid()}-{int(direct)}", limit)
+    except OSError as exc:
+        pytest.skip(f"cannot create a memory cgroup under {CGROUP_ROOT}: {exc}")
+    try:
+        folder = nginx.new_dir()
+        source = nginx.docroot / folder / "big.bin"
+        digest = hashlib.sha256()
+        with open(source, "wb") as handle:
+            for index in range(4 * limit // (8 * MiB)):
+                block = hashlib.sha256(str(index).encode()).digest() * (8 * MiB // 32)
+                handle.write(block)
+                digest.update(block)
+        dest = tmp_path / "out"
+        env = clean_env({"STORAGE_INITIALIZER_DIRECT_IO": "true" if direct else "false"})
+        join = 'echo $$ > "$0" && exec "$@"'
+        argv = ["sh", "-c", join, str(group / "cgroup.procs")]
+        result = run([*argv, *cli_argv("pull", nginx.url(f"{folder}/big.bin"), dest)], env)
+        assert result.returncode == 0, result.describe()
+        assert _oom_kills(events) == 0
+        with open(dest / "big.bin", "rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == digest.hexdigest()
+        source.unlink()
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
