@@ -506,10 +506,13 @@ class S3Source(Source):
         key, version_id = file.handle if file.handle else (self._key_of(file), None)
         if self._lean is not None:
             whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
-            etag = file.version.partition("@")[0] or None
+            etag, _, listed_version = file.version.partition("@")
+            version_id = version_id or listed_version or None  # a file rebuilt from a marker
             where = f"{self.uri.redacted} ({file.path})"
             block = self.settings.write_size
-            yield from self._lean.read(key, version_id, etag, start, end, whole, block, where)
+            yield from self._lean.read(
+                key, version_id, etag or None, start, end, whole, block, where
+            )
             return
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id:
