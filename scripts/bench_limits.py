@@ -301,12 +301,17 @@ def _small_files(
     for tool in ("this tool", "stock", "s5cmd"):
         if f"{tool} many" not in rows:
             continue
-        many_s = _median([r.seconds for r in rows[f"{tool} many"].runs if r.ok])
-        one_s = _median([r.seconds for r in rows[f"{tool} one"].runs if r.ok])
-        if many_s is None or one_s is None:
+        many_runs = [r for r in rows[f"{tool} many"].runs if r.ok]
+        one_runs = [r for r in rows[f"{tool} one"].runs if r.ok]
+        if not many_runs or not one_runs:
             parts.append(f"{tool} failed")
             continue
-        parts.append(f"{tool} {(many_s - one_s) / (len(small) - 1) * 1000:.2f} ms")
+        per = 1000 / (len(small) - 1)
+        wall = (_median([r.seconds for r in many_runs]) or 0) - (
+            _median([r.seconds for r in one_runs]) or 0
+        )
+        cpu = (_median([r.cpu for r in many_runs]) or 0) - (_median([r.cpu for r in one_runs]) or 0)
+        parts.append(f"{tool} {wall * per:.2f} ms wall, {cpu * per:.2f} ms CPU")
     bench.extra[f"small files on 1 CPU, per file ({len(small)} x 16 KiB)"] = "; ".join(parts)
     mod.log("small files: " + "; ".join(parts))
 
