@@ -1128,7 +1128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep",
         type=lambda text: [int(x) for x in text.split(",")],
-        help="write sizes in KiB for the sweep [16,32,64,128,256,1024]",
+        help="write sizes in KiB for the sweep [16,32,64,128,256,1024]; 0: no sweep",
     )
     parser.add_argument(
         "--cpu0", action="store_true", help="pin every tool of the per-backend tables to CPU 0"

@@ -264,7 +264,11 @@ def _measure(
     if len(small) > 1:
         _small_files(bench, mod, endpoint, env, small, rounds)
 
-    # The write-size sweep and direct I/O, this tool only, on 1 CPU.
+    # The write-size sweep and direct I/O, this tool only, on 1 CPU (--sweep 0: none).
+    if args.sweep == [0]:
+        if cgroups and args.big_gib:
+            _larger_than_memory(bench, mod, endpoint, args.big_gib)
+        return
     variants: dict[str, Callable[[Path], tuple[list[str], dict[str, str]]]] = {}
     for kib in args.sweep or SWEEP_KIB:
         extra = {"STORAGE_INITIALIZER_WRITE_SIZE": f"{kib}KiB"}
