@@ -79,6 +79,7 @@ patch = os.environ.get("BENCH_PATCH", "")
 if "no-head" in patch:
     from storage_initializer.providers import s3
     s3.CHEAP_CHECKSUM_MIN_SIZE = 1 << 62
+    s3._verifiable = lambda algorithms: False
 if "no-hash" in patch:
     from storage_initializer import checksums
     class Null:
@@ -658,6 +659,10 @@ class Bench:
     results: dict[str, dict[str, Measure]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Further Markdown tables (bench_limits.py), printed after the main one.
+    tables: list[str] = field(default_factory=list)
+    #: --cpu0: every tool of the per-backend tables pinned to CPU 0 (taskset).
+    cpus: str | None = None
     _counter: int = 0
 
     def dest(self) -> Path:
@@ -673,7 +678,7 @@ class Bench:
             for name in order:
                 dest = self.dest()
                 cmd, env = tools[name](dest)
-                run = run_timed(cmd, env)
+                run = run_timed(cmd, env, cpus=self.cpus)
                 table.setdefault(name, Measure()).runs.append(run)
                 state = f"{run.seconds:6.2f}s  cpu {run.cpu:6.2f}s  rss {run.rss_mib:6.0f} MiB"
                 if not run.ok:
@@ -786,6 +791,9 @@ def report(bench: Bench, sizes: dict[str, int]) -> str:
                 f"{ratio(stock.median if stock else None, median)} |"
             )
     lines.append("")
+    for table_text in bench.tables:
+        lines.append(table_text)
+        lines.append("")
     for key, value in bench.extra.items():
         lines.append(f"- **{key}**: {value}")
     for note in bench.notes:
@@ -834,6 +842,10 @@ def scenario_s3(bench: Bench, servers: Servers, files: dict[str, Path], args: An
     else:
         bench.notes.append("awscli not installed: skipped")
     bench.measure("s3", tools)
+    if not args.skip_limits:
+        import bench_limits  # scripts/bench_limits.py, beside this file
+
+        bench_limits.scenario_limits(bench, sys.modules[__name__], endpoint, files, weed.pid, args)
 
     # Warm start: the whole process on a complete model, and what it imports.
     warm = bench.dest()
@@ -1109,6 +1121,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--skip-signature", action="store_true")
+    parser.add_argument("--skip-limits", action="store_true", help="no KServe-limits scenario")
+    parser.add_argument(
+        "--big-gib", type=int, default=4, help="larger-than-memory model in GiB [4; 0: skip]"
+    )
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [int(x) for x in text.split(",")],
+        help="write sizes in KiB for the sweep [16,32,64,128,256,1024]; 0: no sweep",
+    )
+    parser.add_argument(
+        "--cpu0", action="store_true", help="pin every tool of the per-backend tables to CPU 0"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
 
@@ -1129,7 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.small else 3)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     work = Path(tempfile.mkdtemp(prefix="si-bench-", dir=os.environ.get("BENCH_WORK_DIR")))
-    bench = Bench(work, shape, rounds)
+    bench = Bench(work, shape, rounds, cpus="0" if args.cpu0 else None)
     servers = Servers(work)
     started = time.monotonic()
     log(f"work dir {work}; model {shape.describe()}; {rounds} rounds; load {os.getloadavg()}")

@@ -36,7 +36,31 @@ def cgroup_limit(root: Path = CGROUP_ROOT) -> float | None:
         period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    if quota_us > 0 and period_us > 0:
+        return quota_us / period_us
+    own = _own_v1_cpu_cgroup() if root == CGROUP_ROOT else ""
+    if own:  # no cgroup namespace (a cgroup v1 host): the quota of our own cgroup
+        try:
+            quota_us = int((root / "cpu" / own / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / "cpu" / own / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            return None
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    return None
+
+
+def _own_v1_cpu_cgroup() -> str:
+    """Our cgroup in the v1 ``cpu`` hierarchy, relative ("" for the root or none)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path.strip("/")
+    return ""
 
 
 def usable_cpus(root: Path = CGROUP_ROOT) -> float:

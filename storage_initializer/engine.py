@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage_initializer import checksums, crcmath, resume, stall
+from storage_initializer import checksums, crcmath, resume, stall, writer
 from storage_initializer.errors import (
     InitializerError,
     IntegrityError,
@@ -49,7 +49,7 @@ BLOCK = 1 << 20
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
 #: Verification failures of one file that we retry from scratch before giving up.
 INTEGRITY_ATTEMPTS = 2
-#: Seconds between lease checks before new requests (see Engine._guard_if_due).
+#: Least seconds between lease checks before new requests and files (Engine._guard_if_due).
 GUARD_INTERVAL = 1.0
 #: Large files whose chunks are fetched at the same time (see Engine._tasks).
 ACTIVE_FILES = 4
@@ -132,6 +132,7 @@ class Engine:
         self._results_lock = threading.Lock()
         #: Cuts transfers that make too little progress, and cancels us at the deadline.
         self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
+        self.writer = writer.Writer(settings.write_size, settings.direct_io)
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class Engine:
                 if job.inline_hash:  # drop what was written after the last journalled block
                     os.ftruncate(job.fd, job.prefix.get(0, 0))
             else:
-                self.guard()
+                self._guard_if_due()
                 job.fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             job.hasher = checksums.new_hasher(job.algorithm)
             job.sha256 = self._new_sha256(job)
@@ -295,13 +296,15 @@ class Engine:
         return self._complete(job, staging)
 
     def _guard_if_due(self) -> None:
-        """Check that we still own the download before a new request, at most every
-        GUARD_INTERVAL seconds. A holder that was frozen (SIGSTOP, a stalled node) finds the
-        time since its last check long when it resumes, so it asks before fetching another
-        byte, instead of waiting for its next heartbeat while the new owner works."""
+        """Check that we still own the download before a new request or a new file, at most
+        once per heartbeat interval (a check reads the lease: on a model of many small files,
+        one per file was a large part of the per-file cost). A holder that was frozen
+        (SIGSTOP, a stalled node) finds the time since its last check long when it resumes,
+        so it asks before fetching another byte, instead of waiting for its next heartbeat
+        while the new owner works."""
         with self._guard_lock:
             now = time.monotonic()
-            if now - self._guarded_at < GUARD_INTERVAL:
+            if now - self._guarded_at < max(GUARD_INTERVAL, self.settings.heartbeat_interval):
                 return
             self._guarded_at = now
         self.guard()
@@ -317,27 +320,33 @@ class Engine:
             watch = self.stalls.watch()
             try:
                 blocks = source.read(job.file, offset, end) if end is None or offset < end else ()
-                for block in watch.blocks(blocks, job.file.path):
-                    if self.cancel.is_set():
-                        raise Cancelled()
-                    size = len(block)
-                    limit = end if end is not None else job.file.size
-                    if limit is not None and offset + size > limit:
-                        raise IntegrityError(
-                            f"{job.file.path}: the source sent more bytes than the "
-                            f"{limit} it announced"
-                        )
-                    os.pwrite(job.fd, block, offset)
-                    if crc_update is not None:
-                        crc = crc_update(block, crc)
-                    elif job.inline_hash and job.hasher is not None:
-                        job.hasher.update(block)
-                        if job.sha256 is not None:
-                            job.sha256.update(block)
-                        job.hashed_to = offset + size
-                    offset += size
-                    self.progress.transferred(size)
-                    self._note(job, start, offset)
+                sink = self.writer.open(job.fd, job.path, offset, job.file.size)
+                try:
+                    for block in watch.blocks(blocks, job.file.path):
+                        if self.cancel.is_set():
+                            raise Cancelled()
+                        size = len(block)
+                        limit = end if end is not None else job.file.size
+                        if limit is not None and offset + size > limit:
+                            raise IntegrityError(
+                                f"{job.file.path}: the source sent more bytes than the "
+                                f"{limit} it announced"
+                            )
+                        sink.write(block, offset)
+                        if crc_update is not None:
+                            crc = crc_update(block, crc)
+                        elif job.inline_hash and job.hasher is not None:
+                            job.hasher.update(block)
+                            if job.sha256 is not None:
+                                job.sha256.update(block)
+                            job.hashed_to = offset + size
+                        offset += size
+                        self.progress.transferred(size)
+                        # Journal only what reached the kernel, never bytes the sink buffers.
+                        self._note(job, start, sink.written_to(offset))
+                finally:
+                    sink.close()  # what it buffered is written before any retry from offset
+                self._note(job, start, offset)
                 expected_end = end if end is not None else job.file.size
                 if expected_end is not None and offset < expected_end:
                     raise TransientError(
@@ -480,7 +489,7 @@ class Engine:
             if chunk_crc is None:  # cannot happen: every chunk records its CRC
                 return "missing"
             value = crcmath.combine(job.algorithm, value, chunk_crc, end - start)
-        return crcmath.hexdigest(value)
+        return crcmath.hexdigest(value, job.algorithm)
 
     def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
         assert job.hasher is not None

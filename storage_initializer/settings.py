@@ -33,6 +33,10 @@ class Settings:
     lock_timeout: float = 0.0
     workers: int = 0
     chunk_size: int = 32 * 1024 * 1024
+    #: Size of each write into the page cache (writer.py; the benchmark's sweep chose it).
+    write_size: int = 256 * 1024
+    #: Write large files with O_DIRECT (writer.py): for models much larger than free memory.
+    direct_io: bool = False
     retries: int = 5
     #: A transfer receiving less than ``min_rate`` bytes/s over this many seconds is cut and
     #: retried from its last byte (stall.py); 0 turns the guard off.
@@ -223,6 +227,8 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "lock_timeout": (_positive(float), ("STORAGE_INITIALIZER_LOCK_TIMEOUT",)),
     "workers": (_positive(int), ("STORAGE_INITIALIZER_WORKERS",)),
     "chunk_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_CHUNK_SIZE",)),
+    "write_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_WRITE_SIZE",)),
+    "direct_io": (_bool, ("STORAGE_INITIALIZER_DIRECT_IO",)),
     "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
     "stall_timeout": (_positive(float), ("STORAGE_INITIALIZER_STALL_TIMEOUT",)),
     "min_rate": (_positive(_size), ("STORAGE_INITIALIZER_MIN_RATE",)),

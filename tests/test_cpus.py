@@ -58,3 +58,36 @@ def test_the_flag_wins_over_the_cap(tmp_path: Path) -> None:
     assert source.workers() == 32
     source = open_source(uri.parse(str(tmp_path)), Settings())
     assert source.workers() == cpus.default_workers(source.default_workers)
+
+
+def test_the_quota_of_our_own_v1_cgroup_counts_without_a_cgroup_namespace(tmp_path: Path) -> None:
+    """On a cgroup v1 host without a cgroup namespace, /sys/fs/cgroup/cpu is the root's; the
+    limit is that of the cgroup /proc/self/cgroup names (a real cgroup, 1 CPU of quota)."""
+    import subprocess
+    import sys
+
+    hierarchy = cpus.CGROUP_ROOT / "cpu"
+    group = hierarchy / f"si-test-{os.getpid()}"
+    if (cpus.CGROUP_ROOT / "cpu.max").exists() or not (hierarchy / "cpu.cfs_quota_us").exists():
+        pytest.skip("not a cgroup v1 host with the cpu controller at /sys/fs/cgroup/cpu")
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_quota_us").write_text("50000\n")
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup here: {exc}")
+    try:
+        code = (
+            f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()));"
+            "from storage_initializer import cpus; print(cpus.cgroup_limit())"
+        )
+        repo = str(Path(__file__).resolve().parent.parent)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": repo},
+        ).stdout
+        assert out.strip() == "0.5"
+    finally:
+        group.rmdir()

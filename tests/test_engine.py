@@ -265,7 +265,7 @@ def _run_engine(source: _MemorySource, root: Path, chunk: int = 4096) -> Any:
     return engine.run(source.list().files, staging), staging
 
 
-@pytest.mark.parametrize("algorithm", ["crc32", "crc32c"])
+@pytest.mark.parametrize("algorithm", ["crc32", "crc32c", "crc64nvme"])
 def test_chunked_crc_is_combined_from_parallel_chunks(algorithm: str, tmp: Path) -> None:
     chunk = 4096
     files = {

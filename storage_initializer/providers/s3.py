@@ -44,7 +44,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers import aws_credentials
+from storage_initializer.providers import aws_credentials, s3_lean
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.redact import redact, register_secret
 
@@ -181,6 +181,8 @@ def s3_config(max_pool_connections: int = 10) -> Config:
         config = config.merge(Config(response_checksum_validation="when_required"))
     if _is_true("awsAnonymousCredential"):
         config = config.merge(Config(signature_version=UNSIGNED))
+    else:  # what botocore signs requests with anyway; presigned URLs (s3_lean) too
+        config = config.merge(Config(signature_version="s3v4"))
     # One ``s3`` dict: Config.merge replaces it whole, so merging flags one by one would drop
     # the earlier ones (virtual addressing lost when acceleration is on).
     s3_options: dict[str, Any] = {}
@@ -308,6 +310,17 @@ class S3Source(Source):
         self._resolve_credentials(session, uri)
         #: The directory prefix of the last listing; None when the key named one object.
         self._prefix: str | None = None if key_names_object(self.key) else self.key
+        #: Ranged GETs without boto3's per-request machinery (s3_lean); None: through boto3.
+        self._lean: s3_lean.LeanGetter | None = None
+        if s3_lean.wanted() and not s3_lean.proxied(self._endpoint):
+            config = self.client.meta.config
+            self._lean = s3_lean.LeanGetter(
+                self.client,
+                self.bucket,
+                kwargs["verify"],
+                (config.connect_timeout, config.read_timeout),
+                lambda exc, where: self._map_error(exc, where, listing=False),
+            )
 
     def _resolve_credentials(self, session: Any, uri: SourceUri) -> None:
         """Fetch credentials now, so that a failure (an STS error, an unreadable token file) is
@@ -414,6 +427,12 @@ class S3Source(Source):
                 # A large object is worth one HEAD for a full-object CRC: verifying it costs
                 # a fraction of the CPU of the ETag's MD5 (about 0.5 GB/s on one core).
                 or int(o.get("Size", 0)) >= CHEAP_CHECKSUM_MIN_SIZE
+                # So is one fetched in chunks whose listing names a CRC (CRC64NVME by default
+                # for current SDKs): combined per chunk, no in-order read-back for the MD5.
+                or (
+                    int(o.get("Size", 0)) > self.settings.chunk_size
+                    and _verifiable(o.get("ChecksumAlgorithm"))
+                )
             )
         ]
         if len(wanted) > MAX_CHECKSUM_HEADS:
@@ -486,6 +505,16 @@ class S3Source(Source):
         if end is not None and start >= end:
             return
         key, version_id = file.handle if file.handle else (self._key_of(file), None)
+        if self._lean is not None:
+            whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
+            etag, _, listed_version = file.version.partition("@")
+            version_id = version_id or listed_version or None  # a file rebuilt from a marker
+            where = f"{self.uri.redacted} ({file.path})"
+            block = self.settings.write_size
+            yield from self._lean.read(
+                key, version_id, etag or None, start, end, whole, block, where
+            )
+            return
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id:
             request["VersionId"] = version_id
