@@ -20,7 +20,6 @@ import pytest
 from storage_initializer import checksums, crcmath, writer
 from storage_initializer.errors import (
     AccessDeniedError,
-    NotFoundError,
     SourceChangedError,
     TransientError,
 )
@@ -286,7 +285,8 @@ def test_lean_get_errors_are_mapped_like_the_sdk_path(
     source = lean_source(f"s3://{bucket}/m")
     first, second = source.list().files
     s3_env.client().delete_object(Bucket=bucket, Key="m/a")
-    with pytest.raises(NotFoundError, match="disappeared"):
+    # Gone after the listing: a change of the source (the pull lists again), as on the SDK path.
+    with pytest.raises(SourceChangedError, match="disappeared"):
         read_all(source, first)
     via_proxy.set_faults(s3_error("AccessDenied", "Access Denied", status=403, method="GET"))
     with pytest.raises(AccessDeniedError, match="AccessDenied"):
