@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +135,25 @@ def test_holder_notices_a_takeover_and_refuses_to_commit(tmp_path: Path) -> None
     # The loser must not have overwritten the winner's lease.
     generation, data = current(entry)
     assert generation == 2 and data is not None and data["owner"] == usurper.owner.id
+
+
+def test_a_lost_lease_calls_its_on_lost_callbacks(tmp_path: Path) -> None:
+    """How a holder's engine is cancelled by a takeover (pulling.pipeline.cancel_on_loss):
+    a callback registered before the loss runs when the heartbeat notices it, and one
+    registered after it runs at once."""
+    entry = layout.Entry(tmp_path / "entry", "k", "direct")
+    layout.ensure_state_dir(entry)
+    holder = try_claim(entry, Owner.this_process(), 0, {})
+    assert holder is not None
+    before, after = threading.Event(), threading.Event()
+    holder.on_lost(before.set)
+    assert not before.is_set()
+    holder.start_heartbeat(0.05, dict)
+    assert try_claim(entry, Owner.this_process(), 1, {}) is not None
+    assert before.wait(timeout=10)
+    holder.on_lost(after.set)
+    assert after.is_set()
+    holder.release("failed")
 
 
 def test_released_lease_is_free(tmp_path: Path) -> None:

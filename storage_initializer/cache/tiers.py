@@ -29,7 +29,7 @@ from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
 
 if TYPE_CHECKING:
-    from storage_initializer.pull import Result
+    from storage_initializer.pulling.outcome import Result
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -60,10 +60,10 @@ class TierSource(Source):
 
 
 def _complete(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] | None:
-    from storage_initializer.pull import _published, _valid
+    from storage_initializer.pulling.published import published, valid
 
-    model, marker = _published(layout.cached(tier, key))
-    if _valid(model, marker):
+    model, marker = published(layout.cached(tier, key))
+    if valid(model, marker):
         assert marker is not None
         return model, marker
     return None
@@ -97,15 +97,15 @@ def _tier_settings(settings: Settings, index: int) -> Settings:
 
 
 def pull_tiered(uri: SourceUri, dest: Path | None, settings: Settings) -> Result:
-    from storage_initializer.pull import SOURCE_OVERRIDE, _after, _pull_one
+    from storage_initializer.pulling.one import after_pull, pull_one
 
     started = time.monotonic()
     tiers = [Path(d).absolute() for d in settings.cache_dirs]
     key = uri.key(settings.include, settings.exclude)
     fastest = _tier_settings(settings, 0)
     if _complete(tiers[0], key) is not None and not settings.revalidate:
-        result = _pull_one(uri, dest, fastest, started)
-        _after(uri, result, fastest)
+        result = pull_one(uri, dest, fastest, started)
+        after_pull(uri, result, fastest)
         return result
     origin_bytes = 0
     found = None
@@ -116,19 +116,16 @@ def pull_tiered(uri: SourceUri, dest: Path | None, settings: Settings) -> Result
             break
     if found is None or settings.revalidate:
         shared = _tier_settings(settings, len(tiers) - 1)
-        stored = _pull_one(uri, None, shared, started)
-        _after(uri, stored, shared)
+        stored = pull_one(uri, None, shared, started)
+        after_pull(uri, stored, shared)
         origin_bytes = stored.bytes_from_origin
         found = _complete(tiers[-1], key)
         if found is None:  # pragma: no cover - the pull above just completed it
             raise RuntimeError(f"{uri.redacted}: the shared tier is incomplete after a pull")
     version, marker = found
-    token = SOURCE_OVERRIDE.set(TierSource(version, marker))
-    try:
-        result = _pull_one(uri, dest, replace(fastest, revalidate=False), started)
-    finally:
-        SOURCE_OVERRIDE.reset(token)
-    _after(uri, result, fastest)
+    copy_up = TierSource(version, marker)
+    result = pull_one(uri, dest, replace(fastest, revalidate=False), started, copy_up)
+    after_pull(uri, result, fastest)
     # From the origin's point of view, only the shared tier's download counts.
     result.bytes_reused += result.bytes_from_origin
     result.bytes_from_origin = origin_bytes

@@ -2,7 +2,7 @@
 
 Unlike the stock initializer, which symlinks local sources, we copy them (verified, read-only,
 behind a marker) so that the result does not change when the source does. ``/mnt/pvc/...`` keeps
-the stock behaviour (links; see pull._link_pvc).
+the stock behaviour (links; see pulling.pvc.link_pvc).
 """
 
 from __future__ import annotations

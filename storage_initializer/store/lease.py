@@ -123,6 +123,7 @@ class Lease:
         self.generation = generation
         self.data = data
         self.lost = threading.Event()
+        self._on_lost: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress: Callable[[], dict[str, Any]] = dict
@@ -140,9 +141,22 @@ class Lease:
         # Unreadable means we are rewriting it this instant (only we write this file).
         return data is None or data.get("owner") == self.owner.id
 
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the lease is lost (at once if it is already): how a holder's
+        engine is cancelled by a takeover. It may be called more than once."""
+        self._on_lost.append(callback)
+        if self.lost.is_set():
+            callback()
+
+    def mark_lost(self) -> None:
+        """The lease is lost: set :attr:`lost` and call the :meth:`on_lost` callbacks."""
+        self.lost.set()
+        for callback in list(self._on_lost):
+            callback()
+
     def ensure_held(self) -> None:
         if self.lost.is_set() or not self.still_held():
-            self.lost.set()
+            self.mark_lost()
             raise LeaseLostError(
                 f"lost the download lease of {self.entry.root} to another replica; "
                 "stopped without committing"
@@ -168,7 +182,7 @@ class Lease:
             try:
                 if not self.still_held():
                     log.warning("another replica took over the download of %s", self.entry.root)
-                    self.lost.set()
+                    self.mark_lost()
                     return
                 self._write(**self._progress())
                 failing_since = None
@@ -177,7 +191,7 @@ class Lease:
                 failing_since = failing_since or now
                 log.warning("cannot renew the download lease of %s: %s", self.entry.root, exc)
                 if now - failing_since > interval * 4:
-                    self.lost.set()
+                    self.mark_lost()
                     return
 
     def update(self, **changes: Any) -> None:

@@ -1,0 +1,94 @@
+"""The holder's staging area, beyond transfers: files already staged (a dead owner's journal)
+or already on the volume are reused rather than fetched, files fetched meanwhile by another
+pull are linked, and a single archive is extracted in place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from storage_initializer.settings import Settings
+from storage_initializer.store import layout
+from storage_initializer.store import marker as marker_io
+from storage_initializer.uri import SourceUri
+
+if TYPE_CHECKING:
+    from storage_initializer.providers.base import RemoteFile
+
+log = logging.getLogger("storage_initializer.pull")
+
+
+def reuse_volume(
+    entry: layout.Entry,
+    uri: SourceUri,
+    todo: list[RemoteFile],
+    staging: Any,
+    progress: Any,
+    settings: Settings,
+) -> list[RemoteFile]:
+    """The files still to fetch once those the volume holds are in staging (store.reuse).
+    Cache versions are always committed read-only, so they may share inodes."""
+    from storage_initializer.store import reuse
+
+    may_link = settings.read_only or entry.mode == "cache"
+    return reuse.from_volume(entry, uri.redacted, todo, staging, progress, may_link).todo
+
+
+def dedupe_fetched(
+    entry: layout.Entry,
+    uri: SourceUri,
+    fetched: list[RemoteFile],
+    staging: Any,
+    settings: Settings,
+) -> None:
+    """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
+    from storage_initializer.store import reuse
+
+    may_link = settings.read_only or entry.mode == "cache"
+    reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
+
+
+def reuse_staged(files: list[RemoteFile], staging: Any, progress: Any) -> list[RemoteFile]:
+    verified = staging.verified()
+    todo = []
+    for item in files:
+        record = verified.get(item.path)
+        ok = (
+            record is not None
+            and (item.size is None or record.size == item.size)
+            and staging.staged_size(item.path) == record.size
+            and all(item.checksums.get(a, v) == v for a, v in record.checksums.items())
+        )
+        if ok:
+            assert record is not None
+            progress.reused(record.size)
+        else:
+            if record is not None:
+                staging.forget(item.path)
+            todo.append(item)
+    return todo
+
+
+def is_archive(path: str) -> bool:
+    from storage_initializer.archive import is_archive
+
+    return is_archive(path)
+
+
+def extract_single(staging: Any, name: str, settings: Settings) -> list[marker_io.MarkerFile]:
+    from storage_initializer.archive import Limits, extract
+
+    log.info("extracting %s", name)
+    target = staging.dir / "extracted"
+    if target.exists():
+        from storage_initializer.store.fsutil import remove_tree
+
+        remove_tree(target)
+    extracted = extract(staging.data / name, target, Limits.from_settings(settings))
+    old = staging.dir / "archive-data"
+    os.rename(staging.data, old)
+    os.rename(target, staging.data)
+    shutil.rmtree(old, ignore_errors=True)
+    return [marker_io.MarkerFile(e.path, e.size, {"sha256": e.sha256}) for e in extracted]
