@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from storage_initializer.errors import RangesIgnoredError, SourceChangedError
 from storage_initializer.progress import Progress
@@ -148,17 +149,17 @@ def relabel(staging: Staging, key: str, fingerprint: str) -> None:
 def remaining(files: list[RemoteFile], staging: Staging) -> list[RemoteFile]:
     """The files of ``files`` that staging does not hold verified."""
     verified = staging.verified()
-    todo = []
-    for item in files:
-        record = verified.get(item.path)
-        kept = (
-            record is not None
-            and (item.size is None or record.size == item.size)
-            and staging.staged_size(item.path) == record.size
-        )
-        if not kept:
-            todo.append(item)
-    return todo
+    return [item for item in files if not holds(staging, item, verified.get(item.path))]
+
+
+def holds(staging: Staging, item: RemoteFile, record: Any) -> bool:
+    """Whether staging holds ``item`` as verified: a record of the listed size whose staged
+    file still has that size."""
+    return (
+        record is not None
+        and (item.size is None or record.size == item.size)
+        and staging.staged_size(item.path) == record.size
+    )
 
 
 def verified_checksums(files: list[RemoteFile], staging: Staging) -> dict[str, dict[str, str]]:

@@ -9,6 +9,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from storage_initializer.changes import holds
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
@@ -55,11 +56,8 @@ def reuse_staged(files: list[RemoteFile], staging: Any, progress: Any) -> list[R
     todo = []
     for item in files:
         record = verified.get(item.path)
-        ok = (
-            record is not None
-            and (item.size is None or record.size == item.size)
-            and staging.staged_size(item.path) == record.size
-            and all(item.checksums.get(a, v) == v for a, v in record.checksums.items())
+        ok = holds(staging, item, record) and all(
+            item.checksums.get(a, v) == v for a, v in record.checksums.items()
         )
         if ok:
             assert record is not None
