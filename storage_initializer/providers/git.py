@@ -30,11 +30,12 @@ Deliberate differences from the stock initializer (documented in docs/providers/
 honoured (the stock one passes it to the server as part of the URL and fails); symbolic links
 that stay inside the repository become copies of their target, links that leave it and
 submodules are skipped with a warning; Git LFS pointer files are kept as they are (neither
+initializer fetches LFS objects) and reported.
 
 Code layout, one job per module: :mod:`.git_remote` (the URI and credentials, the dulwich
 transport, ref resolution and fetch, error mapping), :mod:`.git_metadata` (the ``.git`` kept by
 ``git_keep_metadata``); this module writes the commit's tree out (links as copies, submodules
-skipped, LFS pointers reported) and lists it.
+skipped, LFS pointers reported) and lists it; :mod:`.scratch` reads the copies and removes them.
 """
 
 from __future__ import annotations
@@ -46,19 +47,19 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dulwich.objects import Commit
 from dulwich.repo import Repo
 
-from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import NotFoundError, TransientError
 from storage_initializer.paths import UnsafePathError, safe_relpath
-from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
+from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.providers.git_metadata import KEPT_METADATA_SUFFIX, GitMetadata
 from storage_initializer.providers.git_remote import GitRemote, parse_location
+from storage_initializer.providers.scratch import ScratchSource, parents
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ MAX_LINK_HOPS = 40
 S_IFGITLINK = 0o160000
 
 
-class GitSource(Source):
+class GitSource(ScratchSource):
     """A repository's tree at one commit; files are read from a local scratch copy."""
 
     default_workers: ClassVar[int] = 4
@@ -80,7 +81,6 @@ class GitSource(Source):
         super().__init__(uri, settings)
         self.location = parse_location(uri.raw)
         self.remote = GitRemote(self.location, uri.redacted)
-        self._scratch: Path | None = None
 
     # -- Source -------------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ class GitSource(Source):
             if stat.S_ISLNK(mode):
                 links[rel] = data.decode("utf-8", "surrogateescape")
                 continue
-            directories.update(_parents(rel))
+            directories.update(parents(rel))
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "xb") as out:
@@ -197,25 +197,6 @@ class GitSource(Source):
                 lfs,
             )
         return sorted(written.values(), key=lambda f: f.path)
-
-    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        try:
-            yield from read_local_range(file.handle, start, end, BLOCK)
-        except FileNotFoundError:
-            raise TransientError(
-                f"{self.uri.redacted}: the local copy of {file.path} disappeared"
-            ) from None
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-
-def _parents(rel: str) -> Iterator[str]:
-    parts = rel.split("/")[:-1]
-    for index in range(1, len(parts) + 1):
-        yield "/".join(parts[:index])
 
 
 def _resolve_link(

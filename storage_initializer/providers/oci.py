@@ -38,7 +38,7 @@ Code layout, one job per module: :mod:`.oci_registry` (the reference, docker ``c
 credentials, the HTTP API with its basic/bearer challenge, error mapping), :mod:`.oci_manifest`
 (manifest fetch and check, index → platform manifest), :mod:`.oci_layers` (stream, verify and
 unpack each tar layer, whiteouts, the merged tree); this module picks the layers and lists the
-merged tree (links become copies).
+merged tree (links become copies); :mod:`.scratch` reads the copies and removes them.
 
 A layer is an archive like any other, under the policy of :mod:`storage_initializer.archive`: its
 members and expanded bytes (every member's, kept or not: decompressing is the cost) count against
@@ -50,22 +50,18 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     InitializerError,
     NotFoundError,
     SourceError,
-    TransientError,
     UsageError,
 )
 from storage_initializer.paths import UnsafePathError
-from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
+from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.providers.oci_layers import LAYER_MODES, LayerExtractor, Node, Tree
 from storage_initializer.providers.oci_manifest import detect_goarch, pick_platform, resolve
 from storage_initializer.providers.oci_registry import (
@@ -73,13 +69,14 @@ from storage_initializer.providers.oci_registry import (
     docker_credentials,
     parse_reference,
 )
+from storage_initializer.providers.scratch import ScratchSource
 
 log = logging.getLogger(__name__)
 
 MAX_LINK_HOPS = 40
 
 
-class OciSource(Source):
+class OciSource(ScratchSource):
     """The ``models/`` tree of an image's layers, extracted once into local scratch space."""
 
     default_workers: ClassVar[int] = 4
@@ -89,7 +86,6 @@ class OciSource(Source):
         super().__init__(uri, settings)
         self.ref = parse_reference(uri.raw)
         self.registry = RegistryClient(self.ref)
-        self._scratch: Path | None = None
 
     # -- Source -------------------------------------------------------------------------------
 
@@ -198,19 +194,9 @@ class OciSource(Source):
             current, current_node = joined, target
         raise UnsafePathError(f"{self.uri.redacted}: the link models/{path} is a loop")
 
-    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        try:
-            yield from read_local_range(file.handle, start, end, BLOCK)
-        except FileNotFoundError:
-            raise TransientError(
-                f"{self.uri.redacted}: the local copy of {file.path} disappeared"
-            ) from None
-
     def close(self) -> None:
         self.registry.close()
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+        super().close()
 
 
 __all__ = [

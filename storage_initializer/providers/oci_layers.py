@@ -16,7 +16,7 @@ import posixpath
 import shutil
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +34,7 @@ from storage_initializer.providers.oci_registry import (
     RegistryClient,
     reason,
 )
+from storage_initializer.providers.scratch import parents
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class LayerExtractor:
         for path, node in entries:
             if node.kind != "dir" or tree.nodes.get(path, Node("x", -1)).kind != "dir":
                 tree.remove(path)
-            for parent in _parents(path):
+            for parent in parents(path):
                 if parent in tree.nodes and tree.nodes[parent].kind != "dir":
                     del tree.nodes[parent]  # a file of a lower layer replaced by a directory
             tree.nodes[path] = node
@@ -243,12 +244,6 @@ class LayerExtractor:
             raise UnsafePathError(
                 f"{self.redacted}: models/{rel} is a device, FIFO or other special file"
             )
-
-
-def _parents(rel: str) -> Iterator[str]:
-    parts = rel.split("/")[:-1]
-    for index in range(1, len(parts) + 1):
-        yield "/".join(parts[:index])
 
 
 def _normalise(name: str) -> str:
