@@ -9,7 +9,7 @@ file is hashed on the way (sha256) for the marker. Tar members also pass the sta
 ``data`` extraction filter (PEP 706) as a second opinion on names and links.
 
 The same policy serves every tar a source hands us: the layers of an ``oci://`` image
-(providers/oci.py) go through :class:`Budget`, :func:`check_tar_member` and
+(providers/oci_layers.py) go through :class:`Budget`, :func:`check_tar_member` and
 :func:`write_member` exactly as a downloaded ``.tar.gz`` does.
 """
 
