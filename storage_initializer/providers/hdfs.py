@@ -76,7 +76,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 4
-#: Bytes per yielded block: bounded memory per worker whatever the range.
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 #: The hdfs package's marker for "the newest entry here", optionally N levels deep.
