@@ -39,13 +39,10 @@ digest over paths, sizes, modification times and file ids.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -54,18 +51,23 @@ import requests
 from storage_initializer import tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
-    AccessDeniedError,
     InitializerError,
     NotFoundError,
     SourceChangedError,
     SourceError,
     TransientError,
-    UsageError,
 )
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
-from storage_initializer.redact import register_secret
+from storage_initializer.providers.hdfs_config import (  # noqa: F401 (load_config: tests)
+    HdfsConfig,
+    _kerberos_auth,
+    load_config,
+    uri_path,
+)
+from storage_initializer.providers.hdfs_errors import WebHdfsErrors
+from storage_initializer.providers.ranged import stream_range
 
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
@@ -73,186 +75,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SECRET_DIR = "/var/secrets/kserve-hdfscreds"
-#: Settings whose file is used by path (binary secrets), as the stock's _HDFS_FILE_SECRETS.
-FILE_SECRETS = ("KERBEROS_KEYTAB", "TLS_CERT", "TLS_KEY", "TLS_CA")
-#: Settings read as text.
-TEXT_SETTINGS = (
-    "HDFS_NAMENODE",
-    "USER_PROXY",
-    "HDFS_ROOTPATH",
-    "TLS_SKIP_VERIFY",
-    "HEADERS",
-    "N_THREADS",
-    "KERBEROS_PRINCIPAL",
-)
 DEFAULT_WORKERS = 4
-#: Bytes per yielded block: bounded memory per worker whatever the range.
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
-#: RemoteException classes that mean "ask again (maybe another namenode)".
-RETRIABLE_EXCEPTIONS = frozenset(
-    {
-        "StandbyException",
-        "RetriableException",
-        "SafeModeException",
-        "ObserverRetryOnActiveException",
-    }
-)
-DENIED_EXCEPTIONS = frozenset(
-    {
-        "AccessControlException",
-        "AuthorizationException",
-        "AuthenticationException",
-        "SecurityException",
-        "InvalidToken",
-    }
-)
-NOT_FOUND_EXCEPTIONS = frozenset({"FileNotFoundException"})
 #: The hdfs package's marker for "the newest entry here", optionally N levels deep.
 _LATEST_RE = re.compile(r"/?#LATEST(?:\{(\d+)\})?(?=/|$)")
 
 
-@dataclass(frozen=True)
-class HdfsConfig:
-    """The settings of ``HDFS_SECRET_DIR``; file secrets are paths, the rest text."""
-
-    secret_dir: str
-    namenodes: tuple[str, ...]
-    user_proxy: str | None = None
-    root: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    tls_skip_verify: bool = False
-    headers: Mapping[str, str] = field(default_factory=dict)
-    n_threads: int | None = None
-    kerberos_principal: str | None = None
-    kerberos_keytab: str | None = None
-
-
-def _normalise_namenode(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url  # the hdfs package requires a scheme; a bare host:port means http
-    if url.endswith("/webhdfs/v1"):
-        url = url[: -len("/webhdfs/v1")]
-    return url
-
-
-def load_config(environ: Mapping[str, str] | None = None) -> HdfsConfig:
-    """Read ``HDFS_SECRET_DIR`` as the stock initializer does, with clear errors.
-
-    Text values are stripped (a secret made ``--from-file`` ends with a newline, which the stock
-    would send as part of the namenode URL). A missing directory is not an error by itself: the
-    missing namenode is, and the message says where it was looked for.
-    """
-    environ = os.environ if environ is None else environ
-    secret_dir = environ.get("HDFS_SECRET_DIR") or DEFAULT_SECRET_DIR
-    values: dict[str, str | None] = {}
-    for name in (*TEXT_SETTINGS, *FILE_SECRETS):
-        path = os.path.join(secret_dir, name)
-        if not os.path.isfile(path):
-            values[name] = None
-        elif name in FILE_SECRETS:
-            values[name] = path
-        else:
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    values[name] = handle.read().strip() or None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(
-                    f"cannot read the HDFS setting {path}: {type(exc).__name__}"
-                ) from None
-    namenode = values["HDFS_NAMENODE"]
-    if not namenode:
-        raise UsageError(
-            f"no HDFS namenode configured: {os.path.join(secret_dir, 'HDFS_NAMENODE')} "
-            "does not exist or is empty",
-            "Mount the HDFS secret (files HDFS_NAMENODE, ...) at HDFS_SECRET_DIR "
-            f"(default {DEFAULT_SECRET_DIR}), or give a storage-config entry of type hdfs",
-        )
-    headers: dict[str, str] = {}
-    if values["HEADERS"]:
-        try:
-            loaded = json.loads(values["HEADERS"])
-        except ValueError:
-            loaded = None
-        if not isinstance(loaded, dict):
-            raise UsageError(
-                f"{os.path.join(secret_dir, 'HEADERS')} is not a JSON object",
-                'Write it as {"Header-Name": "value"}',
-            )
-        headers = {str(k): str(v) for k, v in loaded.items()}
-        for value in headers.values():
-            register_secret(value)
-            for part in value.split():
-                if len(part) >= 8:
-                    register_secret(part)
-    threads: int | None = None
-    if values["N_THREADS"]:
-        try:
-            threads = int(values["N_THREADS"])
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise UsageError(
-                f"N_THREADS in {secret_dir} must be a positive integer, got {values['N_THREADS']!r}"
-            )
-    skip = (values["TLS_SKIP_VERIFY"] or "false").strip().lower() == "true"
-    return HdfsConfig(
-        secret_dir=secret_dir,
-        namenodes=tuple(_normalise_namenode(u) for u in namenode.split(";") if u.strip()),
-        user_proxy=values["USER_PROXY"],
-        root=values["HDFS_ROOTPATH"],
-        tls_cert=values["TLS_CERT"],
-        tls_key=values["TLS_KEY"],
-        tls_ca=values["TLS_CA"],
-        tls_skip_verify=skip,
-        headers=headers,
-        n_threads=threads,
-        kerberos_principal=values["KERBEROS_PRINCIPAL"],
-        kerberos_keytab=values["KERBEROS_KEYTAB"],
-    )
-
-
-def uri_path(raw: str) -> str:
-    """Everything after ``hdfs://``/``webhdfs://``: the stock's notion of the HDFS path."""
-    scheme, sep, rest = raw.strip().partition("://")
-    if not sep or scheme.lower() not in ("hdfs", "webhdfs"):
-        raise UsageError(f"{raw!r} is not an hdfs:// or webhdfs:// URI")
-    return rest
-
-
-def _kerberos_auth(principal: str, keytab: str | None, redacted: str) -> requests.auth.AuthBase:
-    """SPNEGO with credentials from the keytab, kept in a private in-memory cache (the stock's
-    krbContext writes the process-wide ticket cache instead)."""
-    try:
-        import gssapi
-        from requests_gssapi import OPTIONAL, HTTPSPNEGOAuth
-    except ImportError:
-        raise UsageError(
-            f"{redacted}: KERBEROS_PRINCIPAL is set but Kerberos support is not installed",
-            "Kerberos needs pip install 'storage-initializer[kerberos]' (requests-gssapi)",
-        ) from None
-    if not keytab:
-        raise UsageError(
-            f"{redacted}: KERBEROS_PRINCIPAL is set but there is no KERBEROS_KEYTAB file",
-            "Add the keytab (base64 in the storage-config secret) next to the principal",
-        )
-    try:
-        name = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
-        store = {"client_keytab": keytab, "ccache": f"MEMORY:storage-initializer-{os.getpid()}"}
-        creds = gssapi.Credentials(name=name, usage="initiate", store=store)
-    except gssapi.exceptions.GSSError as exc:
-        raise AccessDeniedError(
-            f"{redacted}: Kerberos login as {principal} with the keytab failed: {exc}",
-            "Check KERBEROS_PRINCIPAL, the keytab and the cluster's krb5.conf",
-        ) from None
-    return HTTPSPNEGOAuth(creds=creds, mutual_authentication=OPTIONAL)
-
-
-class HdfsSource(Source):
+class HdfsSource(WebHdfsErrors, Source):
     """A file or directory tree on HDFS, read with ranged WebHDFS OPENs."""
 
     default_workers: ClassVar[int] = DEFAULT_WORKERS
@@ -350,66 +180,6 @@ class HdfsSource(Source):
             params["doas"] = self.config.user_proxy
         params.update(extra or {})
         return params
-
-    # -- errors -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _remote_exception(response: requests.Response) -> tuple[str, str]:
-        try:
-            body = response.json()
-        except ValueError:
-            return "", (response.text or "").strip().splitlines()[0][:300] if response.text else ""
-        remote = body.get("RemoteException") if isinstance(body, dict) else None
-        if not isinstance(remote, dict):
-            return "", ""
-        return str(remote.get("exception", "")), str(remote.get("message", ""))[:500]
-
-    def _http_error(self, response: requests.Response, what: str) -> InitializerError:
-        status = response.status_code
-        exception, message = self._remote_exception(response)
-        detail = f"HTTP {status}" + (f" {exception}" if exception else "")
-        detail += f": {message}" if message else ""
-        where = f"{self.uri.redacted}: {what}"
-        if exception in RETRIABLE_EXCEPTIONS:
-            return TransientError(
-                f"{where}: the namenode answered {detail}",
-                retry_after=httpcommon.retry_after(response.headers),
-            )
-        if exception in NOT_FOUND_EXCEPTIONS or (status == 404 and not exception):
-            hint = "Check the path: the URI's part after the scheme is the HDFS path"
-            first = self._relative.split("/", 1)[0]
-            if ":" in first or first.count(".") >= 2:
-                hint += (
-                    f" ({first!r} is read as a directory, not as the namenode: the namenode "
-                    "comes from HDFS_NAMENODE, as in KServe's stock initializer)"
-                )
-            return NotFoundError(f"{where}: not found ({detail})", hint)
-        if exception in DENIED_EXCEPTIONS or status in (401, 403):
-            return AccessDeniedError(
-                f"{where}: access denied ({detail})",
-                "Check USER_PROXY, the Kerberos principal/keytab or HEADERS in the HDFS secret, "
-                "and the HDFS permissions of the path",
-            )
-        if status == 429 or status >= 500:
-            message = f"{where}: {detail}"
-        else:
-            message = f"{where}: unexpected answer {detail}"
-        return httpcommon.status_error(response, message) or SourceError(message)
-
-    def _unreachable(self, exc: Exception, namenodes: list[str]) -> SourceError:
-        if isinstance(exc, requests.exceptions.SSLError):
-            return SourceError(
-                f"{self.uri.redacted}: TLS handshake with the namenode "
-                f"{', '.join(namenodes)} failed ({type(exc).__name__})",
-                "Give the namenode's CA as TLS_CA (or the global CA bundle), or set "
-                "TLS_SKIP_VERIFY=true if you accept an unverified connection",
-            )
-        return SourceError(
-            f"{self.uri.redacted}: cannot reach the HDFS namenode "
-            f"{', '.join(namenodes)} ({type(exc).__name__})",
-            "Check HDFS_NAMENODE in the HDFS secret (a WebHDFS URL such as "
-            "http://namenode:9870) and that the pod can reach it",
-        )
 
     # -- namenode requests, with HA failover --------------------------------------------------
 
@@ -555,28 +325,17 @@ class HdfsSource(Source):
             location = response.headers.get("Location", "")
             response.close()
             response = self._datanode(location, what)
+        # OPEN's offset/length already select the range: the answer is the range itself.
         with response:
-            wanted = None if end is None else end - start
-            sent = 0
-            try:
-                for block in response.iter_content(BLOCK):
-                    if wanted is not None and sent + len(block) > wanted:
-                        block = block[: wanted - sent]
-                    if block:
-                        sent += len(block)
-                        yield block
-                    if wanted is not None and sent >= wanted:
-                        break
-            except requests.RequestException as exc:
-                raise TransientError(
-                    f"{self.uri.redacted}: {what}: transfer failed ({type(exc).__name__})"
-                ) from None
-            expected = wanted if wanted is not None else (file.size or 0) - start
-            if sent < expected:
-                raise TransientError(
-                    f"{self.uri.redacted}: {what}: connection closed after {sent} of "
-                    f"{expected} bytes"
-                )
+            yield from stream_range(
+                response,
+                start,
+                end,
+                label=f"{self.uri.redacted}: {what}",
+                ranged=False,
+                file_size=file.size or 0,
+                block=BLOCK,
+            )
         self._check_unchanged(file, what)
 
     def _check_unchanged(self, file: RemoteFile, what: str) -> None:

@@ -27,6 +27,10 @@ and as the ``m_session_id`` cookie, like the client), ``MODELSCOPE_ENDPOINT`` or
 to ``https://www.modelscope.ai`` when the model is not there (``MODELSCOPE_PREFER_AI_SITE=true``
 swaps the order), as the client's ``resolve_endpoint_for_read`` does. Allow/ignore patterns are
 applied by the pipeline to the listed paths (fnmatch on the relative path).
+
+This module is the client (revision, listing, reads); the URI grammar and endpoint settings are
+in :mod:`.modelscope_uri`, error wording in :mod:`.modelscope_errors`, and what the Hugging Face
+provider does the same way in :mod:`.hub_common`.
 """
 
 from __future__ import annotations
@@ -35,21 +39,16 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import requests
 
 from storage_initializer import tls
-from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
     AccessDeniedError,
-    InitializerError,
     NotFoundError,
     SourceError,
-    TransientError,
-    UsageError,
 )
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers import httpcommon
@@ -60,7 +59,19 @@ from storage_initializer.providers.base import (
     fingerprint_of,
     is_true,
 )
-from storage_initializer.providers.ranged import stream_range
+from storage_initializer.providers.hub_common import (
+    checked_body,
+    get_ok,
+    range_headers,
+    raw_bytes,
+)
+from storage_initializer.providers.modelscope_errors import ModelScopeErrors
+from storage_initializer.providers.modelscope_uri import (
+    DEFAULT_ENDPOINT,
+    INTL_ENDPOINT,
+    configured_endpoint,
+    parse_modelscope_uri,
+)
 from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
@@ -69,73 +80,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://modelscope.cn"
-INTL_ENDPOINT = "https://www.modelscope.ai"
-DEFAULT_REVISION = "master"
 #: ``repo/files`` silently truncates a listing at this many entries (modelscope_hub's
 #: REPO_FILES_TRUNCATION_LIMIT); a listing that long is walked directory by directory.
 TRUNCATION_LIMIT = 3000
 METADATA_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{7,64}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    repo_id: str  # "owner/name"
-    revision: str  # as written; "master" when absent
-
-
-def parse_modelscope_uri(raw: str, redacted: str) -> ModelRef:
-    """``modelscope://owner/model[:revision]``, exactly the stock's form (two components)."""
-    rest = raw.strip()
-    if not rest.lower().startswith("modelscope://"):
-        raise UsageError(f"{redacted} is not a modelscope:// URI")
-    rest = rest[len("modelscope://") :]
-    parts = rest.split("/")
-    form = "modelscope://owner/model[:revision]"
-    if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise UsageError(
-            f"invalid ModelScope URI {redacted}: expected {form}",
-            "Name the model as owner/model, e.g. modelscope://Qwen/Qwen2.5-0.5B-Instruct",
-        )
-    owner, model_part = parts
-    model, colon, revision = model_part.partition(":")
-    for label, value in (("owner", owner), ("model name", model)):
-        if not _NAME_RE.match(value) or ".." in value:
-            raise UsageError(
-                f"invalid ModelScope URI {redacted}: bad {label} {value!r}", f"Expected {form}"
-            )
-    if colon and not revision:
-        raise UsageError(
-            f"invalid ModelScope URI {redacted}: empty revision after ':'",
-            "Write modelscope://owner/model:<branch or tag>, or drop the ':'",
-        )
-    return ModelRef(f"{owner}/{model}", revision or DEFAULT_REVISION)
-
-
-def configured_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
-    """``MODELSCOPE_ENDPOINT``, else ``MODELSCOPE_DOMAIN``, normalised as the client does
-    (scheme added when missing, no trailing slash); None when neither is set."""
-    environ = os.environ if environ is None else environ
-    value = (environ.get("MODELSCOPE_ENDPOINT") or "").strip()
-    if not value:
-        value = (environ.get("MODELSCOPE_DOMAIN") or "").strip()
-    if not value:
-        return None
-    if not value.lower().startswith(("http://", "https://")):
-        value = "https://" + value
-    return value.rstrip("/")
-
-
-def _raw_bytes(session: requests.Session) -> None:
-    session.headers["Accept-Encoding"] = "identity"  # sizes and ranges of raw bytes
-
-
-class ModelScopeSource(Source):
+class ModelScopeSource(ModelScopeErrors, Source):
     """A ModelScope model at one revision, read with parallel ranged GETs."""
 
     default_workers: ClassVar[int] = 8
@@ -157,7 +112,7 @@ class ModelScopeSource(Source):
             self.endpoints = [DEFAULT_ENDPOINT, INTL_ENDPOINT]
         self.endpoint = self.endpoints[0]
         self.commit: str | None = None
-        self._sessions = httpcommon.SessionPool(_raw_bytes)
+        self._sessions = httpcommon.SessionPool(raw_bytes)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -178,60 +133,6 @@ class ModelScopeSource(Source):
     def _api(self) -> str:
         return f"{self.endpoint}/api/v1/models/{self.ref.repo_id}"
 
-    # -- errors -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _message(response: requests.Response) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            return ""
-        if isinstance(body, dict):
-            for key in ("Message", "message", "msg"):
-                if isinstance(body.get(key), str):
-                    return body[key][:300]
-        return ""
-
-    def _http_error(self, response: requests.Response, what: str) -> InitializerError:
-        status = response.status_code
-        message = self._message(response)
-        detail = f"HTTP {status}" + (f": {message}" if message else "")
-        where = f"{self.uri.redacted}: {what}"
-        if status == 401:
-            if self.token:
-                return AccessDeniedError(
-                    f"{where}: ModelScope rejected the token ({detail})",
-                    "MODELSCOPE_API_TOKEN is not a valid token: create an access token on "
-                    "ModelScope and update the secret",
-                )
-            return AccessDeniedError(
-                f"{where}: ModelScope refused anonymous access ({detail}): the model is private "
-                "or does not exist",
-                "Set MODELSCOPE_API_TOKEN (e.g. from a secret) to a token that can read it",
-            )
-        if status == 403:
-            return AccessDeniedError(
-                f"{where}: access forbidden ({detail})",
-                "Check that the account of MODELSCOPE_API_TOKEN can read this model",
-            )
-        if status == 404:
-            return NotFoundError(f"{where}: not found ({detail})")
-        if status == 429 or status >= 500:
-            message = f"{where}: {detail}"
-        elif status == 416:
-            message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
-        else:
-            message = f"{where}: unexpected answer {detail}"
-        return httpcommon.status_error(response, message) or SourceError(message)
-
-    def _transport_error(self, exc: Exception, what: str) -> InitializerError:
-        if isinstance(exc, requests.exceptions.SSLError):
-            return SourceError(
-                f"{self.uri.redacted}: {what}: TLS verification of {self.endpoint} failed",
-                "Add the endpoint's CA to the global CA bundle, or check MODELSCOPE_ENDPOINT",
-            )
-        return TransientError(f"{self.uri.redacted}: {what}: {type(exc).__name__}")
-
     # -- metadata -----------------------------------------------------------------------------
 
     def _get_json(self, url: str, what: str, params: Mapping[str, str] | None = None) -> Any:
@@ -239,40 +140,18 @@ class ModelScopeSource(Source):
         (list() runs once; the engine retries reads, not listings)."""
 
         def attempt() -> Any:
-            try:
-                response = self._session().get(
-                    url,
-                    params=params,
-                    headers=self._hub_headers(),
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                    verify=tls.requests_verify(),
-                )
-            except requests.RequestException as exc:
-                raise self._transport_error(exc, what) from None
-            if response.status_code != 200:
-                raise self._http_error(response, what)
+            response = get_ok(
+                self._session(),
+                url,
+                params=params,
+                headers=self._hub_headers(),
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                transport_error=lambda exc: self._transport_error(exc, what),
+                http_error=lambda answer: self._http_error(answer, what),
+            )
             return self._data(response, what)
 
         return httpcommon.with_backoff(attempt, METADATA_ATTEMPTS)
-
-    def _data(self, response: requests.Response, what: str) -> Any:
-        """The ``Data`` of the Hub's envelope; ``Success: false`` in a 200 is an error too."""
-        try:
-            body = response.json()
-        except ValueError:
-            raise SourceError(
-                f"{self.uri.redacted}: {what}: the Hub answered something that is not JSON",
-                f"Check that MODELSCOPE_ENDPOINT ({self.endpoint}) points at a ModelScope Hub",
-            ) from None
-        if not isinstance(body, dict):
-            raise SourceError(f"{self.uri.redacted}: {what}: unexpected answer")
-        code = body.get("Code")
-        if body.get("Success") is False or (isinstance(code, int) and code not in (0, 200)):
-            message = str(body.get("Message") or code)
-            if "not exist" in message.lower() or "not found" in message.lower():
-                raise NotFoundError(f"{self.uri.redacted}: {what}: {message}")
-            raise SourceError(f"{self.uri.redacted}: {what}: {message}")
-        return body.get("Data", body)
 
     def _resolve_revision(self) -> str | None:
         """Check the revision exists; return its commit when the Hub tells it."""
@@ -393,10 +272,7 @@ class ModelScopeSource(Source):
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if end is not None and end <= start:
             return
-        headers: dict[str, str] = {}
-        ranged = start > 0 or end is not None
-        if ranged:
-            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        headers = range_headers(start, end)
         what = f"downloading {file.path}"
         url = f"{self._api}/repo"
         params = {"Revision": self.ref.revision, "FilePath": file.handle}
@@ -429,26 +305,11 @@ class ModelScopeSource(Source):
                 hops += 1
         except requests.RequestException as exc:
             raise self._transport_error(exc, what) from None
-        with response:
-            if response.status_code not in (200, 206):
-                raise self._http_error(response, what)
-            yield from self._body(response, file, start, end, ranged, what)
-
-    def _body(
-        self,
-        response: requests.Response,
-        file: RemoteFile,
-        start: int,
-        end: int | None,
-        ranged: bool,
-        what: str,
-    ) -> Iterator[bytes]:
-        return stream_range(
+        yield from checked_body(
             response,
             start,
             end,
-            label=f"{self.uri.redacted}: {what}",
-            ranged=ranged,
             file_size=file.size,
-            block=BLOCK,
+            label=f"{self.uri.redacted}: {what}",
+            http_error=lambda answer: self._http_error(answer, what),
         )
