@@ -34,6 +34,7 @@ from storage_initializer.errors import (
 )
 from storage_initializer.providers import aws_credentials, s3_lean
 from storage_initializer.providers.base import RemoteFile, Source
+from storage_initializer.providers.block_window import take_window
 from storage_initializer.providers.s3_config import (  # noqa: F401  (tests use these names)
     _is_true,
     client_kwargs,
@@ -176,27 +177,22 @@ class S3Source(S3Listing, S3ErrorMapping, Source):
         skip = start if (not whole and not answer.get("ContentRange")) else 0
         remaining = None if end is None else end - start
         try:
-            while remaining is None or remaining > 0:
-                try:
-                    block = body.read(BLOCK)
-                except _STREAM_ERRORS as exc:
-                    raise TransientError(
-                        f"{where}: the transfer broke off: {redact(str(exc))}"
-                    ) from exc
-                if not block:
-                    return
-                if skip:
-                    cut = min(skip, len(block))
-                    block = block[cut:]
-                    skip -= cut
-                    if not block:
-                        continue
-                if remaining is not None:
-                    block = block[:remaining]
-                    remaining -= len(block)
-                yield block
+            yield from take_window(self._body_blocks(body, where), skip, remaining)
         finally:
             body.close()
+
+    def _body_blocks(self, body: Any, where: str) -> Iterator[bytes]:
+        """The blocks of a GET's streamed body; a broken connection is a TransientError."""
+        while True:
+            try:
+                block = body.read(BLOCK)
+            except _STREAM_ERRORS as exc:
+                raise TransientError(
+                    f"{where}: the transfer broke off: {redact(str(exc))}"
+                ) from exc
+            if not block:
+                return
+            yield block
 
     def _key_of(self, file: RemoteFile) -> str:
         """The object key of a file that carries no handle (rebuilt from a marker)."""

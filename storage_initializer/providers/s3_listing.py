@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from storage_initializer import checksums
-from storage_initializer.errors import InitializerError, NotFoundError, SourceError
+from storage_initializer.errors import InitializerError, NotFoundError
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile, fingerprint_of
+from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
@@ -209,12 +210,7 @@ class S3Listing:
             key = item["Key"]
             relative = key.rpartition("/")[2] if prefix is None else key[len(prefix) :]
             path = safe_relpath(relative, what="object")
-            if path in seen:
-                raise SourceError(
-                    f"{self.uri.redacted}: objects {seen[path]!r} and {key!r} both map to {path!r}",
-                    "Rename one of the objects; keys with empty or '.' segments collide",
-                )
-            seen[path] = key
+            claim_path(seen, path, key, self.uri.redacted, "keys")
             etag = str(item.get("ETag", ""))
             sums: dict[str, str] = {}
             md5 = _etag_md5(etag)
@@ -238,17 +234,7 @@ class S3Listing:
 
     def _check_tree(self, files: list[RemoteFile]) -> None:
         """A key cannot be both a file and a directory on disk (``a`` and ``a/b``)."""
-        paths = {f.path for f in files}
-        for path in paths:
-            parent = path.rpartition("/")[0]
-            while parent:
-                if parent in paths:
-                    raise SourceError(
-                        f"{self.uri.redacted}: {parent!r} is both an object and a directory "
-                        f"(it holds {path!r})",
-                        "A model directory cannot hold both; remove or rename one object",
-                    )
-                parent = parent.rpartition("/")[0]
+        refuse_file_directory_clash({f.path for f in files}, self.uri.redacted)
 
     def _head(self, key: str) -> dict[str, Any]:
         return self._call(
