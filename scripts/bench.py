@@ -77,9 +77,9 @@ PATCHED_CODE = """
 import os, sys
 patch = os.environ.get("BENCH_PATCH", "")
 if "no-head" in patch:
-    from storage_initializer.providers import s3
-    s3.CHEAP_CHECKSUM_MIN_SIZE = 1 << 62
-    s3._verifiable = lambda algorithms: False
+    from storage_initializer.providers import s3_listing
+    s3_listing.CHEAP_CHECKSUM_MIN_SIZE = 1 << 62
+    s3_listing._verifiable = lambda algorithms: False
 if "no-hash" in patch:
     from storage_initializer import checksums
     class Null:

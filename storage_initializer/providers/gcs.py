@@ -23,22 +23,17 @@ for ranges) and writes to a file object rather than yielding blocks.
 from __future__ import annotations
 
 import binascii
-import json
 import logging
-import os
 import posixpath
 from collections.abc import Iterator
-from http.client import HTTPException
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
-import google.auth
 import requests
-import urllib3.exceptions as u3
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exc
-from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
 from requests.adapters import HTTPAdapter
@@ -46,17 +41,26 @@ from requests.adapters import HTTPAdapter
 from storage_initializer import checksums, tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import (
-    AccessDeniedError,
-    InitializerError,
     NotFoundError,
-    SourceChangedError,
-    SourceError,
     TransientError,
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.providers.block_window import take_window
+from storage_initializer.providers.gcs_auth import (
+    emulator_endpoint,
+    load_credentials,
+)
+from storage_initializer.providers.gcs_errors import (
+    _RETRYABLE_ERRORS,
+    _STREAM_ERRORS,
+    _TRANSIENT_STATUS,
+    GcsErrorMapping,
+    _status_of,
+    is_connect_failure,
+)
+from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
@@ -65,9 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Size of the blocks :meth:`GcsSource.read` yields: bounded memory whatever the range.
-#: We only read; a read-only token limits what a leaked token could do.
-SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
 CONNECT_TIMEOUT = 15.0
 #: Seconds without a byte before a read is abandoned (and retried by the engine).
 READ_TIMEOUT = 60.0
@@ -80,28 +81,6 @@ LIST_RETRY_DEADLINE = 30.0
 CONNECT_RETRIES = 2
 #: Only the fields we use: listings of big trees are several times smaller.
 LIST_FIELDS = "items(name,size,crc32c,md5Hash,generation,contentEncoding),nextPageToken"
-EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
-CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
-
-_CONNECT_ERRORS = (
-    u3.NewConnectionError,
-    u3.ConnectTimeoutError,
-    requests.exceptions.ConnectTimeout,
-)
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-#: Errors while a body streams or a request is sent: the read can be retried.
-_STREAM_ERRORS: tuple[type[BaseException], ...] = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-    u3.HTTPError,
-    HTTPException,
-    ConnectionError,
-    TimeoutError,
-)
-
-_RETRYABLE_ERRORS = (*_STREAM_ERRORS, auth_exc.TransportError)
 
 
 def split_gs_uri(raw: str) -> tuple[str, str]:
@@ -110,86 +89,6 @@ def split_gs_uri(raw: str) -> tuple[str, str]:
     rest = raw.strip()[len("gs://") :]
     bucket, _, path = rest.partition("/")
     return bucket, path
-
-
-def emulator_endpoint() -> str | None:
-    """``STORAGE_EMULATOR_HOST`` as a URL; a bare ``host:port`` (as many emulator guides write it)
-    gets ``http://``, which google-cloud-storage would otherwise send to requests unchanged."""
-    value = os.environ.get(EMULATOR_ENV, "").strip().rstrip("/")
-    if not value:
-        return None
-    return value if "://" in value else "http://" + value
-
-
-def load_credentials() -> tuple[Credentials, str | None, str]:
-    """(credentials, project, what to call them in logs and hints).
-
-    An emulator gets anonymous credentials (as google-cloud-storage gives it). A key file named
-    by ``GOOGLE_APPLICATION_CREDENTIALS`` must load: the stock initializer silently falls back to
-    anonymous when it does not, which turns a broken secret mount into a confusing 401 later.
-    Otherwise Application Default Credentials, else anonymous (the stock behaviour).
-    """
-    if emulator_endpoint():
-        return AnonymousCredentials(), None, f"anonymous credentials ({EMULATOR_ENV} is set)"
-    keyfile = os.environ.get(CREDENTIALS_ENV, "").strip()
-    if keyfile:
-        try:
-            if not os.path.isfile(keyfile):
-                raise auth_exc.DefaultCredentialsError(f"File {keyfile} was not found.")
-            # google.auth.default reads the file as the stock initializer's storage.Client()
-            # does (service account, external account, authorized user).
-            credentials, project = google.auth.default(scopes=SCOPES)
-        except auth_exc.DefaultCredentialsError as exc:
-            raise UsageError(
-                f"{CREDENTIALS_ENV}={keyfile} cannot be used: {redact(str(exc))}",
-                "Mount the service account key JSON there (KServe's GCS secret), or unset "
-                f"{CREDENTIALS_ENV} to use Workload Identity or anonymous access",
-            ) from exc
-        return credentials, project, f"the credentials in {CREDENTIALS_ENV}={keyfile}"
-    try:
-        credentials, project = google.auth.default(scopes=SCOPES)
-    except auth_exc.DefaultCredentialsError:
-        return AnonymousCredentials(), None, "anonymous credentials (no credentials found)"
-    return credentials, project, "Application Default Credentials (e.g. Workload Identity)"
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and everything it wraps (requests and urllib3 nest their reasons in ``args``)."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        stack.extend(arg for arg in getattr(item, "args", ()) if isinstance(arg, BaseException))
-        reason = getattr(item, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
-        for linked in (item.__cause__, item.__context__):
-            if linked is not None:
-                stack.append(linked)
-
-
-def is_connect_failure(exc: BaseException) -> bool:
-    """Whether no connection could be opened at all (refused, unknown host, connect timeout):
-    the endpoint is wrong or down, not merely busy."""
-    return any(isinstance(item, _CONNECT_ERRORS) for item in _causes(exc))
-
-
-def _connect_reason(exc: BaseException) -> str:
-    """The short reason of a connection failure ("[Errno 111] Connection refused"), not urllib3's
-    paragraph with the whole request URL."""
-    for item in _causes(exc):
-        if isinstance(item, u3.NewConnectionError | u3.ConnectTimeoutError):
-            return redact(str(item).rpartition("): ")[2] or str(item))
-    return redact(str(exc))
-
-
-def _status_of(exc: BaseException) -> int:
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, int) else 0
 
 
 def _listing_retry() -> Retry:
@@ -213,19 +112,6 @@ def _listing_retry() -> Retry:
     return Retry(predicate=retryable, initial=0.25, maximum=8.0, timeout=LIST_RETRY_DEADLINE)
 
 
-def _error_message(body: bytes) -> str:
-    """The ``error.message`` of a JSON API error body, else its first line."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-        if message:
-            return str(message)
-    except ValueError:
-        pass
-    return text.splitlines()[0][:200] if text else ""
-
-
 def _b64_hex(value: str | None, length: int) -> str | None:
     """A base64 checksum from the API as hex, or None if it is not ``length`` bytes long."""
     if not value:
@@ -237,8 +123,9 @@ def _b64_hex(value: str | None, length: int) -> str | None:
     return raw if len(raw) == 2 * length else None
 
 
-class GcsSource(Source):
-    """Objects of one GCS bucket under one prefix, or one object."""
+class GcsSource(GcsErrorMapping, Source):
+    """Objects of one GCS bucket under one prefix, or one object: the client, listing and reads
+    here, the error mapping in :class:`~.gcs_errors.GcsErrorMapping`."""
 
     default_workers: ClassVar[int] = 16
     supports_ranges: ClassVar[bool] = True
@@ -370,24 +257,8 @@ class GcsSource(Source):
         directory (``a``, ``a/b``) cannot be written as one tree: refuse, never mix."""
         seen: dict[str, str] = {}
         for item in files:
-            name = item.handle[0]
-            if item.path in seen:
-                raise SourceError(
-                    f"{self.uri.redacted}: objects {seen[item.path]!r} and {name!r} both map to "
-                    f"{item.path!r}",
-                    "Rename one of the objects; names with empty or '.' segments collide",
-                )
-            seen[item.path] = name
-        for path in seen:
-            parent = path.rpartition("/")[0]
-            while parent:
-                if parent in seen:
-                    raise SourceError(
-                        f"{self.uri.redacted}: {parent!r} is both an object and a directory "
-                        f"(it holds {path!r})",
-                        "A model directory cannot hold both; remove or rename one object",
-                    )
-                parent = parent.rpartition("/")[0]
+            claim_path(seen, item.path, item.handle[0], self.uri.redacted, "names")
+        refuse_file_directory_clash(seen, self.uri.redacted)
 
     # ------------------------------------------------------------------ reading
 
@@ -438,19 +309,7 @@ class GcsSource(Source):
             # object: cut our part out rather than write it at the wrong offset.
             skip = start if response.status_code == 200 else 0
             remaining = None if end is None else end - start
-            for block in self._blocks(response, where):
-                if skip:
-                    cut = min(skip, len(block))
-                    block = block[cut:]
-                    skip -= cut
-                    if not block:
-                        continue
-                if remaining is not None:
-                    block = block[:remaining]
-                    remaining -= len(block)
-                yield block
-                if remaining == 0:
-                    return
+            yield from take_window(self._blocks(response, where), skip, remaining)
         finally:
             response.close()
 
@@ -468,105 +327,10 @@ class GcsSource(Source):
             if block:
                 yield block
 
-    def _status_error(
-        self, response: requests.Response, where: str, generation: int | None
-    ) -> InitializerError:
-        status = response.status_code
-        try:
-            body = next(response.iter_content(4096), b"")
-        except _STREAM_ERRORS:
-            body = b""
-        detail = f"HTTP {status}" + (f": {redact(_error_message(body))}" if body else "")
-        if status in _TRANSIENT_STATUS:
-            return TransientError(
-                f"{where}: GCS is overloaded or failing: {detail}",
-                retry_after=httpcommon.retry_after(response.headers),
-            )
-        if status in (401, 403):
-            return self._denied(where, detail)
-        if status in (404, 412, 416):
-            # Read pinned to the listed generation: 404 once that generation is replaced or
-            # deleted. The pull lists again and fetches the new version whole.
-            pinned = f" (generation {generation})" if generation else ""
-            return SourceChangedError(
-                f"{where}: the object{pinned} was replaced or deleted after it was listed: {detail}"
-            )
-        return SourceError(f"{where}: GCS error {detail}")
-
-    # ------------------------------------------------------------------ errors
-
-    def _denied(self, where: str, detail: str) -> AccessDeniedError:
-        if isinstance(self.session.credentials, AnonymousCredentials):
-            hint = (
-                "The request was anonymous and the bucket is not public: give the pod "
-                f"{CREDENTIALS_ENV} (KServe's GCS secret) or a Workload Identity service account"
-            )
-        else:
-            hint = (
-                f"We used {self._credentials_desc}; grant that identity roles/storage.objectViewer "
-                f"(storage.objects.list and storage.objects.get) on gs://{self.bucket}"
-            )
-        return AccessDeniedError(f"{where}: access denied by GCS: {detail}", hint)
-
-    def _map_error(self, exc: BaseException, where: str, listing: bool = True) -> InitializerError:
-        """Turn a google-api-core/google-auth/requests failure into one of ours."""
-        if isinstance(exc, InitializerError):
-            return exc
-        retried = ""
-        if isinstance(exc, gexc.RetryError):
-            retried = f" (still failing after retrying for {LIST_RETRY_DEADLINE:g}s)"
-            exc = exc.cause or exc
-        text = redact(str(exc))
-        if isinstance(exc, gexc.GoogleAPICallError):
-            return self._map_api_error(exc, where, text, retried)
-        if isinstance(exc, auth_exc.RefreshError):
-            if getattr(exc, "retryable", False):
-                return TransientError(f"{where}: could not refresh the GCS access token: {text}")
-            return AccessDeniedError(
-                f"{where}: {self._credentials_desc} were refused by Google: {text}",
-                f"Check the key in {CREDENTIALS_ENV} (revoked or deleted key?) or the Workload "
-                "Identity binding of the pod's service account",
-            )
-        if isinstance(exc, requests.exceptions.SSLError):
-            return SourceError(
-                f"{where}: TLS handshake with {self.endpoint} failed: {text}",
-                "Add the CA that signed the endpoint's certificate to the global CA bundle "
-                "(CA_BUNDLE_CONFIGMAP_NAME) or REQUESTS_CA_BUNDLE",
-            )
-        if is_connect_failure(exc):
-            text = _connect_reason(exc)
-            if listing:
-                return SourceError(
-                    f"{where}: cannot connect to the GCS endpoint {self.endpoint}: {text}",
-                    f"Check {EMULATOR_ENV} or API_ENDPOINT_OVERRIDE if set, DNS, egress network "
-                    "policies and proxies",
-                )
-            return TransientError(f"{where}: cannot connect to {self.endpoint}: {text}")
-        if isinstance(exc, _RETRYABLE_ERRORS):
-            return TransientError(f"{where}: connection to {self.endpoint} failed{retried}: {text}")
-        return SourceError(f"{where}: GCS request failed: {type(exc).__name__}: {text}")
-
-    def _map_api_error(
-        self, exc: gexc.GoogleAPICallError, where: str, text: str, retried: str
-    ) -> InitializerError:
-        status = _status_of(exc)
-        response = getattr(exc, "response", None)
-        message = _error_message(getattr(response, "content", b"") or b"") or exc.message
-        detail = f"HTTP {status}: {message}" if status else text
-        detail = redact(detail)
-        if status in _TRANSIENT_STATUS:
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            return TransientError(
-                f"{where}: GCS is overloaded or failing{retried}: {detail}",
-                retry_after=httpcommon.retry_after(headers),
-            )
-        if status in (401, 403):
-            return self._denied(where, detail)
-        if status == 404:
-            return NotFoundError(f"{where}: bucket {self.bucket!r} does not exist: {detail}")
-        if status == 400:
-            return UsageError(f"{where}: GCS rejected the request: {detail}", "Check the URI")
-        return SourceError(f"{where}: GCS error {detail}")
+    @property
+    def list_retry_deadline(self) -> float:  # type: ignore[override]
+        """Read at each use, so that tests can shorten :data:`LIST_RETRY_DEADLINE`."""
+        return LIST_RETRY_DEADLINE
 
     def close(self) -> None:
         self.session.close()
