@@ -24,13 +24,12 @@ import random
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from storage_initializer import checksums, crcmath, resume, stall, writer
+from storage_initializer import checksums, resume, stall, writer
+from storage_initializer.engine_plan import Planner, _chain, _FileJob
+from storage_initializer.engine_verify import INTEGRITY_ATTEMPTS, Verifier  # noqa: F401
 from storage_initializer.errors import (
     InitializerError,
     IntegrityError,
@@ -45,14 +44,9 @@ from storage_initializer.store.staging import Staging
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
-#: Verification failures of one file that we retry from scratch before giving up.
-INTEGRITY_ATTEMPTS = 2
 #: Least seconds between lease checks before new requests and files (Engine._guard_if_due).
 GUARD_INTERVAL = 1.0
-#: Large files whose chunks are fetched at the same time (see Engine._tasks).
-ACTIVE_FILES = 4
 
 
 class Cancelled(Exception):
@@ -68,45 +62,10 @@ def backoff(attempt: int, retry_after: float | None) -> float:
     return delay
 
 
-@dataclass
-class _FileJob:
-    file: RemoteFile
-    path: Path
-    algorithm: str
-    expected: str | None
-    chunks: list[tuple[int, int | None]]
-    attempt: int = 1
-    fd: int = -1
-    hasher: checksums.Hasher | None = None
-    hashed_to: int = 0
-    finished: dict[int, int] = field(default_factory=dict)
-    remaining: int = 0
-    #: Chunks already on disk from a previous owner (kept, hashed in order with the rest).
-    resumed: set[tuple[int, int]] = field(default_factory=set)
-    #: Chunk start -> where that range continues: a previous owner durably wrote its prefix
-    #: (resume.py); taken by the first fetch of the range.
-    prefix: dict[int, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    #: For a chunked file verified by a CRC: ``update(data, crc)``; each chunk is hashed by
-    #: its own worker as bytes arrive and the file's CRC is combined at the end (crcmath).
-    crc_update: Callable[[bytes, int], int] | None = None
-    #: Chunk start -> CRC of that chunk (with ``crc_update``).
-    crcs: dict[int, int] = field(default_factory=dict)
-    #: --require-signature: the file's SHA-256 as well, for the signed manifest (signing.py),
-    #: when the source's checksum is another algorithm. Chunked files are hashed in order.
-    sha256: checksums.Hasher | None = None
+class Engine(Planner, Verifier):
+    """Runs a transfer: planning (engine_plan.py), fetching (here), verifying
+    (engine_verify.py)."""
 
-    @property
-    def inline_hash(self) -> bool:
-        return len(self.chunks) == 1
-
-    @property
-    def combined(self) -> bool:
-        """Chunks hashed independently and combined (no in-order read-back)."""
-        return self.crc_update is not None and len(self.chunks) > 1
-
-
-class Engine:
     def __init__(
         self,
         source: Source,
@@ -133,75 +92,6 @@ class Engine:
         #: Cuts transfers that make too little progress, and cancels us at the deadline.
         self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
         self.writer = writer.Writer(settings.write_size, settings.direct_io)
-
-    # -- planning ---------------------------------------------------------------------------
-
-    def _job(self, file: RemoteFile, staging: Staging) -> _FileJob:
-        algorithm = checksums.choose(file.checksums) or checksums.local_default()
-        expected = file.checksums.get(algorithm)
-        size = file.size
-        chunk = self.settings.chunk_size
-        if size is None or not self.ranged or size <= chunk:
-            spans: list[tuple[int, int | None]] = [(0, size)]
-        else:
-            spans = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
-        path = staging.data / file.path
-        job = _FileJob(file, path, algorithm, expected, spans, remaining=len(spans))
-        if len(spans) > 1:
-            job.crc_update = crcmath.updater(algorithm)
-        if self.ranged and size is not None and file.path in self._resumable:
-            self._plan_resume(job, staging)
-        return job
-
-    def _plan_resume(self, job: _FileJob, staging: Staging) -> None:
-        """Keep what a previous owner durably wrote of this file (resume.py): whole chunks,
-        and the prefix of each range it had in flight; claims the staged file does not back
-        (past its end, over a hole, through a link) are discarded and fetched again."""
-        size = job.file.size
-        assert size is not None
-        claims = self._resumable[job.file.path]
-        staged = staging.staged_size(job.file.path)
-        job.resumed, job.prefix = resume.plan(claims, job.chunks, size, job.path, staged)
-        if job.resumed:
-            # One bookkeeping task replaces the chunks we keep (see _chunk with start < 0).
-            job.remaining = len(job.chunks) - len(job.resumed) + 1
-        kept = {**dict(job.resumed), **job.prefix}
-        kept_bytes = sum(done - start for start, done in kept.items())
-        if kept_bytes:
-            self.progress.reused_bytes(kept_bytes)
-            log.info(
-                "%s: resuming, %d of %d bytes already on disk (%d of %d chunks whole)",
-                job.file.path,
-                kept_bytes,
-                size,
-                len(job.resumed),
-                len(job.chunks),
-            )
-
-    def _tasks(self, jobs: list[_FileJob]) -> Iterator[tuple[_FileJob, int, int | None]]:
-        """Chunks of a few files at a time, taken in turn (A1 B1 C1 A2 B2 C2 ...).
-
-        Spreading the workers over several large files, instead of putting them all on the
-        chunks of one, keeps each file's chunks finishing nearly in order (so its in-order hash
-        keeps up, and the files' hashes run on different threads) and avoids a pile-up of
-        writers on one inode lock. Files join the turn one by one, so few are open at once.
-        """
-        pending = iter(jobs)
-        active: deque[Iterator[tuple[_FileJob, int, int | None]]] = deque()
-        limit = max(1, min(ACTIVE_FILES, self.workers // 4))
-        while True:
-            while len(active) < limit:
-                job = next(pending, None)
-                if job is None:
-                    break
-                active.append(_job_tasks(job))
-            if not active:
-                return
-            tasks = active.popleft()
-            task = next(tasks, None)
-            if task is not None:
-                yield task
-                active.append(tasks)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -441,97 +331,6 @@ class Engine:
         if self._checkpoints is not None and self.ranged:
             self._checkpoints.settle(job.file.path, start)
 
-    def _hash_in_order(self, job: _FileJob) -> None:
-        """Hash every chunk that is now contiguous with what was hashed (job.lock held); for a
-        file verified by combined CRCs, only its SHA-256 (--require-signature)."""
-        assert job.hasher is not None
-        while job.hashed_to in job.finished:
-            end = job.finished.pop(job.hashed_to)
-            position = job.hashed_to
-            while position < end:
-                block = os.pread(job.fd, min(BLOCK, end - position), position)
-                if not block:
-                    break
-                if not job.combined:
-                    job.hasher.update(block)
-                if job.sha256 is not None:
-                    job.sha256.update(block)
-                position += len(block)
-            job.hashed_to = end
-
-    def _new_sha256(self, job: _FileJob) -> checksums.Hasher | None:
-        if not self.settings.require_signature or job.algorithm == "sha256":
-            return None
-        return checksums.new_hasher("sha256")
-
-    def _crc_resumed(self, job: _FileJob) -> None:
-        """CRCs of the chunks a previous owner left on disk (read back once)."""
-        assert job.crc_update is not None
-        for start, end in job.resumed:
-            crc = 0
-            position = start
-            while position < end:
-                block = os.pread(job.fd, min(BLOCK, end - position), position)
-                if not block:
-                    break
-                crc = job.crc_update(block, crc)
-                position += len(block)
-            job.crcs[start] = crc
-
-    def _digest(self, job: _FileJob) -> str:
-        if not job.combined:
-            assert job.hasher is not None
-            return job.hasher.hexdigest()
-        value = 0
-        for start, end in job.chunks:
-            assert end is not None  # chunked files have a known size
-            chunk_crc = job.crcs.get(start)
-            if chunk_crc is None:  # cannot happen: every chunk records its CRC
-                return "missing"
-            value = crcmath.combine(job.algorithm, value, chunk_crc, end - start)
-        return crcmath.hexdigest(value, job.algorithm)
-
-    def _complete(self, job: _FileJob, staging: Staging) -> _FileJob | None:
-        assert job.hasher is not None
-        began = time.monotonic()  # the "verify" phase of the metrics: digest, check, fsync
-        size = os.fstat(job.fd).st_size
-        digest = self._digest(job)
-        problem = None
-        if job.file.size is not None and size != job.file.size:
-            problem = f"size {size}, expected {job.file.size}"
-        elif job.expected is not None and digest != job.expected.lower():
-            problem = f"{job.algorithm} {digest}, expected {job.expected.lower()}"
-        if problem is None:
-            os.fsync(job.fd)
-        os.close(job.fd)
-        job.fd = -1
-        with self._results_lock:  # summed over files: it overlaps the transfer of others
-            phases = self.progress.phases
-            phases["verify"] = phases.get("verify", 0.0) + time.monotonic() - began
-        if problem is not None:
-            if job.attempt < INTEGRITY_ATTEMPTS:
-                log.warning(
-                    "%s failed verification (%s); fetching it again", job.file.path, problem
-                )
-                self.progress.rewound(size)
-                self.progress.verify_failed()
-                job.attempt += 1
-                job.finished.clear()
-                job.crcs.clear()
-                job.resumed = set()
-                job.prefix.clear()
-                job.remaining = len(job.chunks)
-                return job
-            raise IntegrityError(f"{job.file.path} failed verification: {problem}")
-        verified = {job.algorithm: digest}
-        if job.sha256 is not None and job.hashed_to == size:  # every byte hashed in order
-            verified["sha256"] = job.sha256.hexdigest()
-        staging.record(job.file.path, size, verified)
-        with self._results_lock:
-            self.results[job.file.path] = verified
-        self.progress.file_done()
-        return None
-
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
     """``start(fd, offset, length)``: begin writing a finished chunk to disk, without waiting.
@@ -580,17 +379,3 @@ def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-
-
-def _job_tasks(job: _FileJob) -> Iterator[tuple[_FileJob, int, int | None]]:
-    """One file's tasks in order: the bookkeeping of resumed chunks, then the chunks to fetch."""
-    if job.resumed:
-        yield job, -1, None
-    for start, end in job.chunks:
-        if (start, end) not in job.resumed:
-            yield job, start, end
-
-
-def _chain(first: Iterator, second: Iterator) -> Iterator:  # type: ignore[type-arg]
-    yield from first
-    yield from second

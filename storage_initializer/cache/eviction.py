@@ -36,6 +36,7 @@ from pathlib import Path
 from storage_initializer.cache.survey import EntryInfo, describe, entries, lease_state, volume
 from storage_initializer.store import access, layout
 from storage_initializer.store.fsutil import remove_tree
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.store.lease import LeaseState, Owner, current, try_claim
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def _trash(cache_dir: Path) -> list[Action]:
         for name in sorted(os.listdir(cache_dir)):
             if name.startswith(TRASH_PREFIX):
                 path = cache_dir / name
-                entry = layout.Entry(path, name, "cache")
+                entry = layout.Entry(path, name, EntryMode.CACHE)
                 found.append(
                     Action(entry, "clean", "left by an interrupted gc", disk_usage([path]), "trash")
                 )

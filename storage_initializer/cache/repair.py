@@ -21,6 +21,7 @@ from storage_initializer.errors import DestinationError, UsageError
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
     if not bad:
         return bad, None
     keyed = (
-        layout.Entry(entry.root.parent, marker.key, "cache") if entry.mode == "version" else entry
+        layout.Entry(entry.root.parent, marker.key, EntryMode.CACHE)
+        if entry.mode == EntryMode.VERSION
+        else entry
     )
     layout.ensure_state_dir(keyed)
     generation, data = current(keyed)
@@ -106,10 +109,10 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
         exclude=tuple(marker.exclude),
         replace=True,
         revalidate=False,
-        cache_dirs=(str(keyed.root.parent),) if entry.mode == "version" else (),
+        cache_dirs=(str(keyed.root.parent),) if entry.mode == EntryMode.VERSION else (),
         **_signed_as_before(marker, settings),
     )
-    dest = None if entry.mode == "version" else entry.root
+    dest = None if entry.mode == EntryMode.VERSION else entry.root
     return bad, pull(source, dest, fixed)
 
 

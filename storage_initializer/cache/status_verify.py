@@ -11,6 +11,7 @@ from storage_initializer import checksums
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 
 
 def find_entry(path: Path) -> layout.Entry | None:
@@ -22,16 +23,16 @@ def find_entry(path: Path) -> layout.Entry | None:
     note = read_pointer(path)
     if note is not None:  # a destination populated from a cache (any link mode)
         root = Path(note["entry"])
-        data = marker_io.read(layout.Entry(root, "", "version"))
-        mode = "version" if layout.VERSION_RE.match(root.name) else "cache"
+        data = marker_io.read(layout.Entry(root, "", EntryMode.VERSION))
+        mode = EntryMode.VERSION if layout.VERSION_RE.match(root.name) else EntryMode.CACHE
         return layout.Entry(root, data.key if data else note.get("key", ""), mode)
     if (path / STATE_DIR_NAME).is_dir():
-        model = layout.Entry(path, path.name, "cache").published()
-        if model.mode == "version":  # a cache entry <cache>/<key>: its current version
+        model = layout.Entry(path, path.name, EntryMode.CACHE).published()
+        if model.mode == EntryMode.VERSION:  # a cache entry <cache>/<key>: its current version
             data = marker_io.read(model)
-            return layout.Entry(model.root, data.key if data else path.name, "version")
-        data = marker_io.read(layout.Entry(path, "", "direct"))
-        return layout.Entry(path, data.key if data else "", "direct")
+            return layout.Entry(model.root, data.key if data else path.name, EntryMode.VERSION)
+        data = marker_io.read(layout.Entry(path, "", EntryMode.DIRECT))
+        return layout.Entry(path, data.key if data else "", EntryMode.DIRECT)
     try:
         names = os.listdir(path)
     except OSError:
@@ -41,16 +42,16 @@ def find_entry(path: Path) -> layout.Entry | None:
         if item.is_symlink():
             root = Path(os.path.realpath(item)).parent
             if (root / STATE_DIR_NAME).is_dir():
-                data = marker_io.read(layout.Entry(root, "", "cache"))
-                mode = "version" if layout.VERSION_RE.match(root.name) else "cache"
+                data = marker_io.read(layout.Entry(root, "", EntryMode.CACHE))
+                mode = EntryMode.VERSION if layout.VERSION_RE.match(root.name) else EntryMode.CACHE
                 return layout.Entry(root, data.key if data else root.name, mode)
     return None
 
 
 def _lease_entry(entry: layout.Entry) -> layout.Entry:
     """Where the lease of ``entry`` lives: a version directory's is its cache entry's."""
-    if entry.mode == "version":
-        return layout.Entry(entry.root.parent, entry.key, "cache")
+    if entry.mode == EntryMode.VERSION:
+        return layout.Entry(entry.root.parent, entry.key, EntryMode.CACHE)
     return entry
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.store.lease import LeaseState, current, glance
 
 
@@ -59,7 +60,7 @@ def shared_bytes(entry: layout.Entry) -> int:
     """Bytes of the entry's files (every version) that are also linked from outside it: an
     inode counted once, shared when its link count exceeds the links found inside the entry."""
     inside: dict[tuple[int, int], list[int]] = {}  # inode -> [links inside, nlink, size]
-    places = [entry.root / v for v in entry.versions()] if entry.mode == "cache" else []
+    places = [entry.root / v for v in entry.versions()] if entry.mode == EntryMode.CACHE else []
     for place in places or [entry.root]:
         for dirpath, dirs, files in os.walk(place):
             dirs[:] = [d for d in dirs if d != STATE_DIR_NAME]
@@ -93,7 +94,9 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
     staging = entry.staging_root
     staging_bytes = _tree_size(staging) if staging.is_dir() and not staging.is_symlink() else 0
     current_name = model.root.name if model is not entry else None
-    old = [v for v in entry.versions() if v != current_name] if entry.mode == "cache" else []
+    old = (
+        [v for v in entry.versions() if v != current_name] if entry.mode == EntryMode.CACHE else []
+    )
     old_bytes = sum(_tree_size(entry.root / v) for v in old)
     if marker is not None and not marker_io.problems(model, marker):
         state = "complete"

@@ -21,6 +21,7 @@ from storage_initializer.pulling.published import (
     valid,
 )
 from storage_initializer.settings import Settings
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def after_pull(uri: SourceUri, result: Result, settings: Settings) -> None:
     from storage_initializer.store import access
 
     entry = entry_for(uri, Path(result.dest), settings)
-    if entry.mode != "cache":  # cache mode recorded the use before linking (finish)
+    if entry.mode != EntryMode.CACHE:  # cache mode recorded the use before linking (finish)
         access.record(entry, result.outcome)
     if settings.cache_dirs and settings.cache_max_size:
         from storage_initializer.cache import eviction as gc
@@ -75,7 +76,7 @@ def pull_one(
         assert dest is not None
         return link_pvc(uri, dest, settings, started)
     entry = entry_for(uri, dest or Path("."), settings)
-    if entry.mode == "direct":
+    if entry.mode == EntryMode.DIRECT:
         prepare_dir(dest, "destination")
     else:
         prepare_dir(entry.root, "cache entry")

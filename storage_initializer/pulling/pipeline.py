@@ -27,6 +27,7 @@ from storage_initializer.pulling.staged import (
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def already_there(
         log.info("%s has not changed since it was downloaded", uri.redacted)
         finish(model, dest, existing, settings)
         return found(uri, dest, entry, existing, "complete", 0.0)
-    if entry.mode == "cache":
+    if entry.mode == EntryMode.CACHE:
         ready = find_version(entry, listing.fingerprint)
         if ready is not None and settings.require_signature:
             ready = ready if signed(marker_io.read(entry.version(ready)), settings) else None
@@ -213,7 +214,7 @@ def plan(job: Job, source: Source, listing: Listing, files: list[RemoteFile]) ->
     total = sum(f.size or 0 for f in files)
     progress.set_totals(len(files), total)
     staging = job.staging = Staging.prepare(entry, job.owner.id, entry.key, listing.fingerprint)
-    if entry.mode == "direct":
+    if entry.mode == EntryMode.DIRECT:
         recover_interrupted(entry, staging)
     todo = reuse_staged(files, staging, progress)
     # Same content already on the volume (any version, entry or DEST): link, not fetch.
@@ -358,12 +359,12 @@ def commit(
         include=list(settings.include),
         exclude=list(settings.exclude),
         downloaded_by={"host": owner.host, "pod": owner.pod, "pid": owner.pid},
-        read_only=settings.read_only or entry.mode == "cache",
+        read_only=settings.read_only or entry.mode == EntryMode.CACHE,
         tool_version=__version__,
         signature=signature,
     )
     try:
-        if entry.mode == "cache":
+        if entry.mode == EntryMode.CACHE:
             # A cache version is shared by every pod and other entries' links: always
             # read-only; a --writable pod gets private copies of it (published.finish).
             name = store.commit_version(entry, staging, new_marker, lease, True)
@@ -373,7 +374,7 @@ def commit(
         if exc.errno != errno.ENOSPC:
             raise
         raise diskspace.full_at_commit(exc, entry.root, len(final)) from None
-    if entry.mode == "cache":
+    if entry.mode == EntryMode.CACHE:
         finish(entry.version(name), dest, new_marker, settings)
     progress.set_phase("done")
     snap = progress.snapshot()

@@ -14,6 +14,7 @@ from storage_initializer.pulling.outcome import Result
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
 
 
@@ -58,7 +59,7 @@ def published(entry: layout.Entry) -> tuple[layout.Entry, marker_io.Marker | Non
     """The directory readers get (:meth:`layout.Entry.published`) and its marker; none for a
     cache entry with no version yet."""
     model = entry.published()
-    if model.mode == "cache":
+    if model.mode == EntryMode.CACHE:
         return entry, None
     return model, marker_io.read(model)
 
@@ -98,14 +99,14 @@ def finish(
     ``current`` before it reads the access log a last time, so either gc sees this use and
     keeps the entry, or this pull sees the entry going (:class:`EntryVanished`) and looks
     again, instead of linking files that are being removed."""
-    if entry.mode == "version":
+    if entry.mode == EntryMode.VERSION:
         from storage_initializer.store import access
 
-        keyed = layout.Entry(entry.root.parent, entry.key, "cache")
+        keyed = layout.Entry(entry.root.parent, entry.key, EntryMode.CACHE)
         access.record(keyed, "use")
         if keyed.current_version() != entry.root.name:
             raise EntryVanished(f"{keyed.root}: the version {entry.root.name} is not current now")
-    if entry.mode == "version" and dest is not None:
+    if entry.mode == EntryMode.VERSION and dest is not None:
         from storage_initializer.store import links
         from storage_initializer.store.commit import top_level
 

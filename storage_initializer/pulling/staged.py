@@ -13,6 +13,7 @@ from storage_initializer.changes import holds
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def reuse_volume(
     Cache versions are always committed read-only, so they may share inodes."""
     from storage_initializer.store import reuse
 
-    may_link = settings.read_only or entry.mode == "cache"
+    may_link = settings.read_only or entry.mode == EntryMode.CACHE
     return reuse.from_volume(entry, uri.redacted, todo, staging, progress, may_link).todo
 
 
@@ -47,7 +48,7 @@ def dedupe_fetched(
     """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
     from storage_initializer.store import reuse
 
-    may_link = settings.read_only or entry.mode == "cache"
+    may_link = settings.read_only or entry.mode == EntryMode.CACHE
     reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
 
 

@@ -28,7 +28,7 @@ from storage_initializer.store.fsutil import (
     set_dir_modes,
     set_file_modes,
 )
-from storage_initializer.store.layout import CURRENT_NAME, Entry
+from storage_initializer.store.layout import CURRENT_NAME, Entry, EntryMode
 from storage_initializer.store.lease import Lease
 from storage_initializer.store.staging import Staging
 
@@ -196,7 +196,7 @@ def commit_version(
     the next owner switches to without downloading (:func:`find_version`)."""
     name = version_name(new_marker.fingerprint, lease.owner.id)
     set_file_modes(staging.data, read_only)
-    version = Entry(staging.data, entry.key, "version")
+    version = Entry(staging.data, entry.key, EntryMode.VERSION)
     version.state.mkdir(exist_ok=True)
     marker_io.write(version, new_marker)
     lease.ensure_held()

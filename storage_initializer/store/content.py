@@ -32,6 +32,7 @@ from storage_initializer import checksums as sums
 from storage_initializer.paths import safe_relpath
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.layout import EntryMode
 
 #: Digests that identify content across sources (see the module docstring for why).
 CROSS_SOURCE = ("sha256", "md5", "gitsha1")
@@ -88,7 +89,7 @@ def hashable(kind: str) -> bool:
 
 
 def _version_markers(entry: layout.Entry) -> Iterator[tuple[layout.Entry, marker_io.Marker]]:
-    if entry.mode == "cache":
+    if entry.mode == EntryMode.CACHE:
         # A cache written before versions existed keeps its model in the entry itself.
         places = [entry.version(name) for name in entry.versions()] + [entry]
     else:
@@ -190,7 +191,7 @@ def volume_index(entry: layout.Entry) -> Index:
     """The candidates a pull into ``entry`` may reuse: in cache mode every version of every
     entry of the same cache directory (same filesystem, so hard links work); in direct mode the
     destination's own complete model, which a ``--revalidate`` is about to replace."""
-    if entry.mode == "direct":
+    if entry.mode == EntryMode.DIRECT:
         return Index(candidates_of(_version_markers(entry), replaced=True))
     cache_dir = entry.root.parent
     places: list[tuple[layout.Entry, marker_io.Marker]] = []

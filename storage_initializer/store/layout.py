@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from storage_initializer.paths import STATE_DIR_NAME
@@ -30,13 +31,23 @@ CURRENT_NAME = "current"
 VERSION_RE = re.compile(r"^v\d{10}-[0-9a-f]{12}-[0-9a-f]{12}$")
 
 
+class EntryMode(StrEnum):
+    """What an entry's directory is, the one vocabulary for it. A StrEnum: it equals (and
+    prints as) its string, as in ``status --json``'s ``mode``."""
+
+    #: The destination itself (no cache).
+    DIRECT = "direct"
+    #: A cache's key directory: state, versions and the ``current`` link.
+    CACHE = "cache"
+    #: One immutable version directory of a cache entry.
+    VERSION = "version"
+
+
 @dataclass(frozen=True)
 class Entry:
     root: Path
     key: str
-    #: "direct", "cache" (the key's directory: state, versions and the ``current`` link) or
-    #: "version" (one immutable version directory of a cache entry)
-    mode: str
+    mode: EntryMode
 
     @property
     def state(self) -> Path:
@@ -80,7 +91,7 @@ class Entry:
         once: read its marker from the returned entry, never from ``current`` again, so that a
         switch happening meanwhile cannot pair one version's marker with another's files);
         otherwise, or before a cache entry has any version, the entry itself."""
-        if self.mode == "cache":
+        if self.mode == EntryMode.CACHE:
             name = self.current_version()
             if name is not None:
                 return self.version(name)
@@ -89,7 +100,7 @@ class Entry:
     def version(self, name: str) -> Entry:
         """Cache mode: one immutable version of this entry, itself laid out like a direct
         entry (model files, and a state directory holding only its marker)."""
-        return Entry(self.root / name, self.key, "version")
+        return Entry(self.root / name, self.key, EntryMode.VERSION)
 
     def versions(self) -> list[str]:
         """Cache mode: every version directory present, oldest first (by name: they start
@@ -110,11 +121,11 @@ class Entry:
 
 
 def direct(dest: Path, key: str) -> Entry:
-    return Entry(dest, key, "direct")
+    return Entry(dest, key, EntryMode.DIRECT)
 
 
 def cached(cache_dir: Path, key: str) -> Entry:
-    return Entry(cache_dir / key, key, "cache")
+    return Entry(cache_dir / key, key, EntryMode.CACHE)
 
 
 def ensure_state_dir(entry: Entry) -> None:

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from storage_initializer.store.layout import Entry
+from storage_initializer.store.layout import Entry, EntryMode
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _filesystem_now(entry: Entry) -> float | None:
     clock. The probe goes in the cache directory (whose mtime nothing reads), not in the
     state directory, whose mtime gc reads as a sign of life. None where we cannot create a
     file (a read-only mount)."""
-    where = entry.root.parent if entry.mode == "cache" else entry.state
+    where = entry.root.parent if entry.mode == EntryMode.CACHE else entry.state
     try:
         device = os.stat(where).st_dev
     except OSError:

@@ -25,6 +25,7 @@ from storage_initializer.store.layout import (
     STAGING_NAME,
     VERSION_RE,
     Entry,
+    EntryMode,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def remove_planted_links(entry: Entry) -> None:
         owners = []
     for owner in owners:
         unlink_planted_link(entry.staging_root / owner, "the staging area")
-    if entry.mode == "cache":
+    if entry.mode == EntryMode.CACHE:
         _check_versions(entry)
 
 

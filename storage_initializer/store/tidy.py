@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from storage_initializer.store.layout import LOCK_NAME, STAGING_NAME, Entry
+from storage_initializer.store.layout import LOCK_NAME, STAGING_NAME, Entry, EntryMode
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def forget_empty_entry(entry: Entry, our_lease: Path) -> bool:
     Called after the lease is released. Only our own lease file is deleted and directories
     are removed with ``rmdir`` (which fails on anything another replica put there meanwhile),
     so a replica that claims the entry at this instant keeps its lease."""
-    if entry.mode == "version" or _holds_a_model(entry):
+    if entry.mode == EntryMode.VERSION or _holds_a_model(entry):
         return False
     try:
         names = set(os.listdir(entry.state))
@@ -44,7 +44,7 @@ def forget_empty_entry(entry: Entry, our_lease: Path) -> bool:
                 os.rmdir(entry.staging_root / area)
             os.rmdir(entry.staging_root)
         os.rmdir(entry.state)
-        if entry.mode == "cache":
+        if entry.mode == EntryMode.CACHE:
             os.rmdir(entry.root)
         log.info("nothing was downloaded: removed the state this pull created in %s", entry.root)
         return True
@@ -52,7 +52,7 @@ def forget_empty_entry(entry: Entry, our_lease: Path) -> bool:
 
 
 def _holds_a_model(entry: Entry) -> bool:
-    if entry.mode == "cache":
+    if entry.mode == EntryMode.CACHE:
         return bool(entry.versions()) or os.path.lexists(entry.current_link)
     return bool([name for name in entry.model_items() if name != "lost+found"])
 
