@@ -76,6 +76,12 @@ for _command in (status, verify, gc):
 @click.option("--workers", help="Parallel requests. [backend default]")
 @click.option("--chunk-size", help="Size of ranged chunks of large files, e.g. 32MiB. [32MiB]")
 @click.option("--retries", help="Retries of a failing request. [5]")
+@click.option("--write-size", help="Size of each write into the page cache, e.g. 256KiB. [256KiB]")
+@click.option(
+    "--direct-io/--no-direct-io",
+    default=None,
+    help="Write files of 8 MiB or more with O_DIRECT, bypassing the page cache. [no]",
+)
 @click.option(
     "--stall-timeout",
     help="Cut and retry a transfer slower than --min-rate over this many seconds; 0: never. [30]",

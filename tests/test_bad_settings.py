@@ -27,6 +27,7 @@ BAD = {
     "stall-timeout": ("-1", "is negative; use a value ≥ 0"),
     "min-rate": ("fast", "is not a size; use e.g. 32MiB"),
     "timeout": ("inf", "is not a finite number"),
+    "write-size": ("big", "is not a size; use e.g. 32MiB"),
 }
 PYTHON_WORDS = ("invalid literal", "could not convert", "ValueError", "Traceback", "base 10")
 

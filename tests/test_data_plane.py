@@ -216,8 +216,9 @@ def test_direct_sink_writes_aligned_blocks_and_a_buffered_tail(tmp_path: Path) -
     assert path.read_bytes() == data
 
 
+@pytest.mark.parametrize("asked_by", ["env", "flag"])
 def test_direct_io_pull_with_faults_is_byte_identical(
-    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path
+    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path, asked_by: str
 ) -> None:
     _direct_or_skip(tmp_path)
     files = {
@@ -231,10 +232,12 @@ def test_direct_io_pull_with_faults_is_byte_identical(
         **small_chunks(s3_server),
         **s3_server.env(proxy.url),
         "STORAGE_INITIALIZER_CHUNK_SIZE": "1MiB",
-        "STORAGE_INITIALIZER_DIRECT_IO": "true",
         "STORAGE_INITIALIZER_RETRIES": "12",
     }
-    result = run_pull(f"s3://{bucket}/model", dest, env=env)
+    if asked_by == "env":
+        env["STORAGE_INITIALIZER_DIRECT_IO"] = "true"
+    flags = ("--direct-io", "--write-size", "64KiB") if asked_by == "flag" else ()
+    result = run_pull(f"s3://{bucket}/model", dest, *flags, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
     assert "direct I/O is not possible" not in result.stderr
