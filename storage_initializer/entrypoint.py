@@ -48,13 +48,13 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         except signals.Terminated as exc:
             _terminated(exc, settings, source, len(pairs), runs, time.monotonic() - began)
         except Exception as failure:  # every failure ends in one explanatory line
-            exc = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
+            error = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
             log.debug("failure details", exc_info=True)
             if settings.metrics_file:
                 # What the failed pull spent still counts: origin bytes, retries, failures.
                 runs.append(
                     {
-                        **failure_stats(exc),
+                        **failure_stats(error),
                         "source": _redacted(source),
                         "outcome": "failed",
                         "seconds": time.monotonic() - began,
@@ -62,7 +62,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
                 )
                 _write_metrics(settings.metrics_file, runs)
             # The last line KServe shows: one line, even when a library's message spans several.
-            reason = " ".join(describe_failure(source, exc).split())
+            reason = " ".join(describe_failure(source, error).split())
             log.error("%s", reason)
             _termination_message(settings, reason, source, runs)
             stall.finish_deadline()

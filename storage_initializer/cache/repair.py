@@ -101,26 +101,26 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
         lease.release("repair staged")
     log.info("repairing %d file(s) of %s: %s", len(bad), entry.root, ", ".join(sorted(bad)))
     fixed = replace(
-        settings,
+        _signed_as_before(marker, settings),
         include=tuple(marker.include),
         exclude=tuple(marker.exclude),
         replace=True,
         revalidate=False,
         cache_dirs=(str(keyed.root.parent),) if entry.mode == "version" else (),
-        **_signed_as_before(marker, settings),
     )
     dest = None if entry.mode == "version" else entry.root
     return bad, pull(source, dest, fixed)
 
 
-def _signed_as_before(marker: marker_io.Marker, settings: Settings) -> dict[str, str]:
+def _signed_as_before(marker: marker_io.Marker, settings: Settings) -> Settings:
     """A model verified against ``model.sig`` at download stays verified through a repair
     (signing.py): the repairing pull requires the trust the marker recorded, unless one is
     given."""
     signed = marker.signature or {}
     if settings.require_signature or signed.get("signature") != "model.sig":
-        return {}
-    return {
-        "require_signature": str(signed.get("trust", "")),
-        "signature_trust_root": str(signed.get("trust_root", "")),
-    }
+        return settings
+    return replace(
+        settings,
+        require_signature=str(signed.get("trust", "")),
+        signature_trust_root=str(signed.get("trust_root", "")),
+    )

@@ -13,6 +13,7 @@ while the account, container and prefix still come from the URI.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -105,7 +106,7 @@ class AzureBlobSource(Source):
         check_layout((item.path for item in files), self._where())
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
-    def _list(self) -> list[RemoteFile]:
+    def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
         from azure.core.exceptions import ResourceNotFoundError
 
         prefix = self.location.prefix

@@ -14,6 +14,7 @@ from the URI.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ class AzureFileSource(Source):
         check_layout((item.path for item in files), self.uri.redacted)
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
-    def _list(self) -> list[RemoteFile]:
+    def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
         from azure.core.exceptions import ResourceNotFoundError
 
         prefix = self.location.prefix
@@ -136,12 +137,12 @@ class AzureFileSource(Source):
         below = f"{prefix}/" if prefix else ""
         paths = [safe_relative_path(name[len(below) :], "file") for name in names]
         with ThreadPoolExecutor(PROPERTY_WORKERS, thread_name_prefix="azure-file-head") as pool:
-            properties = list(
+            found = list(
                 pool.map(lambda n: self._share.get_file_client(n).get_file_properties(), names)
             )
         return [
             self._remote(props, name, path)
-            for props, name, path in zip(properties, names, paths, strict=True)
+            for props, name, path in zip(found, names, paths, strict=True)
         ]
 
     @staticmethod

@@ -76,6 +76,7 @@ def pull_one(
         return link_pvc(uri, dest, settings, started)
     entry = entry_for(uri, dest or Path("."), settings)
     if entry.mode == "direct":
+        assert dest is not None  # without a destination the entry is a cache entry
         prepare_dir(dest, "destination")
     else:
         prepare_dir(entry.root, "cache entry")
