@@ -77,6 +77,11 @@ def combine(algorithm: str, first: int, second: int, second_length: int) -> int:
         return int(function(first, second, second_length))
     if algorithm not in POLYNOMIALS:
         raise ValueError(f"combining {algorithm} needs awscrt")
+    return matrix_combine(algorithm, first, second, second_length)
+
+
+def matrix_combine(algorithm: str, first: int, second: int, second_length: int) -> int:
+    """:func:`combine` in pure Python (CRC32 and CRC32C only): the fallback without awscrt."""
     operators = _zero_operators(POLYNOMIALS[algorithm])
     index = 0
     length = second_length
