@@ -23,7 +23,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from types import ModuleType
 
 #: Reflected polynomials of the combinable algorithms, by our checksum names.
 POLYNOMIALS = {"crc32": 0xEDB88320, "crc32c": 0x82F63B78}
@@ -59,7 +59,7 @@ def _zero_operators(polynomial: int) -> tuple[list[int], ...]:
 
 
 @cache
-def _awscrt() -> Any:
+def _awscrt() -> ModuleType | None:
     try:
         from awscrt import checksums
     except ImportError:

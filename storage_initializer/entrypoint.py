@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -76,7 +79,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     return 0
 
 
-def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> None:
+def _arm_deadline(settings: Settings, runs: list[dict], current: dict[str, str]) -> None:
     """--timeout: the run's deadline (stall.py). Should the run still not have ended a grace
     period after it, this reports the failure, then the process exits."""
     from storage_initializer import stall
@@ -91,7 +94,12 @@ def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> N
 
 
 def _terminated(
-    exc: BaseException, settings: Any, source: str, count: int, runs: list[dict], seconds: float
+    exc: BaseException,
+    settings: Settings,
+    source: str,
+    count: int,
+    runs: list[dict],
+    seconds: float,
 ) -> NoReturn:
     """The end of a run terminated during a pull: one last line saying what was interrupted
     and how far it got, the termination message and metrics, and exit 128 + signal without

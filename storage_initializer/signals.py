@@ -32,6 +32,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def install() -> bool:
 _default_hook = sys.excepthook
 
 
-def _uncaught(kind: type[BaseException], exc: BaseException, trace: Any) -> None:
+def _uncaught(kind: type[BaseException], exc: BaseException, trace: TracebackType | None) -> None:
     if not isinstance(exc, Terminated):
         _default_hook(kind, exc, trace)
         return

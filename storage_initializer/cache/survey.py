@@ -9,12 +9,15 @@ import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.lease import LeaseState, current, glance
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
 
 
 @dataclass
@@ -170,7 +173,7 @@ def survey(cache_dir: Path, stale_after: float) -> dict[str, Any]:
     }
 
 
-def find(cache_dir: Path, key_or_uri: str, settings: Any) -> layout.Entry | None:
+def find(cache_dir: Path, key_or_uri: str, settings: Settings) -> layout.Entry | None:
     """An entry by its key, or by the URI (with the settings' filters) that names it."""
     if (cache_dir / key_or_uri / STATE_DIR_NAME).is_dir():
         return layout.cached(cache_dir, key_or_uri)

@@ -17,7 +17,7 @@ import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from storage_initializer.errors import NotFoundError, SourceError
 from storage_initializer.providers.azure_common import (
@@ -34,6 +34,8 @@ from storage_initializer.providers.base import Listing, RemoteFile, Source, fing
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
+    from azure.storage.blob import BlobClient, BlobProperties
+
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "AZURE_STORAGE_BLOB_ENDPOINT"
 
 
-def _is_folder_marker(blob: Any) -> bool:
+def _is_folder_marker(blob: BlobProperties) -> bool:
     """Whether a listed blob only stands for a directory (ADLS Gen2, or tools that write "a/")."""
     metadata = getattr(blob, "metadata", None) or {}
     if str(metadata.get("hdi_isfolder", "")).lower() == "true":
@@ -131,7 +133,7 @@ class AzureBlobSource(Source):
             files.append(self._remote(blob, path))
         return files
 
-    def _remote(self, blob: Any, path: str) -> RemoteFile:
+    def _remote(self, blob: BlobProperties, path: str) -> RemoteFile:
         tier = str(getattr(blob, "blob_tier", "") or "")
         if tier.lower() == "archive":
             raise SourceError(
@@ -175,7 +177,7 @@ class AzureBlobSource(Source):
 
     @staticmethod
     def _read_in_pieces(
-        blob: Any, start: int, end: int | None, headers: dict[str, str]
+        blob: BlobClient, start: int, end: int | None, headers: dict[str, str]
     ) -> Iterator[bytes]:
         """The SDK's public download: one request per ``GET_PIECE``, each held whole in memory.
 

@@ -36,6 +36,8 @@ from storage_initializer.providers.base import Listing, RemoteFile, Source, fing
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
+    from azure.storage.fileshare import FileProperties
+
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -146,7 +148,7 @@ class AzureFileSource(Source):
         ]
 
     @staticmethod
-    def _remote(properties: Any, name: str, path: str) -> RemoteFile:
+    def _remote(properties: FileProperties, name: str, path: str) -> RemoteFile:
         md5 = md5_hex(getattr(properties.content_settings, "content_md5", None))
         return RemoteFile(
             path=path,

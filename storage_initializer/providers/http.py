@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -35,6 +35,10 @@ from storage_initializer.errors import (
 from storage_initializer.providers import http_pin, httpcommon, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.redact import register_secret
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class HttpSource(Source):
     #: Per instance here: whether the server honours ranges is learnt by list() and read().
     supports_ranges: bool  # type: ignore[misc]
 
-    def __init__(self, uri: Any, settings: Any) -> None:
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
         parts = urlsplit(uri.raw)
         self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))

@@ -22,12 +22,14 @@ from storage_initializer.store import layout
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
+    from filelock import FileLock
+
     from storage_initializer.providers.base import Source
 
 log = logging.getLogger("storage_initializer.pull")
 
 
-def _try_flock(flock: Any, timeout: float) -> tuple[bool, bool]:
+def _try_flock(flock: FileLock, timeout: float) -> tuple[bool, bool]:
     """(held, usable). A filesystem without working flock leaves only the lease in charge."""
     from filelock import Timeout
 

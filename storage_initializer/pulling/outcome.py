@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from storage_initializer.errors import InitializerError
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.uri import SourceUri
 
 
@@ -59,7 +60,7 @@ def terminated(
     return ended
 
 
-def phase_seconds(wait: float, progress: Any) -> dict[str, float]:
+def phase_seconds(wait: float, progress: Progress) -> dict[str, float]:
     """Seconds by phase under the names docs/cache.md documents (the progress calls the
     listing phase "listing", as leases and ``status`` show it; metrics say "list")."""
     phases = {"wait": wait}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from storage_initializer import __version__
 from storage_initializer.errors import DestinationError, NotFoundError, UsageError
@@ -30,6 +31,7 @@ from storage_initializer.store import marker as marker_io
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.providers.base import Listing, RemoteFile, Source
     from storage_initializer.store.lease import Lease, Owner
     from storage_initializer.store.staging import Staging
@@ -51,7 +53,7 @@ class Job:
     dest: Path | None
     settings: Settings
     lease: Lease
-    progress: Any
+    progress: Progress
     owner: Owner
     staging: Staging | None = None
 
@@ -279,7 +281,7 @@ def transfer(
             ) from None
 
 
-def cancel_on_loss(lease: Lease) -> Any:
+def cancel_on_loss(lease: Lease) -> threading.Event:
     """The engine stops when the lease is lost; its own failures must not look like a loss."""
     from storage_initializer import signals
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from storage_initializer.changes import holds
 from storage_initializer.settings import Settings
@@ -16,7 +16,9 @@ from storage_initializer.store import marker as marker_io
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.providers.base import RemoteFile
+    from storage_initializer.store.staging import Staging
 
 log = logging.getLogger("storage_initializer.pull")
 
@@ -25,8 +27,8 @@ def reuse_volume(
     entry: layout.Entry,
     uri: SourceUri,
     todo: list[RemoteFile],
-    staging: Any,
-    progress: Any,
+    staging: Staging,
+    progress: Progress,
     settings: Settings,
 ) -> list[RemoteFile]:
     """The files still to fetch once those the volume holds are in staging (store.reuse).
@@ -41,7 +43,7 @@ def dedupe_fetched(
     entry: layout.Entry,
     uri: SourceUri,
     fetched: list[RemoteFile],
-    staging: Any,
+    staging: Staging,
     settings: Settings,
 ) -> None:
     """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
@@ -51,13 +53,15 @@ def dedupe_fetched(
     reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
 
 
-def reuse_staged(files: list[RemoteFile], staging: Any, progress: Any) -> list[RemoteFile]:
+def reuse_staged(files: list[RemoteFile], staging: Staging, progress: Progress) -> list[RemoteFile]:
     verified = staging.verified()
     todo = []
     for item in files:
         record = verified.get(item.path)
-        ok = holds(staging, item, record) and all(
-            item.checksums.get(a, v) == v for a, v in record.checksums.items()
+        ok = (
+            record is not None  # holds() checks it too; said here for the type checker
+            and holds(staging, item, record)
+            and all(item.checksums.get(a, v) == v for a, v in record.checksums.items())
         )
         if ok:
             assert record is not None
@@ -75,7 +79,7 @@ def is_archive(path: str) -> bool:
     return is_archive(path)
 
 
-def extract_single(staging: Any, name: str, settings: Settings) -> list[marker_io.MarkerFile]:
+def extract_single(staging: Staging, name: str, settings: Settings) -> list[marker_io.MarkerFile]:
     from storage_initializer.archive import Limits, extract
 
     log.info("extracting %s", name)

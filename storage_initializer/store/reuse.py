@@ -32,13 +32,14 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from storage_initializer import checksums as sums
 from storage_initializer.blocks import BLOCK
 from storage_initializer.store import content
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.providers.base import RemoteFile
     from storage_initializer.store.layout import Entry
     from storage_initializer.store.staging import Staging
@@ -64,7 +65,7 @@ def from_volume(
     source: str,
     files: list[RemoteFile],
     staging: Staging,
-    progress: Any,
+    progress: Progress,
     may_link: bool,
 ) -> Outcome:
     """Bring every file of ``files`` that the volume already holds into ``staging`` (verified,
@@ -113,7 +114,7 @@ def _take(
     source: str,
     staging: Staging,
     may_link: bool,
-    progress: Any,
+    progress: Progress,
 ) -> str | None:
     """Try the candidates for ``item`` in turn; "link" or "copy" when one verified, else None."""
     size = int(item.size or 0)
