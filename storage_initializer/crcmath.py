@@ -61,7 +61,7 @@ def _zero_operators(polynomial: int) -> tuple[list[int], ...]:
 @cache
 def _awscrt() -> ModuleType | None:
     try:
-        from awscrt import checksums
+        from awscrt import checksums  # optional native code: probed once
     except ImportError:
         return None
     return checksums
@@ -109,7 +109,7 @@ def updater(algorithm: str) -> Callable[[bytes, int], int] | None:
         return update
     if algorithm == "crc32c":
         try:
-            import google_crc32c
+            import google_crc32c  # the fallback when awscrt is absent
         except ImportError:
             return None
         extend = google_crc32c.extend

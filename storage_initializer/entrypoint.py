@@ -15,6 +15,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, NoReturn
 
+from storage_initializer import settings as settings_mod
+from storage_initializer import signals, stall, termination
+from storage_initializer.errors import InitializerError
+from storage_initializer.pull import describe_failure, failure_stats, pull
+from storage_initializer.redact import redact, redact_url
+from storage_initializer.report import setup_logging, summary
+
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
 
@@ -24,12 +31,6 @@ log = logging.getLogger("storage_initializer")
 
 
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
-    from storage_initializer import settings as settings_mod
-    from storage_initializer import signals, stall
-    from storage_initializer.errors import InitializerError
-    from storage_initializer.pull import describe_failure, failure_stats, pull
-    from storage_initializer.report import setup_logging, summary
-
     try:
         settings = settings_mod.load(flags)
     except InitializerError as exc:
@@ -82,8 +83,6 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
 def _arm_deadline(settings: Settings, runs: list[dict], current: dict[str, str]) -> None:
     """--timeout: the run's deadline (stall.py). Should the run still not have ended a grace
     period after it, this reports the failure, then the process exits."""
-    from storage_initializer import stall
-    from storage_initializer.pull import describe_failure
 
     def hung(error: Exception) -> None:
         reason = " ".join(describe_failure(current["source"], error).split())
@@ -104,10 +103,6 @@ def _terminated(
     """The end of a run terminated during a pull: one last line saying what was interrupted
     and how far it got, the termination message and metrics, and exit 128 + signal without
     waiting for threads stuck in a request."""
-    from storage_initializer import signals
-    from storage_initializer.pull import failure_stats
-    from storage_initializer.redact import redact
-
     assert isinstance(exc, signals.Terminated)
     shown = _redacted(source)
     where = f" (model {len(runs) + 1} of {count})" if count > 1 else ""
@@ -125,8 +120,6 @@ def _termination_message(
 ) -> None:
     """The pod status's record of this run (termination.py): a summary of every pair on
     success, the one-line reason (and the pairs done before) on failure."""
-    from storage_initializer import termination
-
     configured = getattr(settings, "termination_log", None)
     done = [run for run in runs if run.get("outcome") != "failed"]
     if reason is None:
@@ -136,15 +129,13 @@ def _termination_message(
 
 
 def _redacted(uri: str) -> str:
-    from storage_initializer.redact import redact_url
-
     return redact_url(uri)
 
 
 def _write_metrics(path: str, runs: list[dict]) -> None:
     """Metrics are a side channel: failing to write them must not fail the pull, nor hide the
     last log line, which explains the pull."""
-    from storage_initializer import metrics
+    from storage_initializer import metrics  # prometheus_client: only with a metrics file
 
     try:
         metrics.write(path, runs)

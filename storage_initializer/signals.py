@@ -191,7 +191,7 @@ def leave(code: int) -> NoReturn:
     """Leave now with ``code``: release the leases a thread stuck in a request still holds
     (marked ``terminated``, so waiters take over at once), flush the logs, and do not wait
     for threads blocked in I/O (they would hold the process until the kubelet's SIGKILL)."""
-    from storage_initializer.store.lease import release_all
+    from storage_initializer.store.lease import release_all  # lease imports signals
 
     with contextlib.suppress(Exception):
         release_all("terminated")

@@ -18,9 +18,13 @@ from pathlib import Path
 
 from storage_initializer import checksums
 from storage_initializer.errors import DestinationError, UsageError
+from storage_initializer.pull import pull
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.lease import LeaseState, Owner, current, glance, try_claim
+from storage_initializer.store.staging import Staging
+from storage_initializer.uri import parse
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +59,6 @@ def _place(source: Path, target: Path) -> None:
 def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[str], object]:
     """Repair ``entry`` (a direct entry or a cache version) from ``source``; returns the bad
     files and the pull's result (None when nothing was bad)."""
-    from storage_initializer.pull import pull
-    from storage_initializer.store.lease import LeaseState, Owner, current, glance, try_claim
-    from storage_initializer.store.staging import Staging
-    from storage_initializer.uri import parse
-
     marker = marker_io.read(entry)
     if marker is None:
         raise DestinationError(f"{entry.root} has no marker: nothing to repair against")

@@ -60,7 +60,7 @@ class AzureBlobSource(Source):
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
-        from azure.storage.blob import ContainerClient, ExponentialRetry
+        from azure.storage.blob import ContainerClient, ExponentialRetry  # the SDK: on use
 
         self.location = parse_location(uri, ENDPOINT_ENV, "container")
         credential, mode = select_credential(self.location)
@@ -109,7 +109,7 @@ class AzureBlobSource(Source):
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
     def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
-        from azure.core.exceptions import ResourceNotFoundError
+        from azure.core.exceptions import ResourceNotFoundError  # the SDK: on use
 
         prefix = self.location.prefix
         if prefix and not self.location.directory_only:

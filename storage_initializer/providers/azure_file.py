@@ -55,7 +55,7 @@ class AzureFileSource(Source):
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
-        from azure.storage.fileshare import ExponentialRetry, ShareClient
+        from azure.storage.fileshare import ExponentialRetry, ShareClient  # the SDK: on use
 
         self.location = parse_location(uri, ENDPOINT_ENV, "share")
         credential, mode = select_credential(self.location)
@@ -115,7 +115,7 @@ class AzureFileSource(Source):
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
     def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
-        from azure.core.exceptions import ResourceNotFoundError
+        from azure.core.exceptions import ResourceNotFoundError  # the SDK: on use
 
         prefix = self.location.prefix
         if prefix and not self.location.directory_only:

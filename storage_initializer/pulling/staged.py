@@ -9,10 +9,12 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from storage_initializer.archive import Limits, extract
 from storage_initializer.changes import holds
 from storage_initializer.settings import Settings
-from storage_initializer.store import layout
+from storage_initializer.store import layout, reuse
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.fsutil import remove_tree
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
@@ -33,8 +35,6 @@ def reuse_volume(
 ) -> list[RemoteFile]:
     """The files still to fetch once those the volume holds are in staging (store.reuse).
     Cache versions are always committed read-only, so they may share inodes."""
-    from storage_initializer.store import reuse
-
     may_link = settings.read_only or entry.mode == "cache"
     return reuse.from_volume(entry, uri.redacted, todo, staging, progress, may_link).todo
 
@@ -47,8 +47,6 @@ def dedupe_fetched(
     settings: Settings,
 ) -> None:
     """Another pull may have committed a file we fetched meanwhile: link to it (store.reuse)."""
-    from storage_initializer.store import reuse
-
     may_link = settings.read_only or entry.mode == "cache"
     reuse.dedupe_fetched(entry, uri.redacted, fetched, staging, may_link)
 
@@ -73,20 +71,10 @@ def reuse_staged(files: list[RemoteFile], staging: Staging, progress: Progress) 
     return todo
 
 
-def is_archive(path: str) -> bool:
-    from storage_initializer.archive import is_archive
-
-    return is_archive(path)
-
-
 def extract_single(staging: Staging, name: str, settings: Settings) -> list[marker_io.MarkerFile]:
-    from storage_initializer.archive import Limits, extract
-
     log.info("extracting %s", name)
     target = staging.dir / "extracted"
     if target.exists():
-        from storage_initializer.store.fsutil import remove_tree
-
         remove_tree(target)
     extracted = extract(staging.data / name, target, Limits.from_settings(settings))
     old = staging.dir / "archive-data"

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from storage_initializer import checksums as sums
 from storage_initializer.blocks import BLOCK
+from storage_initializer.report import human_bytes
 from storage_initializer.store import content
 
 if TYPE_CHECKING:
@@ -94,8 +95,6 @@ def from_volume(
         outcome.bytes += size
         outcome.linked += int(linked)
     if outcome.files:
-        from storage_initializer.report import human_bytes
-
         log.info(
             "%s: %d files (%s) already on the volume, reused (%d linked, %d copied); %d to fetch",
             source,
@@ -204,7 +203,7 @@ def _copy(source: Path, target: Path) -> None:
 
 def _reflink(src: int, dst: int) -> bool:
     try:
-        import fcntl
+        import fcntl  # POSIX only: a failed import means no reflink
 
         fcntl.ioctl(dst, FICLONE, src)
     except (OSError, ImportError):
