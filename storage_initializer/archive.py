@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from storage_initializer import settings as settings_mod
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import SourceError
 from storage_initializer.paths import UnsafePathError, safe_relpath
@@ -263,8 +264,6 @@ def _check_parents(root: Path, rel: str) -> None:
 
 def extract(archive: Path, out_dir: Path, limits: Limits | None = None) -> list[Extracted]:
     if limits is None:
-        from storage_initializer import settings as settings_mod
-
         limits = Limits.from_settings(settings_mod.load())
     label = f"archive {archive.name}"
     budget = Budget(archive.stat().st_size, limits, label)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 from storage_initializer.errors import RangesIgnoredError, SourceChangedError
 from storage_initializer.progress import Progress
@@ -152,7 +151,7 @@ def remaining(files: list[RemoteFile], staging: Staging) -> list[RemoteFile]:
     return [item for item in files if not holds(staging, item, verified.get(item.path))]
 
 
-def holds(staging: Staging, item: RemoteFile, record: Any) -> bool:
+def holds(staging: Staging, item: RemoteFile, record: staging_mod.VerifiedRecord | None) -> bool:
     """Whether staging holds ``item`` as verified: a record of the listed size whose staged
     file still has that size."""
     return (

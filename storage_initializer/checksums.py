@@ -36,9 +36,10 @@ class _Crc32:
 
 class _Crc32c:
     def __init__(self) -> None:
-        self._fn = crcmath.updater("crc32c")
-        if self._fn is None:
+        update = crcmath.updater("crc32c")
+        if update is None:
             raise ImportError("neither awscrt nor google-crc32c is installed")
+        self._fn = update
         self._value = 0
 
     def update(self, data: bytes) -> None:
@@ -50,9 +51,10 @@ class _Crc32c:
 
 class _Crc64Nvme:
     def __init__(self) -> None:
-        self._fn = crcmath.updater("crc64nvme")
-        if self._fn is None:
+        update = crcmath.updater("crc64nvme")
+        if update is None:
             raise ImportError("CRC64NVME needs awscrt")
+        self._fn = update
         self._value = 0
 
     def update(self, data: bytes) -> None:

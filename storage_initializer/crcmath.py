@@ -23,7 +23,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from types import ModuleType
 
 #: Reflected polynomials of the combinable algorithms, by our checksum names.
 POLYNOMIALS = {"crc32": 0xEDB88320, "crc32c": 0x82F63B78}
@@ -59,9 +59,9 @@ def _zero_operators(polynomial: int) -> tuple[list[int], ...]:
 
 
 @cache
-def _awscrt() -> Any:
+def _awscrt() -> ModuleType | None:
     try:
-        from awscrt import checksums
+        from awscrt import checksums  # optional native code: probed once
     except ImportError:
         return None
     return checksums
@@ -77,6 +77,11 @@ def combine(algorithm: str, first: int, second: int, second_length: int) -> int:
         return int(function(first, second, second_length))
     if algorithm not in POLYNOMIALS:
         raise ValueError(f"combining {algorithm} needs awscrt")
+    return matrix_combine(algorithm, first, second, second_length)
+
+
+def matrix_combine(algorithm: str, first: int, second: int, second_length: int) -> int:
+    """:func:`combine` in pure Python (CRC32 and CRC32C only): the fallback without awscrt."""
     operators = _zero_operators(POLYNOMIALS[algorithm])
     index = 0
     length = second_length
@@ -104,7 +109,7 @@ def updater(algorithm: str) -> Callable[[bytes, int], int] | None:
         return update
     if algorithm == "crc32c":
         try:
-            import google_crc32c
+            import google_crc32c  # the fallback when awscrt is absent
         except ImportError:
             return None
         extend = google_crc32c.extend

@@ -151,6 +151,6 @@ def _job_tasks(job: _FileJob) -> Iterator[tuple[_FileJob, int, int | None]]:
             yield job, start, end
 
 
-def _chain(first: Iterator, second: Iterator) -> Iterator:  # type: ignore[type-arg]
+def _chain(first: Iterator, second: Iterator) -> Iterator:
     yield from first
     yield from second

@@ -13,7 +13,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+from storage_initializer import settings as settings_mod
+from storage_initializer import signals, stall, termination
+from storage_initializer.errors import InitializerError
+from storage_initializer.pull import describe_failure, failure_stats, pull
+from storage_initializer.redact import redact, redact_url
+from storage_initializer.report import setup_logging, summary
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
 
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 
@@ -21,12 +31,6 @@ log = logging.getLogger("storage_initializer")
 
 
 def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
-    from storage_initializer import settings as settings_mod
-    from storage_initializer import signals, stall
-    from storage_initializer.errors import InitializerError
-    from storage_initializer.pull import describe_failure, failure_stats, pull
-    from storage_initializer.report import setup_logging, summary
-
     try:
         settings = settings_mod.load(flags)
     except InitializerError as exc:
@@ -48,13 +52,13 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
         except signals.Terminated as exc:
             _terminated(exc, settings, source, len(pairs), runs, time.monotonic() - began)
         except Exception as failure:  # every failure ends in one explanatory line
-            exc = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
+            error = stall.as_deadline(failure)  # a cut socket's error, when it was the deadline
             log.debug("failure details", exc_info=True)
             if settings.metrics_file:
                 # What the failed pull spent still counts: origin bytes, retries, failures.
                 runs.append(
                     {
-                        **failure_stats(exc),
+                        **failure_stats(error),
                         "source": _redacted(source),
                         "outcome": "failed",
                         "seconds": time.monotonic() - began,
@@ -62,7 +66,7 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
                 )
                 _write_metrics(settings.metrics_file, runs)
             # The last line KServe shows: one line, even when a library's message spans several.
-            reason = " ".join(describe_failure(source, exc).split())
+            reason = " ".join(describe_failure(source, error).split())
             log.error("%s", reason)
             _termination_message(settings, reason, source, runs)
             stall.finish_deadline()
@@ -76,11 +80,9 @@ def run_pairs(pairs: list[tuple[str, str]], flags: dict | None = None) -> int:
     return 0
 
 
-def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> None:
+def _arm_deadline(settings: Settings, runs: list[dict], current: dict[str, str]) -> None:
     """--timeout: the run's deadline (stall.py). Should the run still not have ended a grace
     period after it, this reports the failure, then the process exits."""
-    from storage_initializer import stall
-    from storage_initializer.pull import describe_failure
 
     def hung(error: Exception) -> None:
         reason = " ".join(describe_failure(current["source"], error).split())
@@ -91,15 +93,16 @@ def _arm_deadline(settings: Any, runs: list[dict], current: dict[str, str]) -> N
 
 
 def _terminated(
-    exc: BaseException, settings: Any, source: str, count: int, runs: list[dict], seconds: float
+    exc: BaseException,
+    settings: Settings,
+    source: str,
+    count: int,
+    runs: list[dict],
+    seconds: float,
 ) -> NoReturn:
     """The end of a run terminated during a pull: one last line saying what was interrupted
     and how far it got, the termination message and metrics, and exit 128 + signal without
     waiting for threads stuck in a request."""
-    from storage_initializer import signals
-    from storage_initializer.pull import failure_stats
-    from storage_initializer.redact import redact
-
     assert isinstance(exc, signals.Terminated)
     shown = _redacted(source)
     where = f" (model {len(runs) + 1} of {count})" if count > 1 else ""
@@ -117,8 +120,6 @@ def _termination_message(
 ) -> None:
     """The pod status's record of this run (termination.py): a summary of every pair on
     success, the one-line reason (and the pairs done before) on failure."""
-    from storage_initializer import termination
-
     configured = getattr(settings, "termination_log", None)
     done = [run for run in runs if run.get("outcome") != "failed"]
     if reason is None:
@@ -128,15 +129,13 @@ def _termination_message(
 
 
 def _redacted(uri: str) -> str:
-    from storage_initializer.redact import redact_url
-
     return redact_url(uri)
 
 
 def _write_metrics(path: str, runs: list[dict]) -> None:
     """Metrics are a side channel: failing to write them must not fail the pull, nor hide the
     last log line, which explains the pull."""
-    from storage_initializer import metrics
+    from storage_initializer import metrics  # prometheus_client: only with a metrics file
 
     try:
         metrics.write(path, runs)

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
+
 PREFIX = "storage_initializer"
 #: The ``phase`` label's values, every one written for every run (dashboards need no gaps).
 PHASES = ("wait", "list", "transfer", "verify", "extract", "commit", "total")
@@ -36,8 +38,6 @@ PHASES = ("wait", "list", "transfer", "verify", "extract", "commit", "total")
 
 def write(path: str | Path, runs: Iterable[dict[str, Any]]) -> None:
     """``runs``: one dict per pull with ``source``, ``outcome``, byte counts, ``phases``…"""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
-
     registry = CollectorRegistry()
     labels = ["source", "outcome"]
 

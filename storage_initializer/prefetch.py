@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from storage_initializer import settings as settings_mod
 from storage_initializer import signals
 from storage_initializer.errors import UsageError
+from storage_initializer.pull import describe_failure, pull
+from storage_initializer.redact import redact, redact_url
+from storage_initializer.report import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,6 @@ class Outcome:
 
 
 def load_file(path: Path) -> tuple[list[Item], int, dict[str, Any]]:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -94,8 +97,6 @@ def _node_selector(raw: Any, path: Path) -> dict[str, str]:
 def run(
     items: list[Item], parallel: int, flags: dict[str, Any], defaults: dict[str, Any]
 ) -> list[Outcome]:
-    from storage_initializer.pull import describe_failure, pull
-
     def one(item: Item) -> Outcome:
         try:
             signals.check()  # terminated before this model's turn: do not start it
@@ -137,9 +138,6 @@ def _ok(future: Future[Outcome]) -> bool:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    from storage_initializer.redact import redact, redact_url
-    from storage_initializer.report import human_bytes
-
     rows = [("URI", "RESULT", "SIZE", "SECONDS", "WHERE / WHY")]
     for o in outcomes:
         rows.append(

@@ -41,7 +41,11 @@ from typing import Any
 
 from storage_initializer import prefetch, signals
 from storage_initializer import settings as settings_mod
+from storage_initializer.cache import eviction
+from storage_initializer.cache.survey import describe
 from storage_initializer.errors import InitializerError, UsageError
+from storage_initializer.redact import redact, redact_url
+from storage_initializer.store import access, layout
 from storage_initializer.uri import parse
 
 log = logging.getLogger("storage_initializer.watch")
@@ -190,8 +194,6 @@ class Watcher:
         self._write_ready(wanted)
 
     def _is_complete(self, key: str) -> bool:
-        from storage_initializer.store import layout
-
         return layout.cached(self.options.cache_dir, key).current_version() is not None
 
     def _pull_missing(self, wanted: list[Wanted], defaults: dict[str, Any]) -> None:
@@ -230,10 +232,6 @@ class Watcher:
                 self.ready.pop(w.key, None)
 
     def _evict_unwanted(self, wanted_keys: set[str]) -> None:
-        from storage_initializer.cache import eviction
-        from storage_initializer.cache.survey import describe
-        from storage_initializer.store import access, layout
-
         stale_after = settings_mod.load(self.options.flags).stale_after
         policy = eviction.Policy(min_idle=self.options.min_idle, stale_after=stale_after)
         for key in sorted(self.managed - wanted_keys):
@@ -303,14 +301,10 @@ class Watcher:
 
 
 def _redacted(uri: str) -> str:
-    from storage_initializer.redact import redact_url
-
     return redact_url(uri)
 
 
 def _clean(text: str) -> str:
-    from storage_initializer.redact import redact
-
     return " ".join(redact(text).split())[:2000]
 
 

@@ -36,7 +36,7 @@ def pull(source: str, dest: str | Path | None, settings: Settings) -> Result:
         if uri.kind in ("model-mount", "pvc"):
             raise UsageError(f"{uri.redacted} is already on a volume: nothing to cache")
     if len(settings.cache_dirs) > 1 and uri.kind not in ("model-mount", "pvc"):
-        from storage_initializer.cache.tiers import pull_tiered
+        from storage_initializer.cache.tiers import pull_tiered  # not on a warm start
 
         return pull_tiered(uri, None if dest is None else Path(dest).absolute(), settings)
     result = pull_one(uri, None if dest is None else Path(dest).absolute(), settings, started)

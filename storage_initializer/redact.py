@@ -7,6 +7,7 @@ all three. Providers that learn of a secret elsewhere call :func:`register_secre
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -74,8 +75,6 @@ def _env_secrets() -> set[str]:
 
 
 def _header_values(raw: str) -> set[str]:
-    import json
-
     try:
         headers = json.loads(raw)
     except ValueError:

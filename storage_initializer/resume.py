@@ -56,10 +56,10 @@ def kept_prefixes(
             merged.append([start, end])
     firsts = [first for first, _last in merged]
     kept: dict[int, int] = {}
-    for start, end in spans:
+    for start, stop in spans:
         index = bisect.bisect_right(firsts, start) - 1
         if index >= 0 and start < merged[index][1]:
-            kept[start] = min(size if end is None else end, merged[index][1])
+            kept[start] = min(size if stop is None else stop, merged[index][1])
     return kept
 
 

@@ -211,7 +211,7 @@ def _size(value: Any) -> int:
 
 
 def _signature_trust(value: Any) -> str:
-    from storage_initializer.signing import validate_setting
+    from storage_initializer.signing import validate_setting  # only when signing is set
 
     return validate_setting(value)
 

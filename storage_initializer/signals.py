@@ -32,6 +32,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def install() -> bool:
 _default_hook = sys.excepthook
 
 
-def _uncaught(kind: type[BaseException], exc: BaseException, trace: Any) -> None:
+def _uncaught(kind: type[BaseException], exc: BaseException, trace: TracebackType | None) -> None:
     if not isinstance(exc, Terminated):
         _default_hook(kind, exc, trace)
         return
@@ -190,7 +191,7 @@ def leave(code: int) -> NoReturn:
     """Leave now with ``code``: release the leases a thread stuck in a request still holds
     (marked ``terminated``, so waiters take over at once), flush the logs, and do not wait
     for threads blocked in I/O (they would hold the process until the kubelet's SIGKILL)."""
-    from storage_initializer.store.lease import release_all
+    from storage_initializer.store.lease import release_all  # lease imports signals
 
     with contextlib.suppress(Exception):
         release_all("terminated")

@@ -37,9 +37,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from storage_initializer.errors import TransientError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ TICK = 1.0
 DEADLINE_GRACE = 10.0
 
 #: thread id → the socket that thread is reading now (only while it reads).
-_reading: dict[int, Any] = {}
+_reading: dict[int, socket.socket] = {}
 #: thread id → the watch of the transfer that thread runs now.
 _watches: dict[int, Watch] = {}
 _guards: set[Guard] = set()
@@ -80,11 +83,11 @@ def install() -> None:
             return
         original = socket.SocketIO.readinto
 
-        def readinto(self: socket.SocketIO, buffer: Any) -> int | None:
+        def readinto(self: socket.SocketIO, b: WriteableBuffer) -> int | None:
             ident = threading.get_ident()
             _reading[ident] = self._sock  # type: ignore[attr-defined]
             try:
-                count = original(self, buffer)
+                count = original(self, b)
             finally:
                 _reading.pop(ident, None)
             watch = _watches.get(ident)
@@ -96,7 +99,7 @@ def install() -> None:
         _installed = True
 
 
-def _shut(sock: Any) -> None:
+def _shut(sock: socket.socket) -> None:
     """Make a blocked read on ``sock`` return now (TLS sockets too, without touching their
     TLS state, which the reading thread owns)."""
     with contextlib.suppress(OSError, TypeError):
@@ -238,7 +241,7 @@ class Guard:
 
 # -- the deadline of a run --------------------------------------------------------------------
 
-_deadline: dict[str, Any] = {}
+_deadline: dict[str, float] = {}
 _expired = threading.Event()
 _finished = threading.Event()
 

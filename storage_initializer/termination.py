@@ -32,6 +32,9 @@ import json
 import logging
 import os
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from storage_initializer.redact import MASK, escape_controls, redact, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ def target(configured: str | None = None) -> str | None:
 
 def _clean(text: str, url: bool = False) -> str:
     """One line, secrets masked (``url``: the whole text is a URI, its query masked too)."""
-    from storage_initializer.redact import escape_controls, redact, redact_url
-
     text = str(text)
     return escape_controls(" ".join(redact(redact_url(text) if url else text).split()))
 
@@ -115,8 +116,6 @@ def success_message(runs: list[dict[str, Any]]) -> str:
 def _credentials_of(uri: str) -> list[str]:
     """The password and query values of a URI: a library's error text may quote the URL in a
     form the generic redaction does not recognise (``user:pass@host:port``)."""
-    from urllib.parse import parse_qsl, urlsplit
-
     try:
         parts = urlsplit(uri)
         found = [parts.password or ""]
@@ -127,8 +126,6 @@ def _credentials_of(uri: str) -> list[str]:
 
 
 def failure_message(reason: str, source: str | None, runs: list[dict[str, Any]]) -> str:
-    from storage_initializer.redact import MASK
-
     head: dict[str, Any] = {"outcome": "failed"}
     for secret in sorted(_credentials_of(source or ""), key=len, reverse=True):
         reason = reason.replace(secret, MASK)

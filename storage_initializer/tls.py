@@ -48,7 +48,7 @@ def combined_bundle() -> str | None:
     if system and os.path.isfile(system):
         parts.append(system)
     try:
-        import certifi
+        import certifi  # optional
 
         parts.append(certifi.where())
     except ImportError:

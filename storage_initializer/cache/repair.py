@@ -18,10 +18,14 @@ from pathlib import Path
 
 from storage_initializer import checksums
 from storage_initializer.errors import DestinationError, UsageError
+from storage_initializer.pull import pull
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.layout import EntryMode
+from storage_initializer.store.lease import LeaseState, Owner, current, glance, try_claim
+from storage_initializer.store.staging import Staging
+from storage_initializer.uri import parse
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,6 @@ def _place(source: Path, target: Path) -> None:
 def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[str], object]:
     """Repair ``entry`` (a direct entry or a cache version) from ``source``; returns the bad
     files and the pull's result (None when nothing was bad)."""
-    from storage_initializer.pull import pull
-    from storage_initializer.store.lease import LeaseState, Owner, current, glance, try_claim
-    from storage_initializer.store.staging import Staging
-    from storage_initializer.uri import parse
-
     marker = marker_io.read(entry)
     if marker is None:
         raise DestinationError(f"{entry.root} has no marker: nothing to repair against")
@@ -104,26 +103,26 @@ def repair(source: str, entry: layout.Entry, settings: Settings) -> tuple[set[st
         lease.release("repair staged")
     log.info("repairing %d file(s) of %s: %s", len(bad), entry.root, ", ".join(sorted(bad)))
     fixed = replace(
-        settings,
+        _signed_as_before(marker, settings),
         include=tuple(marker.include),
         exclude=tuple(marker.exclude),
         replace=True,
         revalidate=False,
         cache_dirs=(str(keyed.root.parent),) if entry.mode == EntryMode.VERSION else (),
-        **_signed_as_before(marker, settings),
     )
     dest = None if entry.mode == EntryMode.VERSION else entry.root
     return bad, pull(source, dest, fixed)
 
 
-def _signed_as_before(marker: marker_io.Marker, settings: Settings) -> dict[str, str]:
+def _signed_as_before(marker: marker_io.Marker, settings: Settings) -> Settings:
     """A model verified against ``model.sig`` at download stays verified through a repair
     (signing.py): the repairing pull requires the trust the marker recorded, unless one is
     given."""
     signed = marker.signature or {}
     if settings.require_signature or signed.get("signature") != "model.sig":
-        return {}
-    return {
-        "require_signature": str(signed.get("trust", "")),
-        "signature_trust_root": str(signed.get("trust_root", "")),
-    }
+        return settings
+    return replace(
+        settings,
+        require_signature=str(signed.get("trust", "")),
+        signature_trust_root=str(signed.get("trust_root", "")),
+    )

@@ -8,18 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from storage_initializer import checksums
+from storage_initializer.diskspace import usage
 from storage_initializer.paths import STATE_DIR_NAME
+from storage_initializer.signing import recheck
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.layout import EntryMode
+from storage_initializer.store.lease import current, silent_for, stale_at_a_glance
+from storage_initializer.store.links import read_pointer
 
 
 def find_entry(path: Path) -> layout.Entry | None:
     """The entry behind ``path``: the path itself (direct mode or a cache entry), or, for a
     destination populated from a cache, the entry its links point into."""
     path = path.absolute()
-    from storage_initializer.store.links import read_pointer
-
     note = read_pointer(path)
     if note is not None:  # a destination populated from a cache (any link mode)
         root = Path(note["entry"])
@@ -59,9 +61,6 @@ def status(path: Path, stale_after: float, max_size: int = 0) -> dict[str, Any]:
     """What ``path`` holds. ``size`` is what the marker recorded at commit; ``usage`` is measured
     now, so a writable entry that grew since (a model server writing caches beside the weights)
     shows, and is flagged ``over_quota`` when it exceeds ``max_size`` (--max-size)."""
-    from storage_initializer.diskspace import usage
-    from storage_initializer.store.lease import current, silent_for, stale_at_a_glance
-
     entry = find_entry(path)
     if entry is None:
         return {"path": str(path), "state": "absent"}
@@ -159,7 +158,5 @@ def verify(
         if digest != item.checksums[algorithm].lower():
             bad.append(f"{item.path}: {algorithm} {digest}, expected {item.checksums[algorithm]}")
     if not bad and (marker.signature is not None or require_signature):
-        from storage_initializer.signing import recheck
-
         bad.extend(recheck(entry.root, marker, require_signature, trust_root))
     return entry, bad, len(marker.files)

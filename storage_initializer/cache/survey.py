@@ -9,13 +9,17 @@ import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.layout import EntryMode
-from storage_initializer.store.lease import LeaseState, current, glance
+from storage_initializer.store.lease import LeaseState, current, glance, number
+from storage_initializer.uri import parse
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
 
 
 @dataclass
@@ -137,8 +141,6 @@ def describe(entry: layout.Entry, stale_after: float) -> EntryInfo:
 
 
 def _heartbeat(data: dict[str, Any] | None) -> float | None:
-    from storage_initializer.store.lease import number
-
     return number(data.get("heartbeat")) if data else None
 
 
@@ -173,12 +175,10 @@ def survey(cache_dir: Path, stale_after: float) -> dict[str, Any]:
     }
 
 
-def find(cache_dir: Path, key_or_uri: str, settings: Any) -> layout.Entry | None:
+def find(cache_dir: Path, key_or_uri: str, settings: Settings) -> layout.Entry | None:
     """An entry by its key, or by the URI (with the settings' filters) that names it."""
     if (cache_dir / key_or_uri / STATE_DIR_NAME).is_dir():
         return layout.cached(cache_dir, key_or_uri)
-    from storage_initializer.uri import parse
-
     key = parse(key_or_uri).key(settings.include, settings.exclude)
     if (cache_dir / key / STATE_DIR_NAME).is_dir():
         return layout.cached(cache_dir, key)

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from storage_initializer.providers.base import Listing, RemoteFile, Source, read_local_range
-from storage_initializer.store import layout
+from storage_initializer.pulling.one import after_pull, pull_one
+from storage_initializer.pulling.published import published, valid
+from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
 
 if TYPE_CHECKING:
@@ -60,8 +62,6 @@ class TierSource(Source):
 
 
 def _complete(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] | None:
-    from storage_initializer.pulling.published import published, valid
-
     model, marker = published(layout.cached(tier, key))
     if valid(model, marker):
         assert marker is not None
@@ -77,8 +77,6 @@ def _use_slower(tier: Path, key: str) -> tuple[layout.Entry, marker_io.Marker] |
     reading: gc hides an entry before its last look at the access log, so after our record
     either gc sees the use and keeps the entry, or we see ``current`` moved and treat the tier
     as a miss instead of copying files that are being removed."""
-    from storage_initializer.store import access
-
     found = _complete(tier, key)
     if found is None:
         return None
@@ -97,8 +95,6 @@ def _tier_settings(settings: Settings, index: int) -> Settings:
 
 
 def pull_tiered(uri: SourceUri, dest: Path | None, settings: Settings) -> Result:
-    from storage_initializer.pulling.one import after_pull, pull_one
-
     started = time.monotonic()
     tiers = [Path(d).absolute() for d in settings.cache_dirs]
     key = uri.key(settings.include, settings.exclude)

@@ -29,7 +29,7 @@ def open_source(uri: SourceUri, settings: Settings) -> Source:
     try:
         module = importlib.import_module(f"{__name__}.{backend.module}")
     except ModuleNotFoundError as exc:
-        if extra is None and not exc.name.startswith("storage_initializer"):
+        if extra is None and not (exc.name or "").startswith("storage_initializer"):
             raise
         what = f"pip install 'storage-initializer[{extra}]'" if extra else "a newer release"
         raise UsageError(

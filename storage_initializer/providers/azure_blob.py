@@ -13,10 +13,11 @@ while the account, container and prefix still come from the URI.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from storage_initializer.errors import NotFoundError, SourceError
 from storage_initializer.providers.azure_common import (
@@ -33,6 +34,8 @@ from storage_initializer.providers.base import Listing, RemoteFile, Source, fing
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
+    from azure.storage.blob import BlobClient, BlobProperties
+
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "AZURE_STORAGE_BLOB_ENDPOINT"
 
 
-def _is_folder_marker(blob: Any) -> bool:
+def _is_folder_marker(blob: BlobProperties) -> bool:
     """Whether a listed blob only stands for a directory (ADLS Gen2, or tools that write "a/")."""
     metadata = getattr(blob, "metadata", None) or {}
     if str(metadata.get("hdi_isfolder", "")).lower() == "true":
@@ -57,7 +60,7 @@ class AzureBlobSource(Source):
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
-        from azure.storage.blob import ContainerClient, ExponentialRetry
+        from azure.storage.blob import ContainerClient, ExponentialRetry  # the SDK: on use
 
         self.location = parse_location(uri, ENDPOINT_ENV, "container")
         credential, mode = select_credential(self.location)
@@ -105,8 +108,8 @@ class AzureBlobSource(Source):
         check_layout((item.path for item in files), self._where())
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
-    def _list(self) -> list[RemoteFile]:
-        from azure.core.exceptions import ResourceNotFoundError
+    def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
+        from azure.core.exceptions import ResourceNotFoundError  # the SDK: on use
 
         prefix = self.location.prefix
         if prefix and not self.location.directory_only:
@@ -130,7 +133,7 @@ class AzureBlobSource(Source):
             files.append(self._remote(blob, path))
         return files
 
-    def _remote(self, blob: Any, path: str) -> RemoteFile:
+    def _remote(self, blob: BlobProperties, path: str) -> RemoteFile:
         tier = str(getattr(blob, "blob_tier", "") or "")
         if tier.lower() == "archive":
             raise SourceError(
@@ -174,7 +177,7 @@ class AzureBlobSource(Source):
 
     @staticmethod
     def _read_in_pieces(
-        blob: Any, start: int, end: int | None, headers: dict[str, str]
+        blob: BlobClient, start: int, end: int | None, headers: dict[str, str]
     ) -> Iterator[bytes]:
         """The SDK's public download: one request per ``GET_PIECE``, each held whole in memory.
 

@@ -14,6 +14,7 @@ from the URI.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from storage_initializer.providers.base import Listing, RemoteFile, Source, fing
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
+    from azure.storage.fileshare import FileProperties
+
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -52,7 +55,7 @@ class AzureFileSource(Source):
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
-        from azure.storage.fileshare import ExponentialRetry, ShareClient
+        from azure.storage.fileshare import ExponentialRetry, ShareClient  # the SDK: on use
 
         self.location = parse_location(uri, ENDPOINT_ENV, "share")
         credential, mode = select_credential(self.location)
@@ -111,8 +114,8 @@ class AzureFileSource(Source):
         check_layout((item.path for item in files), self.uri.redacted)
         return Listing(files=files, fingerprint=fingerprint_of(files))
 
-    def _list(self) -> list[RemoteFile]:
-        from azure.core.exceptions import ResourceNotFoundError
+    def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
+        from azure.core.exceptions import ResourceNotFoundError  # the SDK: on use
 
         prefix = self.location.prefix
         if prefix and not self.location.directory_only:
@@ -136,16 +139,16 @@ class AzureFileSource(Source):
         below = f"{prefix}/" if prefix else ""
         paths = [safe_relative_path(name[len(below) :], "file") for name in names]
         with ThreadPoolExecutor(PROPERTY_WORKERS, thread_name_prefix="azure-file-head") as pool:
-            properties = list(
+            found = list(
                 pool.map(lambda n: self._share.get_file_client(n).get_file_properties(), names)
             )
         return [
             self._remote(props, name, path)
-            for props, name, path in zip(properties, names, paths, strict=True)
+            for props, name, path in zip(found, names, paths, strict=True)
         ]
 
     @staticmethod
-    def _remote(properties: Any, name: str, path: str) -> RemoteFile:
+    def _remote(properties: FileProperties, name: str, path: str) -> RemoteFile:
         md5 = md5_hex(getattr(properties.content_settings, "content_md5", None))
         return RemoteFile(
             path=path,

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from storage_initializer import cpus
 from storage_initializer.blocks import BLOCK
 
 if TYPE_CHECKING:
@@ -101,8 +102,6 @@ class Source(ABC):
     def workers(self) -> int:
         """Parallel requests for this pull: ``--workers``, else the backend's default capped by
         the CPUs this process may use (see :mod:`storage_initializer.cpus`)."""
-        from storage_initializer import cpus
-
         chosen = getattr(getattr(self, "settings", None), "workers", 0)
         return chosen or cpus.default_workers(self.default_workers)
 

@@ -19,10 +19,11 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions  # requests is built on it: importing it costs nothing more
 
 from storage_initializer import tls
 from storage_initializer.errors import (
@@ -34,6 +35,10 @@ from storage_initializer.errors import (
 from storage_initializer.providers import http_pin, httpcommon, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 from storage_initializer.redact import register_secret
+
+if TYPE_CHECKING:
+    from storage_initializer.settings import Settings
+    from storage_initializer.uri import SourceUri
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,10 @@ def raise_for_status(response: requests.Response, what: str) -> None:
 
 class HttpSource(Source):
     default_workers: ClassVar[int] = 8
+    #: Per instance here: whether the server honours ranges is learnt by list() and read().
+    supports_ranges: bool  # type: ignore[misc]
 
-    def __init__(self, uri: Any, settings: Any) -> None:
+    def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
         parts = urlsplit(uri.raw)
         self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
@@ -213,7 +220,11 @@ class HttpSource(Source):
                         block = block[:left]
                         left -= len(block)
                     yield block
-            except (requests.exceptions.RequestException, OSError, *_protocol_errors()) as exc:
+            except (
+                requests.exceptions.RequestException,
+                OSError,
+                urllib3.exceptions.HTTPError,
+            ) as exc:
                 raise TransientError(
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
                 ) from None
@@ -227,12 +238,6 @@ def _host_port(url: str) -> str:
         return f"{host}:{parts.port}" if parts.port else host
     except ValueError:  # a port that is not a number: the host alone
         return host
-
-
-def _protocol_errors() -> tuple[type[BaseException], ...]:
-    import urllib3.exceptions
-
-    return (urllib3.exceptions.HTTPError,)
 
 
 def _reason(exc: BaseException) -> str:

@@ -210,6 +210,7 @@ class RegistryClient:
             if response.status_code != 200:
                 message = f"{what}: the token service answered {response.status_code}"
                 raise httpcommon.status_error(response, message) or SourceError(message)
+            token: object
             try:
                 body = response.json()
                 token = body.get("token") or body.get("access_token")

@@ -13,24 +13,29 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage_initializer import stall
+from filelock import FileLock, Timeout
+
+from storage_initializer import signals, stall
 from storage_initializer.errors import LockTimeoutError
+from storage_initializer.pulling.holder import as_holder
 from storage_initializer.pulling.outcome import Result
 from storage_initializer.pulling.published import EntryVanished, finish, found, published, valid
+from storage_initializer.report import describe_progress
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
+from storage_initializer.store.lease import Observer, Owner, current, try_claim
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
+    from filelock import FileLock
+
     from storage_initializer.providers.base import Source
 
 log = logging.getLogger("storage_initializer.pull")
 
 
-def _try_flock(flock: Any, timeout: float) -> tuple[bool, bool]:
+def _try_flock(flock: FileLock, timeout: float) -> tuple[bool, bool]:
     """(held, usable). A filesystem without working flock leaves only the lease in charge."""
-    from filelock import Timeout
-
     try:
         flock.acquire(timeout=timeout, poll_interval=min(0.05, timeout))
         return True, True
@@ -57,13 +62,6 @@ def claim_or_wait(
 ) -> Result:
     """Wait while another replica holds the entry's lease (logging its progress, re-checking
     the marker), or claim it and download as the holder (:func:`holder.as_holder`)."""
-    from filelock import FileLock
-
-    from storage_initializer import signals
-    from storage_initializer.pulling.holder import as_holder
-    from storage_initializer.report import describe_progress
-    from storage_initializer.store.lease import Observer, Owner, current, try_claim
-
     layout.ensure_state_dir(entry)
     owner = Owner.this_process()
     observer = Observer(settings.stale_after)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from storage_initializer.errors import LeaseLostError, TransientError
+from storage_initializer.progress import Progress
 from storage_initializer.pulling.outcome import (
     Result,
     attach_stats,
@@ -21,6 +22,7 @@ from storage_initializer.pulling.outcome import (
 from storage_initializer.pulling.pipeline import Job, download
 from storage_initializer.settings import Settings
 from storage_initializer.store import layout
+from storage_initializer.store.tidy import forget_empty_entry
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
@@ -40,8 +42,6 @@ def as_holder(
     source_override: Source | None = None,
     took_over: bool = False,
 ) -> Result:
-    from storage_initializer.progress import Progress
-
     progress = Progress()
     lease.start_heartbeat(settings.heartbeat_interval, progress.snapshot)
     outcome = "failed"
@@ -94,8 +94,6 @@ def as_holder(
     finally:
         lease.release(outcome)
         if outcome == "failed":  # a first pull that got nothing leaves no state
-            from storage_initializer.store.tidy import forget_empty_entry
-
             with contextlib.suppress(OSError):
                 forget_empty_entry(entry, lease.path)
 

@@ -21,6 +21,7 @@ from storage_initializer.pulling.published import (
     valid,
 )
 from storage_initializer.settings import Settings
+from storage_initializer.store import access
 from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
 
@@ -33,13 +34,11 @@ log = logging.getLogger("storage_initializer.pull")
 
 def after_pull(uri: SourceUri, result: Result, settings: Settings) -> None:
     """Bookkeeping of a successful pull: the access record, and the cache's size limit."""
-    from storage_initializer.store import access
-
     entry = entry_for(uri, Path(result.dest), settings)
     if entry.mode != EntryMode.CACHE:  # cache mode recorded the use before linking (finish)
         access.record(entry, result.outcome)
     if settings.cache_dirs and settings.cache_max_size:
-        from storage_initializer.cache import eviction as gc
+        from storage_initializer.cache import eviction as gc  # not on a warm start
 
         limits = gc.Policy(
             max_size=settings.cache_max_size,
@@ -71,12 +70,13 @@ def pull_one(
         log.info("%s is the model mount directory: nothing to download", uri.redacted)
         return Result(uri.redacted, str(dest), "no-op")
     if uri.kind == "pvc":
-        from storage_initializer.pulling.pvc import link_pvc
+        from storage_initializer.pulling.pvc import link_pvc  # not on a warm start
 
         assert dest is not None
         return link_pvc(uri, dest, settings, started)
     entry = entry_for(uri, dest or Path("."), settings)
     if entry.mode == EntryMode.DIRECT:
+        assert dest is not None  # without a destination the entry is a cache entry
         prepare_dir(dest, "destination")
     else:
         prepare_dir(entry.root, "cache entry")
@@ -89,6 +89,6 @@ def pull_one(
             finish(model, dest, current, settings)
             elapsed = time.monotonic() - started
             return found(uri, dest, entry, current, "complete", elapsed, phases=checked)
-    from storage_initializer.pulling.claim import claim_or_wait
+    from storage_initializer.pulling.claim import claim_or_wait  # a warm start stops above
 
     return claim_or_wait(uri, entry, dest, settings, started, source_override)

@@ -8,9 +8,13 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from storage_initializer import signals
 from storage_initializer.errors import InitializerError
+from storage_initializer.redact import redact, redact_url
+from storage_initializer.report import describe_progress
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.uri import SourceUri
 
 
@@ -44,9 +48,6 @@ def terminated(
     """``exc`` as a termination (signals.Terminated) that says how far the download got, or
     None when the process was not terminated. The engine's Cancelled in a thread other than
     the main one becomes the Terminated behind it."""
-    from storage_initializer import signals
-    from storage_initializer.report import describe_progress
-
     ended = signals.terminated_by(exc)
     if ended is None:
         return None
@@ -59,7 +60,7 @@ def terminated(
     return ended
 
 
-def phase_seconds(wait: float, progress: Any) -> dict[str, float]:
+def phase_seconds(wait: float, progress: Progress) -> dict[str, float]:
     """Seconds by phase under the names docs/cache.md documents (the progress calls the
     listing phase "listing", as leases and ``status`` show it; metrics say "list")."""
     phases = {"wait": wait}
@@ -98,8 +99,6 @@ def failure_stats(exc: BaseException) -> dict[str, Any]:
 
 def describe_failure(uri_text: str, exc: BaseException) -> str:
     """The last log line of a failed pull: which URI, what went wrong, what to do."""
-    from storage_initializer.redact import redact, redact_url
-
     shown = redact_url(uri_text)
     if isinstance(exc, InitializerError):
         detail = exc.describe()

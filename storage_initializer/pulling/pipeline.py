@@ -8,29 +8,44 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from storage_initializer import __version__
+from storage_initializer import __version__, changes, diskspace, signals, storage_config, tls
+from storage_initializer.archive import is_archive
+from storage_initializer.engine import Engine
 from storage_initializer.errors import DestinationError, NotFoundError, UsageError
 from storage_initializer.paths import safe_relpath, selected
+from storage_initializer.providers import open_source
 from storage_initializer.pulling.outcome import Result
 from storage_initializer.pulling.published import finish, found, published, signed, valid
 from storage_initializer.pulling.staged import (
     dedupe_fetched,
     extract_single,
-    is_archive,
     reuse_staged,
     reuse_volume,
 )
+from storage_initializer.report import ProgressReporter, human_bytes
 from storage_initializer.settings import Settings
+from storage_initializer.signing import always_selected, check_staged
+from storage_initializer.store import commit as store
 from storage_initializer.store import layout
 from storage_initializer.store import marker as marker_io
+from storage_initializer.store.commit import (
+    describe_foreign,
+    find_version,
+    is_ours,
+    recover_interrupted,
+    switch_current,
+)
 from storage_initializer.store.layout import EntryMode
+from storage_initializer.store.staging import Staging
 from storage_initializer.uri import SourceUri
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.providers.base import Listing, RemoteFile, Source
     from storage_initializer.store.lease import Lease, Owner
     from storage_initializer.store.staging import Staging
@@ -52,7 +67,7 @@ class Job:
     dest: Path | None
     settings: Settings
     lease: Lease
-    progress: Any
+    progress: Progress
     owner: Owner
     staging: Staging | None = None
 
@@ -71,9 +86,6 @@ class Plan:
 def download(job: Job, source_override: Source | None = None) -> Result:
     """The whole download as the holder. ``source_override`` (tiered caches): read from this
     source instead of the URI's own provider."""
-    from storage_initializer import storage_config, tls
-    from storage_initializer.providers import open_source
-
     model, existing = published(job.entry)
     if valid(model, existing, job.settings) and not job.settings.revalidate:
         assert existing is not None
@@ -105,8 +117,6 @@ def list_source(job: Job, source: Source) -> Listing:
 
 
 def select(uri: SourceUri, files: list[RemoteFile], settings: Settings) -> list[RemoteFile]:
-    from dataclasses import replace
-
     chosen: list[RemoteFile] = []
     seen: dict[str, str] = {}
     for item in files:
@@ -139,8 +149,6 @@ def select(uri: SourceUri, files: list[RemoteFile], settings: Settings) -> list[
 
 
 def _always_selected(path: str, settings: Settings) -> bool:
-    from storage_initializer.signing import always_selected
-
     return always_selected(path, settings)
 
 
@@ -150,8 +158,6 @@ def already_there(
     """The listed version is already complete on the volume (unchanged since it was
     downloaded, or a complete cache version to switch to): its result, with nothing fetched.
     Otherwise None, once a direct destination is known to be ours to write."""
-    from storage_initializer.store.commit import find_version, switch_current
-
     uri, entry, dest, settings = job.uri, job.entry, job.dest, job.settings
     if (
         settings.revalidate
@@ -185,8 +191,6 @@ def already_there(
 def _check_destination(
     uri: SourceUri, entry: layout.Entry, existing: marker_io.Marker | None, settings: Settings
 ) -> None:
-    from storage_initializer.store.commit import describe_foreign, is_ours
-
     names = [n for n in entry.model_items() if n != "lost+found"]
     if not names or settings.replace:
         return
@@ -206,10 +210,6 @@ def _check_destination(
 def plan(job: Job, source: Source, listing: Listing, files: list[RemoteFile]) -> Plan:
     """Prepare the staging area (resuming a dead owner's), reuse what is staged or on the
     volume, and check that what is left fits."""
-    from storage_initializer import diskspace
-    from storage_initializer.store.commit import recover_interrupted
-    from storage_initializer.store.staging import Staging
-
     uri, entry, settings, progress = job.uri, job.entry, job.settings, job.progress
     total = sum(f.size or 0 for f in files)
     progress.set_totals(len(files), total)
@@ -242,10 +242,6 @@ def transfer(
     selection: tuple[Listing, list[RemoteFile]],
 ) -> Transferred:
     """Fetch what the plan left to fetch into staging, following a source that changes."""
-    from storage_initializer import changes, diskspace
-    from storage_initializer.engine import Engine
-    from storage_initializer.report import ProgressReporter
-
     uri, entry, settings, progress, lease = (
         job.uri,
         job.entry,
@@ -280,10 +276,8 @@ def transfer(
             ) from None
 
 
-def cancel_on_loss(lease: Lease) -> Any:
+def cancel_on_loss(lease: Lease) -> threading.Event:
     """The engine stops when the lease is lost; its own failures must not look like a loss."""
-    from storage_initializer import signals
-
     cancel = signals.cancel_event()  # set by SIGTERM/SIGINT too: one way to stop the engine
     lease.on_lost(cancel.set)  # at once if it is lost already
     return cancel
@@ -299,8 +293,6 @@ def extract(
 ) -> list[marker_io.MarkerFile]:
     """The files the marker will list: the staged files (fetched ones linked to identical
     committed files), or what a single archive expands to."""
-    from storage_initializer import diskspace
-
     uri, entry, settings = job.uri, job.entry, job.settings
     dedupe_fetched(entry, uri, todo, staging, settings)
     final = [
@@ -336,15 +328,10 @@ def commit(
     final: list[marker_io.MarkerFile],
 ) -> Result:
     """Verify the signature if required, then publish: files first, the marker last."""
-    from storage_initializer import diskspace
-    from storage_initializer.store import commit as store
-
     uri, entry, dest, settings = job.uri, job.entry, job.dest, job.settings
     progress, lease, owner = job.progress, job.lease, job.owner
     signature = None
     if settings.require_signature:  # verified before anything is published (signing.py)
-        from storage_initializer.signing import check_staged
-
         progress.set_phase("verify")
         lease.update(phase="signature")
         signature = check_staged(uri.redacted, staging.data, final, settings)
@@ -395,6 +382,4 @@ def commit(
 
 
 def _human(count: int) -> str:
-    from storage_initializer.report import human_bytes
-
     return human_bytes(count)

@@ -12,7 +12,7 @@ from pathlib import Path
 from storage_initializer.errors import DestinationError, TransientError
 from storage_initializer.pulling.outcome import Result
 from storage_initializer.settings import Settings
-from storage_initializer.store import layout
+from storage_initializer.store import access, layout
 from storage_initializer.store import marker as marker_io
 from storage_initializer.store.layout import EntryMode
 from storage_initializer.uri import SourceUri
@@ -50,7 +50,7 @@ def valid(
 
 
 def signed(marker: marker_io.Marker | None, settings: Settings) -> bool:
-    from storage_initializer.signing import accepts
+    from storage_initializer.signing import accepts  # not on a warm start
 
     return accepts(marker, settings)
 
@@ -100,14 +100,12 @@ def finish(
     keeps the entry, or this pull sees the entry going (:class:`EntryVanished`) and looks
     again, instead of linking files that are being removed."""
     if entry.mode == EntryMode.VERSION:
-        from storage_initializer.store import access
-
         keyed = layout.Entry(entry.root.parent, entry.key, EntryMode.CACHE)
         access.record(keyed, "use")
         if keyed.current_version() != entry.root.name:
             raise EntryVanished(f"{keyed.root}: the version {entry.root.name} is not current now")
     if entry.mode == EntryMode.VERSION and dest is not None:
-        from storage_initializer.store import links
+        from storage_initializer.store import links  # (lazy: not on a warm start)
         from storage_initializer.store.commit import top_level
 
         prepare_dir(dest, "destination")

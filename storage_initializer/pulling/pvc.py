@@ -12,6 +12,7 @@ from storage_initializer.paths import selected
 from storage_initializer.pulling.outcome import Result
 from storage_initializer.pulling.published import prepare_dir
 from storage_initializer.settings import Settings
+from storage_initializer.store.fsutil import remove_path
 from storage_initializer.uri import SourceUri
 
 
@@ -39,8 +40,6 @@ def link_pvc(uri: SourceUri, dest: Path, settings: Settings, started: float) -> 
                 raise DestinationError(
                     f"{target} already exists", "Use an empty destination, or pass --replace"
                 )
-            from storage_initializer.store.fsutil import remove_path
-
             remove_path(target)
         os.symlink(base / name, target)
         linked += 1

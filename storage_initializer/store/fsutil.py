@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ WRITABLE_DIR = 0o2775
 def remove_tree(path: Path) -> None:
     """Remove a tree even when we made it read-only."""
 
-    def make_writable_and_retry(func, target, _exc):  # type: ignore[no-untyped-def]
+    def make_writable_and_retry(func: Callable[[str], object], target: str, _exc: object) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(target), 0o700)
             # Never a file: it may be hard-linked from other versions and entries (content

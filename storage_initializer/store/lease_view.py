@@ -35,6 +35,7 @@ CLOCK_SKEW = 30.0
 #: A lease file larger than this is not a lease.
 MAX_LEASE_BYTES = 1 << 20
 #: Field types of a lease; a field of another type is dropped (see read_lease).
+_NUMBERS: tuple[str, ...]
 _NUMBERS = ("pid", "generation", "started", "heartbeat", "bytes_done", "bytes_total")
 _NUMBERS += ("bytes_reused", "bytes_from_origin", "files_done", "files_total", "retries")
 _STRINGS = ("owner", "host", "host_id", "pod", "pid_start", "phase", "source", "outcome")

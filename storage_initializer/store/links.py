@@ -25,12 +25,14 @@ from storage_initializer.errors import DestinationError
 from storage_initializer.paths import STATE_DIR_NAME
 from storage_initializer.store.fsutil import (
     READ_ONLY_DIR,
+    WRITABLE_FILE,
     read_state_text,
     remove_path,
     unlink_planted_link,
 )
 from storage_initializer.store.layout import Entry
 from storage_initializer.store.marker import write_atomic
+from storage_initializer.store.reuse import reflink_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +162,6 @@ def _file(source: Path, target: Path, mode: str) -> None:
             return
         remove_path(target)
     if mode == "private":
-        from storage_initializer.store.fsutil import WRITABLE_FILE
-        from storage_initializer.store.reuse import reflink_or_copy
-
         if target.is_symlink():
             target.unlink()
         reflink_or_copy(source, target)

@@ -32,13 +32,15 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from storage_initializer import checksums as sums
 from storage_initializer.blocks import BLOCK
+from storage_initializer.report import human_bytes
 from storage_initializer.store import content
 
 if TYPE_CHECKING:
+    from storage_initializer.progress import Progress
     from storage_initializer.providers.base import RemoteFile
     from storage_initializer.store.layout import Entry
     from storage_initializer.store.staging import Staging
@@ -64,7 +66,7 @@ def from_volume(
     source: str,
     files: list[RemoteFile],
     staging: Staging,
-    progress: Any,
+    progress: Progress,
     may_link: bool,
 ) -> Outcome:
     """Bring every file of ``files`` that the volume already holds into ``staging`` (verified,
@@ -93,8 +95,6 @@ def from_volume(
         outcome.bytes += size
         outcome.linked += int(linked)
     if outcome.files:
-        from storage_initializer.report import human_bytes
-
         log.info(
             "%s: %d files (%s) already on the volume, reused (%d linked, %d copied); %d to fetch",
             source,
@@ -113,7 +113,7 @@ def _take(
     source: str,
     staging: Staging,
     may_link: bool,
-    progress: Any,
+    progress: Progress,
 ) -> str | None:
     """Try the candidates for ``item`` in turn; "link" or "copy" when one verified, else None."""
     size = int(item.size or 0)
@@ -203,7 +203,7 @@ def _copy(source: Path, target: Path) -> None:
 
 def _reflink(src: int, dst: int) -> bool:
     try:
-        import fcntl
+        import fcntl  # POSIX only: a failed import means no reflink
 
         fcntl.ioctl(dst, FICLONE, src)
     except (OSError, ImportError):

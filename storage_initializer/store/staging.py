@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.store.fsutil import (
@@ -241,7 +241,7 @@ def _journal_lines(path: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _safe(path: Any) -> bool:
+def _safe(path: object) -> TypeGuard[str]:
     if not isinstance(path, str):
         return False
     try:
@@ -250,7 +250,7 @@ def _safe(path: Any) -> bool:
         return False
 
 
-def _whole(value: Any) -> bool:
+def _whole(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
