@@ -124,7 +124,7 @@ def main() -> None:
         server_log.flush()
         gets = {}
         for line in (WORK / "s3-server.log").read_text().splitlines():
-            found = re.search(rf'"GET /{BUCKET}/{re.escape(PREFIX)}/(\S+) HTTP', line)
+            found = re.search(rf'"GET /{BUCKET}/{re.escape(PREFIX)}/([^\s?]+)\S* HTTP', line)
             if found:
                 gets[found.group(1)] = gets.get(found.group(1), 0) + 1
         print("GET requests per object at the S3 server (ranged chunks count once each):")
