@@ -6,9 +6,9 @@ times on its way out of urllib3. For a model of many small files that is most of
 file costs. Here botocore still does what it is good at: it resolves the endpoint and the
 addressing style (path, virtual host, accelerate), takes credentials from its chain (keys,
 IRSA, instance profile; refreshed when they near expiry) and signs, as a SigV4 presigned URL
-that we cache per object for a few minutes. The request itself goes over one
-``http.client`` connection per worker thread, kept alive, and the body is read in blocks of
-the engine's write size straight from the socket.
+that we cache per object for a few minutes. The request itself goes through
+:mod:`lean_http` (one ``http.client`` connection per worker thread, kept alive), and the body
+is read in blocks of the engine's write size straight from the socket.
 
 Every GET is pinned to the listed version: ``If-Match`` with the listed ETag (and the
 ``versionId`` when the listing had one), so an object replaced during the pull answers 412 and
@@ -23,15 +23,10 @@ false.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
-import re
-import ssl
 import threading
 import time
 import urllib.parse
-import urllib.request
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,15 +41,13 @@ from storage_initializer.errors import (
     SourceChangedError,
     TransientError,
 )
+from storage_initializer.providers import lean_http
 from storage_initializer.redact import redact
 
 #: Presigned URLs live this long; we re-sign well before (credentials may be short-lived).
 URL_EXPIRES = 3600
 URL_REUSE = 300.0
-#: An error body larger than this is not read (S3's XML errors are a few hundred bytes).
-ERROR_BODY_LIMIT = 64 * 1024
 ENV = "STORAGE_INITIALIZER_S3_LEAN"
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-")
 #: The key of the one URL botocore presigns per bucket (see LeanGetter._sign).
 PROBE = "si-probe-0c4f2e"
 SIGV4 = "AWS4-HMAC-SHA256"
@@ -62,28 +55,10 @@ SIGV4 = "AWS4-HMAC-SHA256"
 
 def wanted() -> bool:
     """Whether the lean path is asked for (default yes)."""
-    return os.environ.get(ENV, "true").strip().lower() not in ("0", "false", "no")
+    return lean_http.wanted(ENV)
 
 
-def proxied(url: str) -> bool:
-    """Whether the environment routes ``url`` through a proxy (then boto3 handles it)."""
-    parts = urllib.parse.urlsplit(url)
-    proxies = urllib.request.getproxies()
-    if parts.scheme not in proxies:
-        return False
-    return not urllib.request.proxy_bypass(parts.hostname or "")
-
-
-def ssl_context(verify: bool | str) -> ssl.SSLContext:
-    """The TLS context for ``verify=`` as the boto3 client got it (False, a CA file, True)."""
-    if verify is False:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    if isinstance(verify, str):
-        return ssl.create_default_context(cafile=verify)
-    return ssl.create_default_context()
+proxied = lean_http.proxied
 
 
 class LeanGetter:
@@ -104,10 +79,8 @@ class LeanGetter:
             creator.to_string() if creator is not None else client.meta.config.user_agent
         )
         self.bucket = bucket
-        self.context = ssl_context(verify)
-        self.connect_timeout, self.read_timeout = timeouts
+        self.connections = lean_http.Connections(verify, *timeouts)
         self.map_error = map_error
-        self._local = threading.local()
         self._urls: dict[tuple[str, str | None], tuple[str, float]] = {}
         self._urls_lock = threading.Lock()
         self._template_value: tuple[str, str, Any] | bool | None = False
@@ -176,52 +149,6 @@ class LeanGetter:
         self._template_value = value
         return value
 
-    # -- connections -------------------------------------------------------------------------
-
-    def _connection(self, scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection to ``netloc``, and whether it was used before."""
-        connections: dict[tuple[str, str], http.client.HTTPConnection] = (
-            getattr(self._local, "connections", None) or {}
-        )
-        self._local.connections = connections
-        found = connections.get((scheme, netloc))
-        if found is not None:
-            return found, True
-        if scheme == "https":
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                netloc, timeout=self.connect_timeout, context=self.context
-            )
-        else:
-            connection = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
-        connections[(scheme, netloc)] = connection
-        return connection, False
-
-    def _drop(self, scheme: str, netloc: str) -> None:
-        connections = getattr(self._local, "connections", {})
-        connection = connections.pop((scheme, netloc), None)
-        if connection is not None:
-            connection.close()
-
-    def _send(self, url: str, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, Any]:
-        parts = urllib.parse.urlsplit(url)
-        target = parts.path + ("?" + parts.query if parts.query else "")
-        for fresh_try in (False, True):
-            connection, reused = self._connection(parts.scheme, parts.netloc)
-            try:
-                connection.request("GET", target, headers=headers)
-                if connection.sock is not None:
-                    connection.sock.settimeout(self.read_timeout)
-                return connection.getresponse(), (parts.scheme, parts.netloc)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop(parts.scheme, parts.netloc)
-                if reused and not fresh_try:
-                    continue  # the server closed an idle keep-alive connection: once more
-                raise
-            except BaseException:
-                self._drop(parts.scheme, parts.netloc)
-                raise
-        raise AssertionError("unreachable")
-
     # -- reading -----------------------------------------------------------------------------
 
     def read(
@@ -237,7 +164,7 @@ class LeanGetter:
     ) -> Iterator[bytes]:
         headers = {"Accept-Encoding": "identity", "User-Agent": self.user_agent}
         if not whole:
-            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+            headers["Range"] = lean_http.range_header(start, end)
         if etag:
             headers["If-Match"] = f'"{etag}"'
         try:
@@ -245,67 +172,25 @@ class LeanGetter:
         except Exception as exc:
             raise self.map_error(exc, where) from exc
         try:
-            response, address = self._send(url, headers)
+            answer = self.connections.get(url, headers)
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(
                 f"{where}: connection to the S3 endpoint failed: {type(exc).__name__}: "
                 f"{redact(str(exc))}"
             ) from None
-        status = response.status
-        if status not in (200, 206):
-            self._fail(response, address, where)
+        if answer.status not in (200, 206):
+            self._fail(answer, where)
         skip = 0
-        if not whole and status == 200:
+        if not whole and answer.status == 200:
             skip = start  # the server ignored Range: drop the head ourselves
-        elif status == 206:
-            got = response.getheader("Content-Range", "")
-            match = _CONTENT_RANGE.match(got)
-            if not match or int(match.group(1)) != start:
-                self._drop(*address)
-                raise TransientError(f"{where}: asked for bytes from {start}, got {got!r}")
+        elif answer.status == 206:
+            lean_http.check_start(answer, start, where)
         remaining = None if end is None else end - start
-        finished = False
-        try:
-            while remaining is None or remaining > 0:
-                want = block if remaining is None else min(block, remaining + skip)
-                try:
-                    data = response.read(want)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise TransientError(
-                        f"{where}: the transfer broke off: {type(exc).__name__}: {redact(str(exc))}"
-                    ) from None
-                if not data:
-                    if response.length:  # Content-Length not reached: the body was cut
-                        raise TransientError(
-                            f"{where}: the transfer broke off: the connection closed with "
-                            f"{response.length} bytes of the answer missing"
-                        )
-                    break  # the engine checks the length and resumes what is missing
-                if skip:
-                    cut = min(skip, len(data))
-                    data = data[cut:]
-                    skip -= cut
-                    if not data:
-                        continue
-                if remaining is not None:
-                    if len(data) > remaining:
-                        data = data[:remaining]
-                    remaining -= len(data)
-                yield data
-            finished = response.isclosed()  # the whole answer read: the connection is reusable
-        finally:
-            if not finished:
-                self._drop(*address)  # a half-read body cannot carry the next request
+        yield from lean_http.read_body(answer, skip, remaining, block, where)
 
-    def _fail(self, response: http.client.HTTPResponse, address: Any, where: str) -> None:
-        status = response.status
-        headers = {name.lower(): value for name, value in response.getheaders()}
-        try:
-            body = response.read(ERROR_BODY_LIMIT)
-        except (OSError, http.client.HTTPException):
-            body = b""
-        if not response.isclosed():
-            self._drop(*address)
+    def _fail(self, answer: lean_http.Answer, where: str) -> None:
+        status = answer.status
+        headers, body = lean_http.error_answer(answer)
         if status == 412:
             raise SourceChangedError(
                 f"{where}: the object changed after it was listed (412 Precondition Failed to a "
@@ -314,7 +199,10 @@ class LeanGetter:
         code, message = _error_fields(body)
         error = bce.ClientError(
             {
-                "Error": {"Code": code or str(status), "Message": message or response.reason},
+                "Error": {
+                    "Code": code or str(status),
+                    "Message": message or answer.response.reason,
+                },
                 "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers},
             },
             "GetObject",
@@ -323,9 +211,7 @@ class LeanGetter:
 
     def close(self) -> None:
         """Close the calling thread's connections (the others close with their threads)."""
-        for connection in getattr(self._local, "connections", {}).values():
-            with contextlib.suppress(OSError):
-                connection.close()
+        self.connections.close()
 
 
 def _error_fields(body: bytes) -> tuple[str, str]:

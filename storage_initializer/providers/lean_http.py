@@ -1,0 +1,229 @@
+"""Lean ranged GETs: one plain ``http.client`` connection per worker thread, no SDK pipeline.
+
+Why: an SDK request (boto3, the Azure pipeline, ``requests`` under google-auth) costs a few
+hundred microseconds of Python before the first byte (parameter validation, hooks, retry
+handlers, urllib3's pool) and copies every block on its way out. For a model of many small
+files that is most of what a file costs, and on KServe's 1-CPU limit it is throughput. The
+providers keep what their SDK is good at (endpoints, credentials, signing, listings, error
+messages) and hand a URL plus headers to this module, which only moves bytes:
+
+- :class:`Connections`: this thread's keep-alive connection per (scheme, host), re-opened once
+  when the server closed an idle one, dropped whenever a body is left half-read.
+- :func:`read_body`: the blocks of an answer, cut to the wanted window (a server that ignored
+  ``Range`` sends the whole object: the head is dropped here), a cut body a
+  :class:`TransientError` so the engine resumes the chunk.
+- :func:`error_answer`: status, headers and (bounded) body of an error, for the provider's own
+  status mapping.
+
+Every read still goes through :class:`socket.SocketIO`, so the stall guard (``stall.py``)
+counts these bytes as it counts the SDKs'. Behind an HTTP(S) proxy (:func:`proxied`) providers
+use their SDK path: this module speaks to the origin directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import ssl
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from storage_initializer.errors import TransientError
+from storage_initializer.redact import redact
+
+#: An error body larger than this is not read (error bodies are a few hundred bytes).
+ERROR_BODY_LIMIT = 64 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-")
+
+
+def wanted(env: str) -> bool:
+    """Whether the lean path is asked for by the environment variable ``env`` (default yes)."""
+    return os.environ.get(env, "true").strip().lower() not in ("0", "false", "no")
+
+
+def proxied(url: str) -> bool:
+    """Whether the environment routes ``url`` through a proxy (then the SDK path is used)."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+def ssl_context(verify: bool | str) -> ssl.SSLContext:
+    """The TLS context for a ``verify=`` setting as SDKs take it (False, a CA file, True)."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if isinstance(verify, str):
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    return ssl.create_default_context()
+
+
+@dataclass
+class Answer:
+    """An answer whose body is still to be read, and the connection it came on."""
+
+    response: http.client.HTTPResponse
+    address: tuple[str, str]
+    connections: Connections
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.response.getheader(name, default) or default
+
+    def discard(self) -> None:
+        """Drop the connection unless the answer was read to its end."""
+        if not self.response.isclosed():
+            self.connections.drop(self.address)
+
+
+class Connections:
+    """Each worker thread's keep-alive connections, one per (scheme, host:port)."""
+
+    def __init__(self, verify: bool | str, connect_timeout: float, read_timeout: float) -> None:
+        self.context = ssl_context(verify)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._local = threading.local()
+
+    def _mine(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
+        connections: dict[tuple[str, str], http.client.HTTPConnection] | None = getattr(
+            self._local, "connections", None
+        )
+        if connections is None:
+            connections = self._local.connections = {}
+        return connections
+
+    def _connection(self, address: tuple[str, str]) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection to ``address``, and whether it was used before."""
+        mine = self._mine()
+        found = mine.get(address)
+        if found is not None:
+            return found, True
+        scheme, netloc = address
+        connection: http.client.HTTPConnection
+        if scheme == "https":
+            connection = http.client.HTTPSConnection(
+                netloc, timeout=self.connect_timeout, context=self.context
+            )
+        else:
+            connection = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
+        mine[address] = connection
+        return connection, False
+
+    def drop(self, address: tuple[str, str]) -> None:
+        connection = self._mine().pop(address, None)
+        if connection is not None:
+            connection.close()
+
+    def get(self, url: str, headers: dict[str, str]) -> Answer:
+        """Send a GET of ``url``; OSError/HTTPException when no answer came (the caller maps
+        them: a refused connection is not the same advice as a reset one)."""
+        parts = urllib.parse.urlsplit(url)
+        address = (parts.scheme, parts.netloc)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        for fresh_try in (False, True):
+            connection, reused = self._connection(address)
+            try:
+                connection.request("GET", target, headers=headers)
+                if connection.sock is not None:
+                    connection.sock.settimeout(self.read_timeout)
+                return Answer(connection.getresponse(), address, self)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.drop(address)
+                if reused and not fresh_try:
+                    continue  # the server closed an idle keep-alive connection: once more
+                raise
+            except BaseException:
+                self.drop(address)
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the calling thread's connections (the others close with their threads)."""
+        for connection in self._mine().values():
+            with contextlib.suppress(OSError):
+                connection.close()
+        self._mine().clear()
+
+
+def check_start(answer: Answer, start: int, where: str) -> None:
+    """A 206 must start where we asked; anything else is a broken intermediary."""
+    got = answer.header("Content-Range")
+    match = _CONTENT_RANGE.match(got)
+    if not match or int(match.group(1)) != start:
+        answer.connections.drop(answer.address)
+        raise TransientError(f"{where}: asked for bytes from {start}, got {got!r}")
+
+
+def read_body(
+    answer: Answer, skip: int, remaining: int | None, block: int, where: str
+) -> Iterator[bytes]:
+    """The answer's body after its first ``skip`` bytes, at most ``remaining`` bytes (None: to
+    its end), in blocks of at most ``block``. A body cut before its Content-Length is a
+    :class:`TransientError`; a body without one that ends early simply ends (the engine checks
+    the length and resumes what is missing)."""
+    response = answer.response
+    finished = False
+    try:
+        while remaining is None or remaining > 0:
+            want = block if remaining is None else min(block, remaining + skip)
+            try:
+                data = response.read(want)
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientError(
+                    f"{where}: the transfer broke off: {type(exc).__name__}: {redact(str(exc))}"
+                ) from None
+            if not data:
+                if response.length:  # Content-Length not reached: the body was cut
+                    raise TransientError(
+                        f"{where}: the transfer broke off: the connection closed with "
+                        f"{response.length} bytes of the answer missing"
+                    )
+                break
+            if skip:
+                cut = min(skip, len(data))
+                data = data[cut:]
+                skip -= cut
+                if not data:
+                    continue
+            if remaining is not None:
+                if len(data) > remaining:
+                    data = data[:remaining]
+                remaining -= len(data)
+            yield data
+        finished = response.isclosed()  # the whole answer read: the connection is reusable
+    finally:
+        if not finished:
+            answer.connections.drop(answer.address)  # a half-read body cannot carry more
+
+
+def error_answer(answer: Answer) -> tuple[dict[str, str], bytes]:
+    """Headers (lower-case names) and at most :data:`ERROR_BODY_LIMIT` bytes of an error's
+    body; the connection is kept only when the body was read to its end."""
+    response = answer.response
+    headers = {name.lower(): value for name, value in response.getheaders()}
+    try:
+        body = response.read(ERROR_BODY_LIMIT)
+    except (OSError, http.client.HTTPException):
+        body = b""
+    answer.discard()
+    return headers, body
+
+
+def range_header(start: int, end: int | None) -> str:
+    """The ``Range`` value of bytes ``[start, end)``."""
+    return f"bytes={start}-" + ("" if end is None else str(end - 1))
