@@ -23,6 +23,7 @@ for ranges) and writes to a file object rather than yielding blocks.
 from __future__ import annotations
 
 import binascii
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -202,7 +203,7 @@ class GcsSource(GcsErrorMapping, Source):
     def _where(self, name: str) -> str:
         return redact(f"gs://{self.bucket}/{name}")
 
-    def _list_prefix(self, prefix: str) -> list[storage.Blob]:
+    def _list_prefix(self, prefix: str) -> builtins.list[storage.Blob]:
         found = []
         try:
             pages = self.client.list_blobs(
@@ -252,7 +253,7 @@ class GcsSource(GcsErrorMapping, Source):
             handle=(blob.name, generation, transcoded),
         )
 
-    def _check_tree(self, files: list[RemoteFile]) -> None:
+    def _check_tree(self, files: builtins.list[RemoteFile]) -> None:
         """Two names for one path (``a//b``, ``a/b``) or a path that is both a file and a
         directory (``a``, ``a/b``) cannot be written as one tree: refuse, never mix."""
         seen: dict[str, str] = {}
