@@ -368,7 +368,9 @@ class HdfsSource(WebHdfsErrors, Source):
         try:
             response = self._session().get(
                 location,
-                headers=headers,
+                # requests drops a session header whose per-request value is None (documented,
+                # merge_setting); types-requests' Mapping[str, str | bytes] leaves None out.
+                headers=headers,  # type: ignore[arg-type]
                 stream=True,
                 allow_redirects=False,
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
