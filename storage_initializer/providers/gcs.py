@@ -128,7 +128,7 @@ class GcsSource(GcsErrorMapping, Source):
     """Objects of one GCS bucket under one prefix, or one object: the client, listing and reads
     here, the error mapping in :class:`~.gcs_errors.GcsErrorMapping`."""
 
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
@@ -329,7 +329,7 @@ class GcsSource(GcsErrorMapping, Source):
                 yield block
 
     @property
-    def list_retry_deadline(self) -> float:  # type: ignore[override]
+    def list_retry_deadline(self) -> float:
         """Read at each use, so that tests can shorten :data:`LIST_RETRY_DEADLINE`."""
         return LIST_RETRY_DEADLINE
 

@@ -113,8 +113,11 @@ class GcsErrorMapping:
     endpoint: str
     session: AuthorizedSession
     _credentials_desc: str
-    #: Seconds a listing request is retried (GcsSource reads gcs.LIST_RETRY_DEADLINE).
-    list_retry_deadline: float
+
+    @property
+    def list_retry_deadline(self) -> float:
+        """Seconds a listing request is retried (GcsSource reads gcs.LIST_RETRY_DEADLINE)."""
+        raise NotImplementedError
 
     def _status_error(
         self, response: requests.Response, where: str, generation: int | None
