@@ -75,7 +75,7 @@ S_IFGITLINK = 0o160000
 class GitSource(ScratchSource):
     """A repository's tree at one commit; files are read from a local scratch copy."""
 
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: Any, settings: Any) -> None:

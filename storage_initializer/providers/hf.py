@@ -77,7 +77,7 @@ class HfSource(HfErrors, HfCache, Source):
     #: A repository is served as it is: the stock initializer never extracts Hub files.
     extract_single_archive: ClassVar[bool] = False
 
-    default_workers: ClassVar[int] = 8
+    default_workers = 8
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:

@@ -80,7 +80,7 @@ MAX_LINK_HOPS = 40
 class OciSource(ScratchSource):
     """The ``models/`` tree of an image's layers, extracted once into local scratch space."""
 
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: Any, settings: Any) -> None:

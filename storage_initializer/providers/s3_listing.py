@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from storage_initializer import checksums
 from storage_initializer.errors import NotFoundError
@@ -93,7 +93,7 @@ class S3Listing(S3ErrorMapping):
     """The listing of :class:`~.s3.S3Source`, as a mixin: it uses the source's client, bucket,
     key and settings, and maps failed requests with the error mapping it extends."""
 
-    default_workers: ClassVar[int]
+    default_workers: int
     client: Any
     key: str
     uri: SourceUri
