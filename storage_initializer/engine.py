@@ -257,17 +257,19 @@ class Engine(Planner, Verifier):
                     if isinstance(caught, Cancelled):
                         raise
                     raise Cancelled() from caught
-                exc = watch.explain(caught, job.file.path)
-                if not isinstance(exc, RETRYABLE):
+                error = watch.explain(caught, job.file.path)
+                if not isinstance(error, RETRYABLE):
                     raise
                 attempt += 1
                 if attempt > self.settings.retries:
-                    message = exc.describe() if isinstance(exc, InitializerError) else str(exc)
+                    message = (
+                        error.describe() if isinstance(error, InitializerError) else str(error)
+                    )
                     raise TransientError(
                         f"{job.file.path}: gave up after {attempt} attempts: {message}",
                         "The source kept failing; check its health or raise "
                         "STORAGE_INITIALIZER_RETRIES",
-                    ) from exc
+                    ) from error
                 self.progress.retried()  # counted once a retry is really made
                 if not self.ranged and offset > start:
                     self.guard()
@@ -278,7 +280,7 @@ class Engine(Planner, Verifier):
                     job.sha256 = self._new_sha256(job)
                     job.hashed_to = 0
                     os.ftruncate(job.fd, 0)
-                delay = backoff(attempt, getattr(exc, "retry_after", None))
+                delay = backoff(attempt, getattr(error, "retry_after", None))
                 log.info(
                     "retrying %s at byte %d in %.1fs (attempt %d/%d): %s",
                     job.file.path,
@@ -286,10 +288,10 @@ class Engine(Planner, Verifier):
                     delay,
                     attempt + 1,
                     self.settings.retries + 1,
-                    exc,
+                    error,
                 )
                 if self.cancel.wait(delay):
-                    raise Cancelled() from exc
+                    raise Cancelled() from error
 
     def _resume_point(self, job: _FileJob, start: int) -> tuple[int, int]:
         """Where the range at ``start`` continues, and its CRC so far. A kept prefix is read

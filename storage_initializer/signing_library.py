@@ -77,13 +77,16 @@ def _signed_manifest(trust: Trust, bundle: bytes, where: str) -> tuple[dict[str,
             f"cannot load the {trust.kind} trust {trust.spec}{root}: {_one_line(exc)}"
         ) from None
     with tempfile.TemporaryDirectory(prefix="si-signature-") as scratch:
-        path = Path(scratch) / SIGNATURE_NAME
-        path.write_bytes(bundle)
+        bundle_path = Path(scratch) / SIGNATURE_NAME
+        bundle_path.write_bytes(bundle)
         try:
             sigstore = trust.kind == "sigstore"
             reader = sign_sigstore.Signature if sigstore else sign_sigstore_pb.Signature
-            signature = reader.read(path)
-            manifest = config._verifier.verify(signature)  # authenticates; see the docstring
+            signature = reader.read(bundle_path)
+            verifier = config._verifier  # set by the use_*_verifier call above
+            if verifier is None:  # as the library's own Config.verify checks
+                raise ValueError("no verifier configured")
+            manifest = verifier.verify(signature)  # authenticates; see the docstring
         except Exception as exc:
             raise SignatureError(
                 f"{where}: the signature does not verify against {trust.spec}: {_one_line(exc)}"

@@ -43,7 +43,7 @@ class TierSource(Source):
     every file is verified against the checksum recorded when it came from the origin), the
     fingerprint is the origin's."""
 
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
     extract_single_archive: ClassVar[bool] = False  # already extracted when it was stored
 
     def __init__(self, version: layout.Entry, marker: marker_io.Marker) -> None:

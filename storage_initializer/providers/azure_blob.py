@@ -17,7 +17,7 @@ import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from storage_initializer.errors import NotFoundError, SourceError
 from storage_initializer.providers.azure_common import (
@@ -56,7 +56,7 @@ class AzureBlobSource(Source):
     """Blobs of one container below one prefix, read with ranged GETs."""
 
     #: Blob storage serves many parallel range reads well; per-request latency dominates.
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)

@@ -145,7 +145,7 @@ def _without_tls_retries(retry_class: Any) -> Any:
     the SDK counts it as a connection error and backs off, but a certificate nobody trusts is
     not trusted by asking again."""
 
-    class NoTlsRetry(retry_class):  # type: ignore[misc, valid-type]
+    class NoTlsRetry(retry_class):
         def increment(
             self, settings: Any, request: Any, response: Any = None, error: Any = None
         ) -> bool:

@@ -19,7 +19,7 @@ import logging
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from storage_initializer.errors import AccessDeniedError, NotFoundError
 from storage_initializer.providers.azure_common import (
@@ -51,7 +51,7 @@ PROPERTY_WORKERS = 8
 class AzureFileSource(Source):
     """Files of one share below one directory (or one file), read with ranged GETs."""
 
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)

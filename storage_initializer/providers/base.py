@@ -79,8 +79,9 @@ def fingerprint_of(files: list[RemoteFile]) -> str:
 class Source(ABC):
     """A model source for one URI."""
 
-    #: Parallel requests that suit this backend when the user does not say (--workers).
-    default_workers: ClassVar[int] = 8
+    #: Parallel requests that suit this backend when the user does not say (--workers). A class
+    #: attribute, which an instance may replace (HDFS's configured n_threads).
+    default_workers: int = 8
     #: Whether :meth:`read` honours ``start``/``end`` (enables chunked parallel reads and resume).
     supports_ranges: ClassVar[bool] = True
     #: Whether a source holding one archive is extracted (the stock initializer does it for

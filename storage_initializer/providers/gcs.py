@@ -23,6 +23,7 @@ for ranges) and writes to a file object rather than yielding blocks.
 from __future__ import annotations
 
 import binascii
+import builtins
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -127,7 +128,7 @@ class GcsSource(GcsErrorMapping, Source):
     """Objects of one GCS bucket under one prefix, or one object: the client, listing and reads
     here, the error mapping in :class:`~.gcs_errors.GcsErrorMapping`."""
 
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
@@ -202,7 +203,7 @@ class GcsSource(GcsErrorMapping, Source):
     def _where(self, name: str) -> str:
         return redact(f"gs://{self.bucket}/{name}")
 
-    def _list_prefix(self, prefix: str) -> list[storage.Blob]:
+    def _list_prefix(self, prefix: str) -> builtins.list[storage.Blob]:
         found = []
         try:
             pages = self.client.list_blobs(
@@ -252,7 +253,7 @@ class GcsSource(GcsErrorMapping, Source):
             handle=(blob.name, generation, transcoded),
         )
 
-    def _check_tree(self, files: list[RemoteFile]) -> None:
+    def _check_tree(self, files: builtins.list[RemoteFile]) -> None:
         """Two names for one path (``a//b``, ``a/b``) or a path that is both a file and a
         directory (``a``, ``a/b``) cannot be written as one tree: refuse, never mix."""
         seen: dict[str, str] = {}
@@ -328,7 +329,7 @@ class GcsSource(GcsErrorMapping, Source):
                 yield block
 
     @property
-    def list_retry_deadline(self) -> float:  # type: ignore[override]
+    def list_retry_deadline(self) -> float:
         """Read at each use, so that tests can shorten :data:`LIST_RETRY_DEADLINE`."""
         return LIST_RETRY_DEADLINE
 

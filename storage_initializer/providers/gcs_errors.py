@@ -17,6 +17,7 @@ import urllib3.exceptions as u3
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
 
 from storage_initializer.errors import (
     AccessDeniedError,
@@ -110,10 +111,13 @@ class GcsErrorMapping:
 
     bucket: str
     endpoint: str
-    session: requests.Session
+    session: AuthorizedSession
     _credentials_desc: str
-    #: Seconds a listing request is retried (GcsSource reads gcs.LIST_RETRY_DEADLINE).
-    list_retry_deadline: float
+
+    @property
+    def list_retry_deadline(self) -> float:
+        """Seconds a listing request is retried (GcsSource reads gcs.LIST_RETRY_DEADLINE)."""
+        raise NotImplementedError
 
     def _status_error(
         self, response: requests.Response, where: str, generation: int | None

@@ -40,6 +40,7 @@ skipped, LFS pointers reported) and lists it; :mod:`.scratch` reads the copies a
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import posixpath
@@ -51,7 +52,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dulwich.objects import Commit
+from dulwich.objects import Commit, ObjectID
 from dulwich.repo import Repo
 
 from storage_initializer.errors import NotFoundError, TransientError
@@ -74,7 +75,7 @@ S_IFGITLINK = 0o160000
 class GitSource(ScratchSource):
     """A repository's tree at one commit; files are read from a local scratch copy."""
 
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: Any, settings: Any) -> None:
@@ -111,7 +112,7 @@ class GitSource(ScratchSource):
             finally:
                 repo.close()
         repo = Repo(str(repo_dir))
-        metadata: list[RemoteFile] = []
+        metadata: builtins.list[RemoteFile] = []
         try:
             files = self._write_tree(repo, commit, scratch / "tree")
             if files and self._keep_metadata():
@@ -136,7 +137,9 @@ class GitSource(ScratchSource):
     def _keep_metadata(self) -> bool:
         return bool(getattr(self.settings, "git_keep_metadata", False))
 
-    def _write_tree(self, repo: Repo, commit_sha: bytes, root: Path) -> list[RemoteFile]:
+    def _write_tree(
+        self, repo: Repo, commit_sha: ObjectID, root: Path
+    ) -> builtins.list[RemoteFile]:
         """Write every regular file of the commit's tree below ``root``; links become copies."""
         commit = repo[commit_sha]
         assert isinstance(commit, Commit)
@@ -178,8 +181,8 @@ class GitSource(ScratchSource):
                 rel, len(data), {"sha256": digest}, entry.sha.decode(), str(target)
             )
             del data, blob
-        for rel, target in sorted(links.items()):
-            for path, file in _resolve_link(rel, target, written, directories, links).items():
+        for rel, link_target in sorted(links.items()):
+            for path, file in _resolve_link(rel, link_target, written, directories, links).items():
                 written.setdefault(path, file)
             if rel not in written and not any(p.startswith(rel + "/") for p in written):
                 log.warning(
@@ -187,7 +190,7 @@ class GitSource(ScratchSource):
                     "target does not exist)",
                     self.uri.redacted,
                     rel,
-                    target,
+                    link_target,
                 )
         if lfs:
             log.warning(

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dulwich.index import Index, IndexEntry
-from dulwich.objects import Commit
-from dulwich.refs import check_ref_format
+from dulwich.objects import Commit, ObjectID
+from dulwich.refs import HEADREF, Ref, check_ref_format
 from dulwich.repo import Repo
 
 from storage_initializer.blocks import BLOCK
@@ -43,7 +44,7 @@ class GitMetadata:
         self._advertised = remote.advertised
         self._symrefs = remote.symrefs
 
-    def collect(self, repo: Repo, commit: bytes) -> list[RemoteFile]:
+    def collect(self, repo: Repo, commit: ObjectID) -> list[RemoteFile]:
         """Turn the bare repository we fetched into the model's ``.git`` and list its files;
         empty (with a warning) when the include/exclude filters would keep only part of it."""
         root = Path(repo.path)
@@ -54,9 +55,9 @@ class GitMetadata:
             if sha in repo.object_store and peel_quietly(repo, sha) == commit
         }
         if branch is not None:
-            refs[b"refs/heads/" + branch] = commit
-        for name, sha in refs.items():
-            target = root / name.decode()
+            refs[Ref(b"refs/heads/" + branch)] = commit
+        for ref_name, sha in refs.items():
+            target = root / ref_name.decode()
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(sha + b"\n")
         if not refs:
@@ -86,7 +87,7 @@ class GitMetadata:
                 rel = ".git/" + full.relative_to(root).as_posix()
                 digest = hashlib.sha256()
                 with open(full, "rb") as handle:
-                    for block in iter(lambda h=handle: h.read(BLOCK), b""):
+                    for block in iter(partial(handle.read, BLOCK), b""):
                         digest.update(block)
                 sha256 = digest.hexdigest()
                 listed.append(
@@ -107,35 +108,36 @@ class GitMetadata:
             return []
         return sorted(listed, key=lambda f: f.path)
 
-    def _remote_refs(self) -> dict[bytes, bytes]:
+    def _remote_refs(self) -> dict[Ref, ObjectID]:
         """Advertised branches as remote-tracking refs (``refs/remotes/origin/…``) and tags,
         each a valid ref name."""
-        found: dict[bytes, bytes] = {}
+        found: dict[Ref, ObjectID] = {}
         for name, sha in self._advertised.items():
             if not sha or name.endswith(b"^{}") or not check_ref_format(name):
                 continue
             if name.startswith(b"refs/heads/"):
-                found[b"refs/remotes/origin/" + name[len(b"refs/heads/") :]] = sha
+                found[Ref(b"refs/remotes/origin/" + name[len(b"refs/heads/") :])] = sha
             elif name.startswith(b"refs/tags/"):
                 found[name] = sha
         return found
 
-    def _local_branch(self, commit: bytes) -> bytes | None:
+    def _local_branch(self, commit: ObjectID) -> bytes | None:
         """The branch a clone would check out: the asked branch, or the remote HEAD's, when it
         points at the commit we fetched; ``None`` (a detached HEAD) for tags and commits."""
         ref = self.location.ref
         if ref is None:
-            target = self._symrefs.get(b"HEAD", b"")
+            target = self._symrefs.get(HEADREF, b"")
             name = target.removeprefix(b"refs/heads/") if target.startswith(b"refs/heads/") else b""
         else:
             name = ref.encode()
-        if not name or not check_ref_format(b"refs/heads/" + name):
+        local_ref = Ref(b"refs/heads/" + name)
+        if not name or not check_ref_format(local_ref):
             return None
-        if self._advertised.get(b"refs/heads/" + name) != commit:
+        if self._advertised.get(local_ref) != commit:
             return None
         return name
 
-    def _write_index(self, repo: Repo, commit_sha: bytes, path: Path) -> None:
+    def _write_index(self, repo: Repo, commit_sha: ObjectID, path: Path) -> None:
         """An index of the commit's tree, with empty stat data: git compares the content once,
         finds it unchanged, and ``git status`` is clean (links we copied show as type changes,
         submodules we skipped as deleted)."""

@@ -22,7 +22,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from dulwich.client import HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
-from dulwich.objects import Commit, Tag
+from dulwich.objects import Commit, ObjectID, Tag
+from dulwich.refs import HEADREF, Ref
 from dulwich.repo import Repo
 
 from storage_initializer import tls
@@ -87,7 +88,7 @@ class _Unresolved(Exception):
 
 
 class _UnknownRef(Exception):
-    def __init__(self, refs: Mapping[bytes, bytes]) -> None:
+    def __init__(self, refs: Mapping[Ref, ObjectID]) -> None:
         super().__init__("unknown ref")
         self.refs = refs
 
@@ -99,8 +100,8 @@ class GitRemote:
         self.location = location
         self.redacted = redacted
         #: What the remote advertised at the last fetch (refs, and symbolic refs such as HEAD).
-        self.advertised: dict[bytes, bytes] = {}
-        self.symrefs: dict[bytes, bytes] = {}
+        self.advertised: dict[Ref, ObjectID] = {}
+        self.symrefs: dict[Ref, Ref] = {}
 
     def _client(self) -> tuple[Any, str]:
         from dulwich.client import default_urllib3_manager
@@ -124,18 +125,18 @@ class GitRemote:
         except ValueError as exc:
             raise UsageError(f"{self.redacted} is not a git URL dulwich can use: {exc}") from None
 
-    def _wants(self, refs: Mapping[bytes, bytes]) -> list[bytes]:
+    def _wants(self, refs: Mapping[Ref, ObjectID]) -> list[ObjectID]:
         """The commit (or tag) to fetch for our ref, from the remote's advertised refs."""
         ref = self.location.ref
         if ref is None:
-            head = refs.get(b"HEAD")
+            head = refs.get(HEADREF)
             if not head:
                 raise _UnknownRef(refs)
             return [head]
         name = ref.encode()
-        for candidate in (b"refs/heads/" + name, b"refs/tags/" + name, name):
+        for candidate in (Ref(b"refs/heads/" + name), Ref(b"refs/tags/" + name), Ref(name)):
             if candidate.startswith(b"refs/") or candidate == b"HEAD":
-                peeled = refs.get(candidate + b"^{}")
+                peeled = refs.get(Ref(candidate + b"^{}"))
                 if peeled:
                     return [peeled]
                 if refs.get(candidate):
@@ -146,17 +147,17 @@ class GitRemote:
                 if sha.decode("ascii", "replace").startswith(lowered):
                     return [sha]
             if len(lowered) == 40:
-                return [lowered.encode()]
+                return [ObjectID(lowered.encode())]
             raise _Unresolved()
         raise _UnknownRef(refs)
 
-    def fetch(self, repo: Repo) -> bytes:
+    def fetch(self, repo: Repo) -> ObjectID:
         """Fetch what the ref names into ``repo``; return the commit sha (hex bytes)."""
         client, path = self._client()
-        chosen: list[bytes] = []
-        advertised: dict[bytes, bytes] = {}
+        chosen: list[ObjectID] = []
+        advertised: dict[Ref, ObjectID] = {}
 
-        def shallow_wants(refs: Mapping[bytes, bytes], depth: int | None = None) -> list[bytes]:
+        def shallow_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
             advertised.update(refs)
             self.advertised = dict(refs)
             chosen[:] = self._wants(refs)
@@ -182,10 +183,10 @@ class GitRemote:
             return _peel(repo, chosen[0], self.redacted)
         return self._full_fetch(repo)
 
-    def _full_fetch(self, repo: Repo) -> bytes:
+    def _full_fetch(self, repo: Repo) -> ObjectID:
         client, path = self._client()
 
-        def all_refs(refs: Mapping[bytes, bytes], depth: int | None = None) -> list[bytes]:
+        def all_refs(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
             self.advertised = dict(refs)
             return sorted(
                 {
@@ -197,8 +198,8 @@ class GitRemote:
 
         client.fetch(path, repo, determine_wants=all_refs)
         wanted = (self.location.ref or "").lower()
-        if len(wanted) == 40 and wanted.encode() in repo.object_store:
-            return _peel(repo, wanted.encode(), self.redacted)
+        if len(wanted) == 40 and ObjectID(wanted.encode()) in repo.object_store:
+            return _peel(repo, ObjectID(wanted.encode()), self.redacted)
         matches = [sha for sha in repo.object_store if sha.decode().startswith(wanted)]
         commits = [sha for sha in matches if isinstance(repo.object_store[sha], Commit)]
         if len(commits) == 1:
@@ -276,7 +277,7 @@ class GitRemote:
         return SourceError(f"git repository {what}: {text}")
 
 
-def _peel(repo: Repo, sha: bytes, what: str) -> bytes:
+def _peel(repo: Repo, sha: ObjectID, what: str) -> ObjectID:
     """A tag's commit (annotated tags point at a tag object first)."""
     for _hop in range(16):
         obj = repo.object_store[sha]
@@ -289,7 +290,7 @@ def _peel(repo: Repo, sha: bytes, what: str) -> bytes:
     raise SourceError(f"{what}: the tag chain is too long")
 
 
-def peel_quietly(repo: Repo, sha: bytes) -> bytes | None:
+def peel_quietly(repo: Repo, sha: ObjectID) -> ObjectID | None:
     """The commit a ref names (through tags), or ``None`` when it is not in the repository."""
     for _hop in range(16):
         try:

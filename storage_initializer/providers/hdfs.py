@@ -85,14 +85,14 @@ _LATEST_RE = re.compile(r"/?#LATEST(?:\{(\d+)\})?(?=/|$)")
 class HdfsSource(WebHdfsErrors, Source):
     """A file or directory tree on HDFS, read with ranged WebHDFS OPENs."""
 
-    default_workers: ClassVar[int] = DEFAULT_WORKERS
+    default_workers = DEFAULT_WORKERS
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
         super().__init__(uri, settings)
         self.config = load_config()
         if self.config.n_threads:
-            self.default_workers = self.config.n_threads  # type: ignore[misc]
+            self.default_workers = self.config.n_threads
         self._auth = (
             _kerberos_auth(
                 self.config.kerberos_principal, self.config.kerberos_keytab, uri.redacted
@@ -368,7 +368,9 @@ class HdfsSource(WebHdfsErrors, Source):
         try:
             response = self._session().get(
                 location,
-                headers=headers,
+                # requests drops a session header whose per-request value is None (documented,
+                # merge_setting); types-requests' Mapping[str, str | bytes] leaves None out.
+                headers=headers,  # type: ignore[arg-type]
                 stream=True,
                 allow_redirects=False,
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),

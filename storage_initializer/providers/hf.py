@@ -77,7 +77,7 @@ class HfSource(HfErrors, HfCache, Source):
     #: A repository is served as it is: the stock initializer never extracts Hub files.
     extract_single_archive: ClassVar[bool] = False
 
-    default_workers: ClassVar[int] = 8
+    default_workers = 8
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:
@@ -166,9 +166,10 @@ class HfSource(HfErrors, HfCache, Source):
         return sha
 
     def _tree(self, commit: str, path: str, recursive: bool) -> Iterator[dict[str, Any]]:
-        url: str | None = f"{self._api_prefix}/tree/{commit}"
+        first = f"{self._api_prefix}/tree/{commit}"
         if path:
-            url += "/" + quote(path, safe="")
+            first += "/" + quote(path, safe="")
+        url: str | None = first
         params: dict[str, str] | None = {"recursive": "true" if recursive else "false"}
         what = f"listing {path or 'the repository'} at {commit[:12]}"
         while url:

@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -58,7 +58,7 @@ def raise_for_status(response: requests.Response, what: str) -> None:
 
 
 class HttpSource(Source):
-    default_workers: ClassVar[int] = 8
+    default_workers = 8
     #: Per instance here: whether the server honours ranges is learnt by list() and read().
     supports_ranges: bool  # type: ignore[misc]
 

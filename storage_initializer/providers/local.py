@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import AccessDeniedError, NotFoundError
@@ -24,7 +23,7 @@ from storage_initializer.providers.base import (
 
 
 class LocalSource(Source):
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
 
     @property
     def path(self) -> Path:

@@ -93,7 +93,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 class ModelScopeSource(ModelScopeErrors, Source):
     """A ModelScope model at one revision, read with parallel ranged GETs."""
 
-    default_workers: ClassVar[int] = 8
+    default_workers = 8
     supports_ranges: ClassVar[bool] = True
     #: A repository holding one archive is kept as it is, as snapshot_download keeps it.
     extract_single_archive: ClassVar[bool] = False

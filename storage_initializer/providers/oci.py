@@ -48,6 +48,7 @@ and every member kept passes the standard library's tar ``data`` filter.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import posixpath
 import tempfile
@@ -79,7 +80,7 @@ MAX_LINK_HOPS = 40
 class OciSource(ScratchSource):
     """The ``models/`` tree of an image's layers, extracted once into local scratch space."""
 
-    default_workers: ClassVar[int] = 4
+    default_workers = 4
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: Any, settings: Any) -> None:
@@ -102,7 +103,7 @@ class OciSource(ScratchSource):
             self.close()  # a failed listing leaves nothing behind in $TMPDIR
             raise
 
-    def _extract_all(self, layers: list[Any], digest: str) -> Listing:
+    def _extract_all(self, layers: builtins.list[Any], digest: str) -> Listing:
         tree = Tree()
         seen: set[str] = set()
         assert self._scratch is not None
@@ -136,7 +137,7 @@ class OciSource(ScratchSource):
         log.info("%s is %s: %d files under models/", self.uri.redacted, digest, len(files))
         return Listing(files, digest)
 
-    def _files(self, tree: Tree) -> list[RemoteFile]:
+    def _files(self, tree: Tree) -> builtins.list[RemoteFile]:
         files: dict[str, RemoteFile] = {}
         for path, node in tree.nodes.items():
             if node.kind == "file":

@@ -191,9 +191,9 @@ class RegistryClient:
         if scheme.lower() == "basic":
             if self.credentials is None:
                 raise self._denied(what, 401)
-            token = base64.b64encode(":".join(self.credentials).encode()).decode()
-            register_secret(token)
-            return f"Basic {token}"
+            basic = base64.b64encode(":".join(self.credentials).encode()).decode()
+            register_secret(basic)
+            return f"Basic {basic}"
         if scheme.lower() != "bearer" or "realm" not in params:
             raise SourceError(f"{what}: unsupported registry authentication {scheme!r}")
         query = {"service": params.get("service", "")}

@@ -75,7 +75,7 @@ class S3Source(S3Listing, S3ErrorMapping, Source):
     """Objects of one S3 bucket under one key or prefix: the client and reads here, the listing
     in :class:`~.s3_listing.S3Listing`, the error mapping in :class:`~.s3_errors.S3ErrorMapping`."""
 
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
     supports_ranges: ClassVar[bool] = True
 
     def __init__(self, uri: SourceUri, settings: Settings) -> None:

@@ -12,18 +12,20 @@ Its own module because listing and checksum discovery are one job, apart from re
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from storage_initializer import checksums
-from storage_initializer.errors import InitializerError, NotFoundError
+from storage_initializer.errors import NotFoundError
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile, fingerprint_of
 from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
+from storage_initializer.providers.s3_errors import S3ErrorMapping
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
@@ -87,19 +89,16 @@ def _verifiable(algorithms: list[str] | None) -> bool:
     return False
 
 
-class S3Listing:
+class S3Listing(S3ErrorMapping):
     """The listing of :class:`~.s3.S3Source`, as a mixin: it uses the source's client, bucket,
-    key, settings and error mapping."""
+    key and settings, and maps failed requests with the error mapping it extends."""
 
     default_workers: int
     client: Any
-    bucket: str
     key: str
     uri: SourceUri
     settings: Settings
     _prefix: str | None
-    #: Provided by :class:`~.s3_errors.S3ErrorMapping`.
-    _map_error: Callable[[BaseException, str, bool], InitializerError]
 
     def list(self) -> Listing:
         objects, prefix = self._list_objects()
@@ -110,7 +109,7 @@ class S3Listing:
     def _where(self, prefix: str) -> str:
         return redact(f"s3://{self.bucket}/{prefix}")
 
-    def _list_objects(self) -> tuple[list[dict[str, Any]], str | None]:
+    def _list_objects(self) -> tuple[builtins.list[dict[str, Any]], str | None]:
         """The objects to fetch and the directory prefix they are under (None: the key named
         one object exactly)."""
         key = self.key
@@ -158,7 +157,9 @@ class S3Listing:
         except Exception as exc:
             raise self._map_error(exc, self.uri.redacted, listing=True) from exc
 
-    def _remote_files(self, objects: list[dict[str, Any]], prefix: str | None) -> list[RemoteFile]:
+    def _remote_files(
+        self, objects: builtins.list[dict[str, Any]], prefix: str | None
+    ) -> builtins.list[RemoteFile]:
         trust_etag = os.environ.get(TRUST_ETAG_ENV, "true").strip().lower() not in ("0", "false")
         heads: dict[str, dict[str, Any]] = {}
         sample = next((o for o in objects if _etag_md5(o.get("ETag", ""))), None)
@@ -204,7 +205,7 @@ class S3Listing:
             with ThreadPoolExecutor(workers, thread_name_prefix="s3-head") as pool:
                 heads.update(zip(wanted, pool.map(self._head, wanted), strict=True))
 
-        files: list[RemoteFile] = []
+        files: builtins.list[RemoteFile] = []
         seen: dict[str, str] = {}
         for item in objects:
             key = item["Key"]
@@ -232,7 +233,7 @@ class S3Listing:
         self._check_tree(files)
         return files
 
-    def _check_tree(self, files: list[RemoteFile]) -> None:
+    def _check_tree(self, files: builtins.list[RemoteFile]) -> None:
         """A key cannot be both a file and a directory on disk (``a`` and ``a/b``)."""
         refuse_file_directory_clash({f.path for f in files}, self.uri.redacted)
 
