@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from storage_initializer import checksums, resume, stall, writer
 from storage_initializer.engine_plan import Planner, _chain, _FileJob
@@ -89,6 +90,7 @@ class Engine(Planner, Verifier):
         self.ranged = source.supports_ranges
         self.results: dict[str, dict[str, str]] = {}
         self._results_lock = threading.Lock()
+        self._made_dirs: set[Path] = set()
         #: Cuts transfers that make too little progress, and cancels us at the deadline.
         self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
         self.writer = writer.Writer(settings.write_size, settings.direct_io)
@@ -135,11 +137,20 @@ class Engine(Planner, Verifier):
                             os.close(job.fd)
         return self.results
 
+    def _make_parent(self, path: Path) -> None:
+        """Create ``path``'s directory once per run (a model of many small files in one
+        directory would otherwise pay a ``mkdir`` per file)."""
+        parent = path.parent
+        if parent in self._made_dirs:
+            return
+        parent.mkdir(parents=True, exist_ok=True)
+        self._made_dirs.add(parent)
+
     def _open(self, job: _FileJob) -> None:
         with job.lock:
             if job.fd >= 0:
                 return
-            job.path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_parent(job.path)
             if job.resumed or job.prefix:
                 job.fd = os.open(job.path, os.O_RDWR | os.O_NOFOLLOW)
                 for start, end in job.resumed:
@@ -325,12 +336,12 @@ class Engine(Planner, Verifier):
         they are durable (resume.Checkpointer), so a new owner continues from there. Call
         it only once the bytes were handed to the kernel (the write returned), never for
         bytes still buffered in the process."""
-        if self._checkpoints is not None and self.ranged and job.file.size is not None:
+        if self._checkpoints is not None and self.ranged and job.journalled:
             self._checkpoints.note(job.path, job.file.path, start, offset)
 
     def _settle(self, job: _FileJob, start: int) -> None:
         """A chunk is complete: wait until its progress is journalled before the next one."""
-        if self._checkpoints is not None and self.ranged:
+        if self._checkpoints is not None and self.ranged and job.journalled:
             self._checkpoints.settle(job.file.path, start)
 
 

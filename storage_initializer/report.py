@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from storage_initializer import signals
 from storage_initializer.redact import escape_controls, redact
 
 LOGGER_NAME = "storage_initializer"
@@ -140,6 +141,10 @@ class ProgressReporter:
     def _run(self) -> None:
         interval = 0.5 if self.tty else self.interval
         while not self._stop.wait(interval):
+            if signals.received() is not None:
+                # Terminated: the run's last line says so, and a pull still unwinding (one
+                # stuck in a request is not waited for) must not print after it.
+                return
             snap = self.snapshot()
             if snap.get("phase") != "transfer":
                 continue

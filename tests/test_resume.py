@@ -47,6 +47,15 @@ SIZE = 12 * MiB + 12_345
 LAYOUTS = {"one-range": ("32MiB", 1, 7 * MiB), "chunked": ("4MiB", 2, 3 * MiB)}
 
 
+@pytest.fixture(autouse=True)
+def journal_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process engine tests below resume files of a few KiB, which the engine does not
+    journal in production (engine_plan.CHECKPOINT_MIN): journal every file here."""
+    from storage_initializer import engine_plan
+
+    monkeypatch.setattr(engine_plan, "CHECKPOINT_MIN", 0)
+
+
 @pytest.fixture
 def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
     with CountingProxy(s3_server.endpoint) as counting:
@@ -335,6 +344,28 @@ def test_a_resumed_prefix_is_verified_from_disk(
         assert 0 in starts, second.reads
     else:  # ... within one block of where the first run stopped
         assert 0 not in starts and min(starts) >= first.fail_at - 1000, second.reads  # type: ignore[operator]
+
+
+def test_a_small_file_of_one_range_is_not_journalled(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below CHECKPOINT_MIN a file of one range costs no fdatasync and no journal line: a new
+    owner fetches it again whole (with the threshold at 0, the test above shows the
+    opposite)."""
+    from storage_initializer import engine_plan
+    from storage_initializer.errors import SourceError
+
+    monkeypatch.setattr(engine_plan, "CHECKPOINT_MIN", 1 << 20)
+    data = pattern(6 * 4096 + 777, 5)
+    first = _Source(data, "crc32", fail_at=3 * 4096 + 2000)
+    with pytest.raises(SourceError):
+        _engine_run(first, tmp / "dest", 1 << 20)
+    journals = list((tmp / "dest").rglob("chunks.jsonl"))
+    assert all("w.bin" not in j.read_text() for j in journals), [j.read_text() for j in journals]
+    second = _Source(data, "crc32")
+    _results, staging = _engine_run(second, tmp / "dest", 1 << 20)
+    assert (staging.data / "w.bin").read_bytes() == data
+    assert [start for start, _end in second.reads] == [0]
 
 
 def test_a_file_of_one_range_resumes_in_chunks_when_the_chunk_size_changed(tmp: Path) -> None:

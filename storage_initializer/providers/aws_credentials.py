@@ -14,10 +14,12 @@ The environment stays the only input; nothing here changes what boto3 would do f
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
 import boto3
+import botocore.utils
 from botocore.config import Config
 from botocore.credentials import AssumeRoleWithWebIdentityProvider
 
@@ -70,6 +72,26 @@ def s3_session(region: str | None) -> boto3.session.Session:
         cache={},
     )
     return session
+
+
+def fast_timestamps(session: boto3.session.Session) -> None:
+    """Parse the listing's timestamps with ``datetime.fromisoformat`` (botocore's default goes
+    through dateutil: 0.4 ms an object, a quarter of what a small file costs in all). Call
+    before the session makes a client; any other form falls back to botocore's parser."""
+    factory = session._session.get_component("response_parser_factory")
+    factory.set_parser_defaults(timestamp_parser=_timestamp)
+
+
+def _timestamp(value: str) -> datetime.datetime:
+    if not (isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T"):
+        return botocore.utils.parse_timestamp(value)  # epoch seconds, RFC 1123 headers, ...
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return botocore.utils.parse_timestamp(value)
+    if parsed.tzinfo is None:  # botocore's results are always aware (UTC when unspecified)
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed
 
 
 def credential_source() -> str:

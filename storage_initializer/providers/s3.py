@@ -91,6 +91,7 @@ class S3Source(S3Listing, S3ErrorMapping, Source):
         try:
             # One client for all threads: botocore clients are thread-safe, sessions are not.
             session = aws_credentials.s3_session(kwargs.get("region_name"))
+            aws_credentials.fast_timestamps(session)
             self.client = session.client("s3", **kwargs)
         except ValueError as exc:  # malformed AWS_ENDPOINT_URL
             raise UsageError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ class Candidate:
     replaced: bool = False
 
 
+_HEX = re.compile(r"[0-9a-f]+")
+
+
 def identities(checksums: Mapping[str, str], same_source: bool) -> list[tuple[str, str]]:
     """The (kind, value) pairs of ``checksums`` strong enough to identify content, strongest
     first; CRCs only when both sides come from the same source."""
@@ -68,7 +72,7 @@ def identities(checksums: Mapping[str, str], same_source: bool) -> list[tuple[st
     found = []
     for kind in kinds:
         value = str(checksums.get(kind, "")).strip().lower()
-        if value and all(c in "0123456789abcdef" for c in value):
+        if value and _HEX.fullmatch(value):
             found.append((kind, value))
     return found
 
