@@ -1,7 +1,7 @@
 """The HTTP layer shared by the providers that speak HTTP themselves (http, hf, oci, hdfs,
 modelscope) and the Retry-After reading of the SDK-based ones (GCS, Azure).
 
-Four things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
+Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
 ``hf_raise_for_status``) and pip's ``network/session.py``:
 
 - :func:`retry_after`: a ``Retry-After`` header in either form (seconds or HTTP-date, parsed by
@@ -9,6 +9,8 @@ Four things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``
 - :func:`status_error` / :func:`raise_for_status`: a table from HTTP status to the error a user
   can act on (401/403 denied, 404/410 not found, 408/429/5xx transient with the server's
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
+- :func:`transport_error`: a request that got no answer (TLS refused, host unreachable, timeout)
+  as the error a user can act on, each provider naming its peer and its hints (:class:`Peer`);
 - :class:`SessionPool`: one ``requests.Session`` per thread (requests does not promise that a
   shared session is thread-safe), sending our User-Agent, never retrying by itself, all closed by
   the provider's ``close()``;
@@ -25,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
@@ -124,6 +127,40 @@ def raise_for_status(
     if error is not None:
         response.close()
         raise error
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Whom a provider's requests go to, as :func:`transport_error` words their failures."""
+
+    #: Who did not answer in time: "the server", "the registry".
+    name: str
+    #: What could not be connected to: "host:port", "the registry ghcr.io".
+    address: str
+    #: The hint of a failed TLS verification, and of a refused connection or unknown host.
+    tls_hint: str
+    connect_hint: str
+    #: The short reason an exception gives, and whether it means refused or unknown host.
+    reason: Callable[[BaseException], str]
+    unreachable: Callable[[BaseException], bool]
+
+
+def transport_error(exc: requests.RequestException, what: str, peer: Peer) -> InitializerError:
+    """The error for a request to ``peer`` that got no answer: an untrusted certificate or an
+    unreachable host is a configuration error (asking again will not help), a broken connection
+    or a timeout is worth retrying. ``what`` is the redacted URI (and what was being done)."""
+    reason = peer.reason(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return SourceError(f"{what}: TLS verification failed ({reason})", peer.tls_hint)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if peer.unreachable(exc):
+            return SourceError(
+                f"{what}: cannot connect to {peer.address} ({reason})", peer.connect_hint
+            )
+        return TransientError(f"{what}: connection failed ({reason})")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return TransientError(f"{what}: {peer.name} did not answer in time")
+    return SourceError(f"{what}: request failed ({reason})")
 
 
 class SessionPool:
