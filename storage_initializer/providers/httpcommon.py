@@ -4,8 +4,8 @@ modelscope) and the Retry-After reading of the SDK-based ones (GCS, Azure).
 Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
 ``hf_raise_for_status``) and pip's ``network/session.py``:
 
-- :func:`retry_after`: a ``Retry-After`` header in either form (seconds or HTTP-date, parsed by
-  urllib3), clamped to 0..:data:`MAX_RETRY_AFTER` seconds;
+- :func:`retry_after` (from :mod:`.retry_after`, which the SDK-based providers import without
+  requests): a ``Retry-After`` header in either form, clamped to 0..:data:`MAX_RETRY_AFTER` s;
 - :func:`status_error` / :func:`raise_for_status`: a table from HTTP status to the error a user
   can act on (401/403 denied, 404/410 not found, 408/429/5xx transient with the server's
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
@@ -28,12 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import InvalidHeader
-from urllib3.util import Retry
 
 from storage_initializer import __version__
 from storage_initializer.errors import (
@@ -43,16 +41,17 @@ from storage_initializer.errors import (
     SourceError,
     TransientError,
 )
+from storage_initializer.providers.retry_after import (  # noqa: F401  (providers use it from here)
+    MAX_RETRY_AFTER,
+    retry_after,
+)
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"storage-initializer/{__version__}"
-#: A server asking for longer is not waited for longer (the engine caps its own wait lower).
-MAX_RETRY_AFTER = 300.0
 #: The longest sleep between two metadata attempts, whatever the server asks.
 MAX_METADATA_DELAY = 30.0
 
-_PARSER = Retry(0)
 T = TypeVar("T")
 
 #: Status → the kind of error it means. 5xx not listed are transient, other 4xx refusals.
@@ -64,28 +63,6 @@ STATUS_ERRORS: dict[int, type[InitializerError]] = {
     408: TransientError,
     429: TransientError,
 }
-
-
-def retry_after(headers: Any) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (``"7"``, ``"1.5"`` or an HTTP-date), in
-    0..MAX_RETRY_AFTER; None when absent or unreadable. ``headers`` is any mapping with
-    ``get`` (requests, urllib3, google-auth, azure-core headers)."""
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)  # urllib3 reads only whole seconds; a fraction is harmless
-    except ValueError:
-        try:
-            seconds = _PARSER.parse_retry_after(text)  # an HTTP-date: seconds from now, >= 0
-        except InvalidHeader:
-            return None
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 def error_class(status: int) -> type[InitializerError] | None:
