@@ -111,8 +111,7 @@ class HfErrors:
             message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
         else:
             message = f"{where}: unexpected HTTP {status} from the Hub"
-        error = httpcommon.status_error(response, message)
-        return error or SourceError(message)
+        return httpcommon.answer_error(response, message)
 
     def _transport_error(self, exc: Exception, what: str) -> InitializerError:
         """A requests failure before any answer. The exception text may hold a URL but never

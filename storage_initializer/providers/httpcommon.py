@@ -6,7 +6,8 @@ Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``
 
 - :func:`retry_after` (from :mod:`.retry_after`, which the SDK-based providers import without
   requests): a ``Retry-After`` header in either form, clamped to 0..:data:`MAX_RETRY_AFTER` s;
-- :func:`status_error` / :func:`raise_for_status`: a table from HTTP status to the error a user
+- :func:`status_error` / :func:`raise_for_status` (and :func:`answer_error`,
+  :func:`unexpected_answer`): a table from HTTP status to the error a user
   can act on (401/403 denied, 404/410 not found, 408/429/5xx transient with the server's
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
 - :func:`transport_error`: a request that got no answer (TLS refused, host unreachable, timeout)
@@ -87,6 +88,23 @@ def status_error(
     if kind is TransientError:
         return TransientError(message, hint, retry_after=retry_after(response.headers))
     return kind(message, hint)
+
+
+def answer_error(
+    response: requests.Response, message: str, hints: Mapping[int, str] | None = None
+) -> InitializerError:
+    """:func:`status_error`, for an answer the provider does not accept whatever its status: one
+    with no error status (an unexpected redirect or success) is a SourceError."""
+    return status_error(response, message, hints) or SourceError(message)
+
+
+def unexpected_answer(response: requests.Response, where: str, detail: str) -> InitializerError:
+    """The error for an answer the provider has no words of its own for: a 429 or 5xx says what
+    the server said (the table makes it worth retrying), anything else is "unexpected"."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        return answer_error(response, f"{where}: {detail}")
+    return answer_error(response, f"{where}: unexpected answer {detail}")
 
 
 def raise_for_status(

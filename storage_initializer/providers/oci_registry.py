@@ -202,7 +202,7 @@ class RegistryClient:
                 raise self._denied(what, response.status_code)
             if response.status_code != 200:
                 message = f"{what}: the token service answered {response.status_code}"
-                raise httpcommon.status_error(response, message) or SourceError(message)
+                raise httpcommon.answer_error(response, message)
             token: object
             try:
                 body = response.json()
@@ -239,7 +239,7 @@ class RegistryClient:
         if code == 404:
             raise NotFoundError(f"{what}: not found in {self.ref.registry}{detail}")
         message = f"{what}: the registry answered {code}{detail}"
-        raise httpcommon.status_error(response, message) or SourceError(message)
+        raise httpcommon.answer_error(response, message)
 
     def close(self) -> None:
         self._sessions.close()
