@@ -13,7 +13,6 @@ refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -34,7 +33,6 @@ from storage_initializer.errors import (
 )
 from storage_initializer.providers import http_pin, httpcommon, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
-from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
@@ -104,15 +102,7 @@ class HttpSource(Source):
         raw = os.environ.get(f"{host}-headers")
         if not raw:
             return {}
-        try:
-            headers = json.loads(raw)
-        except ValueError:
-            raise UsageError(f"the environment variable {host}-headers is not valid JSON") from None
-        if not isinstance(headers, dict):
-            raise UsageError(f"the environment variable {host}-headers must be a JSON object")
-        for value in headers.values():
-            register_secret(str(value))
-        return {str(k): str(v) for k, v in headers.items()}
+        return httpcommon.secret_headers(raw, f"the environment variable {host}-headers")
 
     def _configure(self, session: requests.Session) -> None:
         session.headers.update(self.headers)

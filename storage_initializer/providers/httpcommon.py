@@ -12,6 +12,7 @@ Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
 - :func:`transport_error`: a request that got no answer (TLS refused, host unreachable, timeout)
   as the error a user can act on, each provider naming its peer and its hints (:class:`Peer`);
+- :func:`secret_headers`: extra request headers from a JSON object, their values secrets;
 - :class:`SessionPool`: one ``requests.Session`` per thread (requests does not promise that a
   shared session is thread-safe), sending our User-Agent, never retrying by itself, all closed by
   the provider's ``close()``;
@@ -24,6 +25,7 @@ Request retries live here, the resume of a broken chunk stays in the engine: as 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -41,11 +43,13 @@ from storage_initializer.errors import (
     NotFoundError,
     SourceError,
     TransientError,
+    UsageError,
 )
 from storage_initializer.providers.retry_after import (  # noqa: F401  (providers use it from here)
     MAX_RETRY_AFTER,
     retry_after,
 )
+from storage_initializer.redact import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,25 @@ def transport_error(exc: requests.RequestException, what: str, peer: Peer) -> In
     if isinstance(exc, requests.exceptions.Timeout):
         return TransientError(f"{what}: {peer.name} did not answer in time")
     return SourceError(f"{what}: request failed ({reason})")
+
+
+def secret_headers(raw: str, name: str) -> dict[str, str]:
+    """Extra request headers given as a JSON object (an ``<host>-headers`` variable, the HDFS
+    secret's HEADERS). Their values are secrets: each is registered for redaction, whole and word
+    by word ("Bearer <token>"). ``name`` says where the text came from, for the error."""
+    try:
+        loaded = json.loads(raw)
+    except ValueError:
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{name} is not a JSON object", 'Write it as {"Header-Name": "value"}')
+    headers = {str(k): str(v) for k, v in loaded.items()}
+    for value in headers.values():
+        register_secret(value)
+        for part in value.split():
+            if len(part) >= 8:
+                register_secret(part)
+    return headers
 
 
 class SessionPool:
