@@ -39,7 +39,7 @@ class AzureSource(Source):
     """
 
     #: Azure storage serves many parallel range reads well; per-request latency dominates.
-    default_workers: ClassVar[int] = 16
+    default_workers = 16
     #: Where an endpoint override is read from (Azurite, a private endpoint, a proxy).
     endpoint_env: ClassVar[str]
     #: Named in the log line: "Azure Blob", "Azure Files".
