@@ -5,6 +5,9 @@ We combine it with the system and certifi stores (so public endpoints keep verif
 file under ``$TMPDIR`` and hand that file to every client. A bundle that is named but missing or
 unreadable is an error: falling back silently would hide a misconfiguration, and we never fall
 back to unverified TLS.
+
+Also why TLS failed, read from whatever exception a client library wrapped the failure in
+(:func:`is_tls_failure`, :func:`tls_reason`), so every backend says it in the same short words.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import ssl
 import tempfile
+from collections.abc import Iterable
 
 from storage_initializer.errors import UsageError
 
@@ -80,3 +85,54 @@ def configure_process() -> None:
 def requests_verify() -> bool | str:
     """The ``verify=`` value for a requests session."""
     return combined_bundle() or os.environ.get("REQUESTS_CA_BUNDLE") or True
+
+
+_TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "SSLError", "[SSL")
+_TLS_VERIFY_REASON = re.compile(r"certificate verify failed: ([^'\"()\]\[]+)")
+_TLS_SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\]")
+
+
+def _wrapped(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, azure-core's ``inner_exception``, urllib3's
+    ``reason`` and exceptions held in ``args`` (requests wraps urllib3's MaxRetryError so)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for linked in (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "inner_exception", None),
+            getattr(current, "reason", None),
+            *current.args,
+        ):
+            if isinstance(linked, BaseException):
+                todo.append(linked)
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) a TLS handshake or certificate verification failure."""
+    for item in _wrapped(exc):
+        if isinstance(item, ssl.SSLError) or type(item).__name__ == "SSLError":
+            return True
+        if any(marker in str(item) for marker in _TLS_MARKERS):
+            return True
+    return False
+
+
+def tls_reason(exc: BaseException) -> str:
+    """The short reason of a TLS failure: "certificate verify failed: self-signed certificate"."""
+    texts = [str(item) for item in _wrapped(exc)]
+    for text in texts:
+        verify = _TLS_VERIFY_REASON.search(text)
+        if verify:
+            return "certificate verify failed: " + verify.group(1).strip()
+    for text in texts:
+        other = _TLS_SSL_REASON.search(text)
+        if other:
+            return other.group(1)
+    return "TLS handshake failed"

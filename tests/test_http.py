@@ -123,6 +123,19 @@ def test_host_headers_give_access_and_stay_secret(nginx: Nginx, tmp: Path) -> No
     assert nginx.token not in status.output
 
 
+@pytest.mark.parametrize("value", ["Bearer not-json-abcdef", '["Authorization"]'])
+def test_malformed_host_headers_fail_naming_the_variable(
+    nginx: Nginx, tmp: Path, value: str
+) -> None:
+    _folder, path = _publish(nginx, "model.bin", b"payload")
+    env = clean_env({"127.0.0.1-headers": value})
+    result = entrypoint(nginx.url(path), tmp / "dest", env=env)
+    assert result.returncode == 1, result.describe()
+    assert "the environment variable 127.0.0.1-headers is not a JSON object" in result.output
+    assert "not-json-abcdef" not in result.output  # the text may hold a token: never shown
+    assert model_files(tmp / "dest") == {}
+
+
 # -- archives ------------------------------------------------------------------------------
 
 

@@ -133,6 +133,28 @@ def test_success_and_redirect_are_not_errors(server: StatusServer) -> None:
         assert httpcommon.status_error(response, URI) is None
 
 
+@pytest.mark.parametrize(
+    ("status", "kind", "message"),
+    [
+        (503, TransientError, f"{URI}: HTTP 503"),
+        (429, TransientError, f"{URI}: HTTP 429"),
+        (400, SourceError, f"{URI}: unexpected answer HTTP 400"),
+        (404, NotFoundError, f"{URI}: unexpected answer HTTP 404"),
+        # Not an error status, but not what the provider asked for either.
+        (200, SourceError, f"{URI}: unexpected answer HTTP 200"),
+    ],
+)
+def test_unexpected_answer_words_and_classifies(
+    server: StatusServer, status: int, kind: type[Exception], message: str
+) -> None:
+    response = server.get(status, "3")
+    error = httpcommon.unexpected_answer(response, URI, f"HTTP {status}")
+    assert type(error) is kind
+    assert str(error).startswith(message)
+    if isinstance(error, TransientError):
+        assert error.retry_after == 3.0
+
+
 def test_sessions_are_per_thread_with_our_user_agent_and_closed(server: StatusServer) -> None:
     configured: list[requests.Session] = []
     pool = httpcommon.SessionPool(configured.append)

@@ -29,6 +29,7 @@ from storage_initializer.paths import UnsafePathError
 from storage_initializer.providers import open_source
 from storage_initializer.providers import s3 as s3mod
 from storage_initializer.providers.base import RemoteFile
+from storage_initializer.providers.retry_after import MAX_RETRY_AFTER
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import listing, paths, payload, pull_command, read_all, tree
@@ -552,19 +553,31 @@ def test_throttled_listing_is_transient(
         listing(f"s3://{bucket}/m")
 
 
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("7", 7.0),
+        # The HTTP-date form, read as every other provider reads it (one parser, clamped).
+        ("Fri, 31 Dec 2100 23:59:59 GMT", MAX_RETRY_AFTER),
+    ],
+)
 def test_retry_after_is_passed_on(
-    s3_env: S3Server, via_proxy: CountingProxy, monkeypatch: pytest.MonkeyPatch
+    s3_env: S3Server,
+    via_proxy: CountingProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    header: str,
+    expected: float,
 ) -> None:
     monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
     bucket = s3_env.new_bucket({"m/a": b"1"})
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
     via_proxy.set_faults(
-        s3_error("TooManyRequests", "slow down", status=429, headers={"Retry-After": "7"})
+        s3_error("TooManyRequests", "slow down", status=429, headers={"Retry-After": header})
     )
     with pytest.raises(TransientError) as caught:
         read_all(source, file)
-    assert caught.value.retry_after == 7.0
+    assert caught.value.retry_after == expected
 
 
 def test_client_retries_hide_a_short_outage(

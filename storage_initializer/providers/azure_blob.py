@@ -14,34 +14,18 @@ while the account, container and prefix still come from the URI.
 from __future__ import annotations
 
 import builtins
-import logging
 import posixpath
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from storage_initializer.errors import NotFoundError, SourceError
-from storage_initializer.providers.azure_common import (
-    check_layout,
-    client_options,
-    client_refused,
-    md5_hex,
-    parse_location,
-    safe_relative_path,
-    select_credential,
-    translate,
-)
-from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.errors import SourceError
+from storage_initializer.providers.azure_common import client_options, safe_relative_path, translate
+from storage_initializer.providers.azure_source import AzureSource, remote_file
+from storage_initializer.providers.base import RemoteFile
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
-    from azure.storage.blob import BlobClient, BlobProperties
-
-    from storage_initializer.settings import Settings
-    from storage_initializer.uri import SourceUri
-
-log = logging.getLogger(__name__)
-
-ENDPOINT_ENV = "AZURE_STORAGE_BLOB_ENDPOINT"
+    from azure.storage.blob import BlobClient, BlobProperties, ContainerClient
 
 
 def _is_folder_marker(blob: BlobProperties) -> bool:
@@ -52,76 +36,38 @@ def _is_folder_marker(blob: BlobProperties) -> bool:
     return blob.name.endswith("/") and not blob.size
 
 
-class AzureBlobSource(Source):
+class AzureBlobSource(AzureSource):
     """Blobs of one container below one prefix, read with ranged GETs."""
 
-    #: Blob storage serves many parallel range reads well; per-request latency dominates.
-    default_workers = 16
+    endpoint_env = "AZURE_STORAGE_BLOB_ENDPOINT"
+    service = "Azure Blob"
+    container_word = "container"
+    prefix_word = "prefix"
+    items_word = "blobs"
+    empty_hint = (
+        "Check the path after the container name; a directory prefix must hold at least "
+        "one blob below '<prefix>/'"
+    )
+    _client: ContainerClient
 
-    def __init__(self, uri: SourceUri, settings: Settings) -> None:
-        super().__init__(uri, settings)
+    def _make_client(self, credential: Any) -> ContainerClient:
         from azure.storage.blob import ContainerClient, ExponentialRetry  # the SDK: on use
 
-        self.location = parse_location(uri, ENDPOINT_ENV, "container")
-        credential, mode = select_credential(self.location)
-        self.credential_mode = mode
-        log.info(
-            "Azure Blob: account %s, container %s, prefix %r, endpoint %s, credentials: %s",
-            self.location.account,
-            self.location.container,
-            self.location.prefix,
-            redact(self.location.endpoint),
-            mode,
+        return ContainerClient(
+            account_url=self.location.endpoint,
+            container_name=self.location.container,
+            credential=credential,
+            **client_options(ExponentialRetry),
         )
-        # One client for all threads: SDK clients are thread-safe and share a connection pool.
-        try:
-            self._client = ContainerClient(
-                account_url=self.location.endpoint,
-                container_name=self.location.container,
-                credential=credential,
-                **client_options(ExponentialRetry),
-            )
-        except ValueError as exc:  # the SDK validates endpoint and credential together
-            raise client_refused(exc, uri.redacted, self.location, mode) from None
 
-    def _where(self) -> str:
-        return self.uri.redacted
+    def _single(self, name: str) -> RemoteFile | None:
+        properties = self._client.get_blob_client(name).get_blob_properties()
+        if _is_folder_marker(properties):
+            return None
+        properties.name = name
+        return self._remote(properties, posixpath.basename(name))
 
-    def list(self) -> Listing:
-        try:
-            files = self._list()
-        except Exception as exc:  # SDK errors, and SDK bugs while raising them
-            raise translate(
-                exc, self._where(), self.location, reading=False, credentials=self.credential_mode
-            ) from None
-        if not files:
-            location = self.location
-            below = f"below {location.prefix!r} " if location.prefix else ""
-            raise NotFoundError(
-                redact(
-                    f"{self._where()}: no blobs {below}in container {location.container!r} "
-                    f"of account {location.account!r}"
-                ),
-                "Check the path after the container name; a directory prefix must hold at least "
-                "one blob below '<prefix>/'",
-            )
-        check_layout((item.path for item in files), self._where())
-        return Listing(files=files, fingerprint=fingerprint_of(files))
-
-    def _list(self) -> builtins.list[RemoteFile]:  # ``list`` is a method here
-        from azure.core.exceptions import ResourceNotFoundError  # the SDK: on use
-
-        prefix = self.location.prefix
-        if prefix and not self.location.directory_only:
-            # One HEAD tells a single blob from a directory without listing siblings such as
-            # "model-v2/…", and works where only read (not list) is allowed.
-            try:
-                properties = self._client.get_blob_client(prefix).get_blob_properties()
-            except ResourceNotFoundError:
-                properties = None
-            if properties is not None and not _is_folder_marker(properties):
-                properties.name = prefix
-                return [self._remote(properties, posixpath.basename(prefix))]
+    def _list_directory(self, prefix: str) -> builtins.list[RemoteFile]:
         directory = f"{prefix}/" if prefix else ""
         files = []
         for blob in self._client.list_blobs(
@@ -140,15 +86,7 @@ class AzureBlobSource(Source):
                 redact(f"{self._where()}: blob {blob.name!r} is in the Archive tier"),
                 "Rehydrate it to the Hot or Cool tier first; archived blobs cannot be read",
             )
-        md5 = md5_hex(getattr(blob.content_settings, "content_md5", None))
-        return RemoteFile(
-            path=path,
-            size=int(blob.size or 0),
-            checksums={"md5": md5} if md5 else {},
-            # Listings give 0x…, HEAD gives "0x…": one form, or the fingerprint would flap.
-            version=str(blob.etag or "").strip('"'),
-            handle=blob.name,
-        )
+        return remote_file(blob, path, blob.name)
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if (end is not None and end <= start) or file.size == 0:
@@ -195,6 +133,3 @@ class AzureBlobSource(Source):
             headers=headers,
         )
         yield from downloader.chunks()
-
-    def close(self) -> None:
-        self._client.close()

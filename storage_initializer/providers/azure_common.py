@@ -26,11 +26,11 @@ from storage_initializer.providers.azure_credentials import (
 )
 from storage_initializer.providers.azure_errors import (  # noqa: F401  (azure_blob, azure_file)
     SDK_RETRIES,
-    is_tls_failure,
     translate,
 )
 from storage_initializer.providers.object_layout import file_directory_clash
 from storage_initializer.redact import redact
+from storage_initializer.tls import is_tls_failure
 from storage_initializer.uri import SourceUri
 
 log = logging.getLogger(__name__)

@@ -2,15 +2,14 @@
 access denied (naming the credential mode tried), not found, changed since listed, untrusted TLS
 certificate, unreachable endpoint, throttling; each message redacted, one line.
 
-Its own module because error mapping is one job shared by azure_blob and azure_file; TLS failure
-detection lives here too as the retry policy in :mod:`azure_common` asks it the same question.
+Its own module because error mapping is one job shared by azure_blob and azure_file. TLS failure
+detection is :mod:`storage_initializer.tls`'s, which the retry policy in :mod:`azure_common`
+asks too.
 """
 
 from __future__ import annotations
 
 import re
-import ssl
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from storage_initializer.errors import (
@@ -23,6 +22,7 @@ from storage_initializer.errors import (
 )
 from storage_initializer.providers import httpcommon
 from storage_initializer.redact import redact
+from storage_initializer.tls import is_tls_failure, tls_reason
 
 if TYPE_CHECKING:
     from storage_initializer.providers.azure_common import AzureLocation
@@ -158,57 +158,6 @@ def translate(
     if isinstance(exc, OSError | TimeoutError):
         return TransientError(redact(f"{what}: {_short(exc)}"))
     return SourceError(redact(f"{what}: {type(exc).__name__}: {_short(exc)}"))
-
-
-_TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "SSLError", "[SSL")
-_TLS_VERIFY_REASON = re.compile(r"certificate verify failed: ([^'\"()\]\[]+)")
-_TLS_SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\]")
-
-
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    """``exc`` and what it wraps: causes, contexts, azure-core's ``inner_exception``, urllib3's
-    ``reason`` and exceptions held in ``args`` (requests wraps urllib3's MaxRetryError so)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo and len(seen) < 32:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for linked in (
-            current.__cause__,
-            current.__context__,
-            getattr(current, "inner_exception", None),
-            getattr(current, "reason", None),
-            *current.args,
-        ):
-            if isinstance(linked, BaseException):
-                todo.append(linked)
-
-
-def is_tls_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is (or wraps) a TLS handshake or certificate verification failure."""
-    for item in _chain(exc):
-        if isinstance(item, ssl.SSLError) or type(item).__name__ == "SSLError":
-            return True
-        if any(marker in str(item) for marker in _TLS_MARKERS):
-            return True
-    return False
-
-
-def tls_reason(exc: BaseException) -> str:
-    """The short reason of a TLS failure: "certificate verify failed: self-signed certificate"."""
-    texts = [str(item) for item in _chain(exc)]
-    for text in texts:
-        verify = _TLS_VERIFY_REASON.search(text)
-        if verify:
-            return "certificate verify failed: " + verify.group(1).strip()
-    for text in texts:
-        other = _TLS_SSL_REASON.search(text)
-        if other:
-            return other.group(1)
-    return "TLS handshake failed"
 
 
 def _short(exc: BaseException) -> str:

@@ -60,15 +60,13 @@ from storage_initializer.paths import UnsafePathError, safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.providers.git_metadata import KEPT_METADATA_SUFFIX, GitMetadata
 from storage_initializer.providers.git_remote import GitRemote, parse_location
-from storage_initializer.providers.scratch import ScratchSource, parents
+from storage_initializer.providers.scratch import MAX_LINK_HOPS, ScratchSource, parents
 
 log = logging.getLogger(__name__)
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 #: Fetch attempts when the failure looks transient (connection reset, 5xx).
 ATTEMPTS = 3
-#: Symbolic links followed in a row before we call it a loop.
-MAX_LINK_HOPS = 40
 S_IFGITLINK = 0o160000
 
 

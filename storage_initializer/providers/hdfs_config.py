@@ -9,7 +9,6 @@ in one place; the client only consumes the result.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 import requests
 
 from storage_initializer.errors import AccessDeniedError, UsageError
-from storage_initializer.redact import register_secret
+from storage_initializer.providers.httpcommon import secret_headers
 
 DEFAULT_SECRET_DIR = "/var/secrets/kserve-hdfscreds"
 #: Settings whose file is used by path (binary secrets), as the stock's _HDFS_FILE_SECRETS.
@@ -95,21 +94,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> HdfsConfig:
         )
     headers: dict[str, str] = {}
     if values["HEADERS"]:
-        try:
-            loaded = json.loads(values["HEADERS"])
-        except ValueError:
-            loaded = None
-        if not isinstance(loaded, dict):
-            raise UsageError(
-                f"{os.path.join(secret_dir, 'HEADERS')} is not a JSON object",
-                'Write it as {"Header-Name": "value"}',
-            )
-        headers = {str(k): str(v) for k, v in loaded.items()}
-        for value in headers.values():
-            register_secret(value)
-            for part in value.split():
-                if len(part) >= 8:
-                    register_secret(part)
+        headers = secret_headers(values["HEADERS"], os.path.join(secret_dir, "HEADERS"))
     threads: int | None = None
     if values["N_THREADS"]:
         try:

@@ -88,11 +88,7 @@ class WebHdfsErrors:
                 "Check USER_PROXY, the Kerberos principal/keytab or HEADERS in the HDFS secret, "
                 "and the HDFS permissions of the path",
             )
-        if status == 429 or status >= 500:
-            message = f"{where}: {detail}"
-        else:
-            message = f"{where}: unexpected answer {detail}"
-        return httpcommon.status_error(response, message) or SourceError(message)
+        return httpcommon.unexpected_answer(response, where, detail)
 
     def _unreachable(self, exc: Exception, namenodes: list[str]) -> SourceError:
         if isinstance(exc, requests.exceptions.SSLError):

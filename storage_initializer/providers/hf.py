@@ -54,7 +54,7 @@ from storage_initializer.providers.hf_env import hub_endpoint, hub_token
 from storage_initializer.providers.hf_errors import HfErrors
 from storage_initializer.providers.hf_uri import COMMIT_RE, parse_hf_uri
 from storage_initializer.providers.hub_common import (
-    checked_body,
+    download,
     get_ok,
     range_headers,
     raw_bytes,
@@ -274,23 +274,17 @@ class HfSource(HfErrors, HfCache, Source):
         if self.commit is None:
             raise UsageError(f"{self.uri.redacted}: read() before list()")
         url = f"{self._resolve_prefix}/{self.commit}/{file.handle}"
-        what = f"downloading {file.path}"
-        try:
-            response = self._session().get(
+        yield from download(
+            self,
+            lambda: self._session().get(
                 url,
                 headers=range_headers(start, end),
                 stream=True,
                 allow_redirects=True,
                 timeout=(self._connect_timeout, self._read_timeout),
                 verify=tls.requests_verify(),
-            )
-        except requests.RequestException as exc:
-            raise self._transport_error(exc, what) from None
-        yield from checked_body(
-            response,
+            ),
+            file,
             start,
             end,
-            file_size=file.size,
-            label=f"{self.uri.redacted}: {what}",
-            http_error=lambda answer: self._http_error(answer, what),
         )

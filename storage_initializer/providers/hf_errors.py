@@ -9,7 +9,6 @@ messages depend on. Never shows the token: only short reasons are taken from exc
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import requests
@@ -23,13 +22,12 @@ from storage_initializer.errors import (
 )
 from storage_initializer.providers import httpcommon
 from storage_initializer.redact import redact
+from storage_initializer.tls import tls_reason
 
 if TYPE_CHECKING:
     from storage_initializer.providers.hf_uri import HubRef
     from storage_initializer.uri import SourceUri
 
-_TLS_VERIFY_REASON = re.compile(r"certificate verify failed: ([^'\"()\]\[]+)")
-_TLS_SSL_REASON = re.compile(r"\[SSL: ([A-Z_]+)\]")
 _CONNECT_REASONS = (
     ("Connection refused", "connection refused"),
     ("Name or service not known", "unknown host"),
@@ -40,17 +38,6 @@ _CONNECT_REASONS = (
     ("Connection reset", "connection reset"),
     ("RemoteDisconnected", "the connection closed without an answer"),
 )
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """The short reason of a requests SSLError ("certificate verify failed: self-signed
-    certificate")."""
-    text = str(exc)
-    verify = _TLS_VERIFY_REASON.search(text)
-    if verify:
-        return "certificate verify failed: " + verify.group(1).strip()
-    other = _TLS_SSL_REASON.search(text)
-    return other.group(1) if other else "TLS handshake failed"
 
 
 def _connect_reason(exc: BaseException) -> str:
@@ -124,8 +111,7 @@ class HfErrors:
             message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
         else:
             message = f"{where}: unexpected HTTP {status} from the Hub"
-        error = httpcommon.status_error(response, message)
-        return error or SourceError(message)
+        return httpcommon.answer_error(response, message)
 
     def _transport_error(self, exc: Exception, what: str) -> InitializerError:
         """A requests failure before any answer. The exception text may hold a URL but never
@@ -135,7 +121,7 @@ class HfErrors:
         if isinstance(exc, requests.exceptions.SSLError):
             # An untrusted certificate is not a blip: asking again will not help.
             return SourceError(
-                f"{where}: TLS verification of {endpoint} failed ({_tls_reason(exc)})",
+                f"{where}: TLS verification of {endpoint} failed ({tls_reason(exc)})",
                 "Add the CA that signed the Hub's certificate to the global CA bundle "
                 f"(CA_BUNDLE_CONFIGMAP_NAME) or REQUESTS_CA_BUNDLE, and check HF_ENDPOINT "
                 f"({endpoint})",

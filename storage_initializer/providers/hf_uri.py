@@ -12,13 +12,20 @@ from urllib.parse import unquote
 
 from storage_initializer.errors import UsageError
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers.hub_common import split_repo_id
+from storage_initializer.providers.hub_common import HubGrammar
 
 DEFAULT_REVISION = "main"
 #: Repository kinds the URI may name with a prefix, as in huggingface_hub's ``hf://`` paths.
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 #: A full commit id: taken as it is, never resolved (and the name of a cache snapshot).
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+GRAMMAR = HubGrammar(
+    hub="Hugging Face",
+    form="hf://owner/model[:revision][/sub/dir]",
+    revisions="branch, tag or commit",
+    hint="Name the repository as owner/model, e.g. hf://google-bert/bert-base-uncased",
+    subpath=True,
+)
 
 
 @dataclass(frozen=True)
@@ -46,20 +53,7 @@ def parse_hf_uri(raw: str, redacted: str) -> HubRef:
     repo_type = "model"
     if parts and parts[0] in REPO_TYPES and len(parts) >= 3:
         repo_type = REPO_TYPES[parts.pop(0)]
-    form = "hf://owner/model[:revision][/sub/dir]"
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise UsageError(
-            f"invalid Hugging Face URI {redacted}: expected {form}",
-            "Name the repository as owner/model, e.g. hf://google-bert/bert-base-uncased",
-        )
-    repo_id, revision = split_repo_id(
-        parts[0],
-        parts[1],
-        redacted=redacted,
-        hub="Hugging Face",
-        form=form,
-        revisions="branch, tag or commit",
-    )
+    repo_id, revision = GRAMMAR.repo_id(parts, redacted)
     revision = unquote(revision)
     sub = "/".join(part for part in parts[2:] if part)
     subpath = safe_relpath(unquote(sub), "sub-directory") if sub else ""

@@ -13,7 +13,6 @@ refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -34,7 +33,6 @@ from storage_initializer.errors import (
 )
 from storage_initializer.providers import http_pin, httpcommon, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
-from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
     from storage_initializer.settings import Settings
@@ -87,6 +85,15 @@ class HttpSource(Source):
         self.headers["Accept-Encoding"] = "identity"
         self.verify = tls.requests_verify()
         self._sessions = httpcommon.SessionPool(self._configure, pool_size=10)
+        self._peer = httpcommon.Peer(
+            name="the server",
+            address=_host_port(self.url),
+            tls_hint="Trust the server's CA with the global CA bundle (CA_BUNDLE_CONFIGMAP_NAME) "
+            "or REQUESTS_CA_BUNDLE",
+            connect_hint="Check the host name, the port and the network policy of the namespace",
+            reason=_reason,
+            unreachable=_is_refused_or_dns,
+        )
         self.supports_ranges = False  # decided by list()
         #: A ranged read was answered with the whole file: never ask for ranges again.
         self._ranges_ignored = False
@@ -95,15 +102,7 @@ class HttpSource(Source):
         raw = os.environ.get(f"{host}-headers")
         if not raw:
             return {}
-        try:
-            headers = json.loads(raw)
-        except ValueError:
-            raise UsageError(f"the environment variable {host}-headers is not valid JSON") from None
-        if not isinstance(headers, dict):
-            raise UsageError(f"the environment variable {host}-headers must be a JSON object")
-        for value in headers.values():
-            register_secret(str(value))
-        return {str(k): str(v) for k, v in headers.items()}
+        return httpcommon.secret_headers(raw, f"the environment variable {host}-headers")
 
     def _configure(self, session: requests.Session) -> None:
         session.headers.update(self.headers)
@@ -129,23 +128,8 @@ class HttpSource(Source):
                 stream=True,
                 timeout=TIMEOUT,
             )
-        except requests.exceptions.SSLError as exc:
-            raise SourceError(
-                f"{what}: TLS verification failed ({_reason(exc)})",
-                "Trust the server's CA with the global CA bundle (CA_BUNDLE_CONFIGMAP_NAME) or "
-                "REQUESTS_CA_BUNDLE",
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            if _is_refused_or_dns(exc):
-                raise SourceError(
-                    f"{what}: cannot connect to {_host_port(self.url)} ({_reason(exc)})",
-                    "Check the host name, the port and the network policy of the namespace",
-                ) from None
-            raise TransientError(f"{what}: connection failed ({_reason(exc)})") from None
-        except requests.exceptions.Timeout:
-            raise TransientError(f"{what}: the server did not answer in time") from None
-        except requests.exceptions.RequestException as exc:
-            raise SourceError(f"{what}: request failed ({_reason(exc)})") from None
+        except requests.RequestException as exc:
+            raise httpcommon.transport_error(exc, what, self._peer) from None
 
     def list(self) -> Listing:
         response = self._request("HEAD")

@@ -1,14 +1,18 @@
 """The HTTP layer shared by the providers that speak HTTP themselves (http, hf, oci, hdfs,
 modelscope) and the Retry-After reading of the SDK-based ones (GCS, Azure).
 
-Four things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
+Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
 ``hf_raise_for_status``) and pip's ``network/session.py``:
 
-- :func:`retry_after`: a ``Retry-After`` header in either form (seconds or HTTP-date, parsed by
-  urllib3), clamped to 0..:data:`MAX_RETRY_AFTER` seconds;
-- :func:`status_error` / :func:`raise_for_status`: a table from HTTP status to the error a user
+- :func:`retry_after` (from :mod:`.retry_after`, which the SDK-based providers import without
+  requests): a ``Retry-After`` header in either form, clamped to 0..:data:`MAX_RETRY_AFTER` s;
+- :func:`status_error` / :func:`raise_for_status` (and :func:`answer_error`,
+  :func:`unexpected_answer`): a table from HTTP status to the error a user
   can act on (401/403 denied, 404/410 not found, 408/429/5xx transient with the server's
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
+- :func:`transport_error`: a request that got no answer (TLS refused, host unreachable, timeout)
+  as the error a user can act on, each provider naming its peer and its hints (:class:`Peer`);
+- :func:`secret_headers`: extra request headers from a JSON object, their values secrets;
 - :class:`SessionPool`: one ``requests.Session`` per thread (requests does not promise that a
   shared session is thread-safe), sending our User-Agent, never retrying by itself, all closed by
   the provider's ``close()``;
@@ -21,16 +25,16 @@ Request retries live here, the resume of a broken chunk stays in the engine: as 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import InvalidHeader
-from urllib3.util import Retry
 
 from storage_initializer import __version__
 from storage_initializer.errors import (
@@ -39,17 +43,20 @@ from storage_initializer.errors import (
     NotFoundError,
     SourceError,
     TransientError,
+    UsageError,
 )
+from storage_initializer.providers.retry_after import (  # noqa: F401  (providers use it from here)
+    MAX_RETRY_AFTER,
+    retry_after,
+)
+from storage_initializer.redact import register_secret
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"storage-initializer/{__version__}"
-#: A server asking for longer is not waited for longer (the engine caps its own wait lower).
-MAX_RETRY_AFTER = 300.0
 #: The longest sleep between two metadata attempts, whatever the server asks.
 MAX_METADATA_DELAY = 30.0
 
-_PARSER = Retry(0)
 T = TypeVar("T")
 
 #: Status → the kind of error it means. 5xx not listed are transient, other 4xx refusals.
@@ -61,28 +68,6 @@ STATUS_ERRORS: dict[int, type[InitializerError]] = {
     408: TransientError,
     429: TransientError,
 }
-
-
-def retry_after(headers: Any) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (``"7"``, ``"1.5"`` or an HTTP-date), in
-    0..MAX_RETRY_AFTER; None when absent or unreadable. ``headers`` is any mapping with
-    ``get`` (requests, urllib3, google-auth, azure-core headers)."""
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)  # urllib3 reads only whole seconds; a fraction is harmless
-    except ValueError:
-        try:
-            seconds = _PARSER.parse_retry_after(text)  # an HTTP-date: seconds from now, >= 0
-        except InvalidHeader:
-            return None
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 def error_class(status: int) -> type[InitializerError] | None:
@@ -109,6 +94,23 @@ def status_error(
     return kind(message, hint)
 
 
+def answer_error(
+    response: requests.Response, message: str, hints: Mapping[int, str] | None = None
+) -> InitializerError:
+    """:func:`status_error`, for an answer the provider does not accept whatever its status: one
+    with no error status (an unexpected redirect or success) is a SourceError."""
+    return status_error(response, message, hints) or SourceError(message)
+
+
+def unexpected_answer(response: requests.Response, where: str, detail: str) -> InitializerError:
+    """The error for an answer the provider has no words of its own for: a 429 or 5xx says what
+    the server said (the table makes it worth retrying), anything else is "unexpected"."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        return answer_error(response, f"{where}: {detail}")
+    return answer_error(response, f"{where}: unexpected answer {detail}")
+
+
 def raise_for_status(
     response: requests.Response,
     where: str,
@@ -124,6 +126,59 @@ def raise_for_status(
     if error is not None:
         response.close()
         raise error
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Whom a provider's requests go to, as :func:`transport_error` words their failures."""
+
+    #: Who did not answer in time: "the server", "the registry".
+    name: str
+    #: What could not be connected to: "host:port", "the registry ghcr.io".
+    address: str
+    #: The hint of a failed TLS verification, and of a refused connection or unknown host.
+    tls_hint: str
+    connect_hint: str
+    #: The short reason an exception gives, and whether it means refused or unknown host.
+    reason: Callable[[BaseException], str]
+    unreachable: Callable[[BaseException], bool]
+
+
+def transport_error(exc: requests.RequestException, what: str, peer: Peer) -> InitializerError:
+    """The error for a request to ``peer`` that got no answer: an untrusted certificate or an
+    unreachable host is a configuration error (asking again will not help), a broken connection
+    or a timeout is worth retrying. ``what`` is the redacted URI (and what was being done)."""
+    reason = peer.reason(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return SourceError(f"{what}: TLS verification failed ({reason})", peer.tls_hint)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if peer.unreachable(exc):
+            return SourceError(
+                f"{what}: cannot connect to {peer.address} ({reason})", peer.connect_hint
+            )
+        return TransientError(f"{what}: connection failed ({reason})")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return TransientError(f"{what}: {peer.name} did not answer in time")
+    return SourceError(f"{what}: request failed ({reason})")
+
+
+def secret_headers(raw: str, name: str) -> dict[str, str]:
+    """Extra request headers given as a JSON object (an ``<host>-headers`` variable, the HDFS
+    secret's HEADERS). Their values are secrets: each is registered for redaction, whole and word
+    by word ("Bearer <token>"). ``name`` says where the text came from, for the error."""
+    try:
+        loaded = json.loads(raw)
+    except ValueError:
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{name} is not a JSON object", 'Write it as {"Header-Name": "value"}')
+    headers = {str(k): str(v) for k, v in loaded.items()}
+    for value in headers.values():
+        register_secret(value)
+        for part in value.split():
+            if len(part) >= 8:
+                register_secret(part)
+    return headers
 
 
 class SessionPool:

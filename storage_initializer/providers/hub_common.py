@@ -10,7 +10,9 @@ its own module.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import requests
 
@@ -19,30 +21,49 @@ from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import InitializerError, UsageError
 from storage_initializer.providers.ranged import stream_range
 
+if TYPE_CHECKING:
+    from storage_initializer.providers.base import RemoteFile
+    from storage_initializer.uri import SourceUri
+
 #: An owner or model name, as both Hubs accept it.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def split_repo_id(
-    owner: str, model_part: str, *, redacted: str, hub: str, form: str, revisions: str
-) -> tuple[str, str]:
-    """``owner`` and ``model[:revision]`` → (``owner/model``, revision as written or "").
+@dataclass(frozen=True)
+class HubGrammar:
+    """How one Hub's URIs name a model, for parsing them and for the messages of a bad one."""
 
-    ``hub`` names the Hub in messages ("Hugging Face"), ``form`` is the URI's grammar and
-    ``revisions`` what may follow ':' ("branch or tag")."""
-    model, colon, revision = model_part.partition(":")
-    for label, value in (("owner", owner), ("model name", model)):
-        if not NAME_RE.match(value) or ".." in value:
+    #: The Hub as messages name it ("Hugging Face").
+    hub: str
+    #: The URI's grammar, shown when a URI does not follow it.
+    form: str
+    #: What may follow ':' ("branch or tag").
+    revisions: str
+    #: The hint when ``owner/model`` is missing.
+    hint: str
+    #: Whether path parts may follow ``owner/model`` (a sub-directory).
+    subpath: bool
+
+    def repo_id(self, parts: Sequence[str], redacted: str) -> tuple[str, str]:
+        """The first two path parts, ``owner`` and ``model[:revision]`` → (``owner/model``,
+        revision as written or "")."""
+        extra = len(parts) > 2 and not self.subpath
+        if len(parts) < 2 or extra or not parts[0] or not parts[1]:
+            raise UsageError(f"invalid {self.hub} URI {redacted}: expected {self.form}", self.hint)
+        model, colon, revision = parts[1].partition(":")
+        for label, value in (("owner", parts[0]), ("model name", model)):
+            if not NAME_RE.match(value) or ".." in value:
+                raise UsageError(
+                    f"invalid {self.hub} URI {redacted}: bad {label} {value!r}",
+                    f"Expected {self.form}",
+                )
+        if colon and not revision:
+            scheme = self.form.partition("://")[0]
             raise UsageError(
-                f"invalid {hub} URI {redacted}: bad {label} {value!r}", f"Expected {form}"
+                f"invalid {self.hub} URI {redacted}: empty revision after ':'",
+                f"Write {scheme}://owner/model:<{self.revisions}>, or drop the ':'",
             )
-    if colon and not revision:
-        scheme = form.partition("://")[0]
-        raise UsageError(
-            f"invalid {hub} URI {redacted}: empty revision after ':'",
-            f"Write {scheme}://owner/model:<{revisions}>, or drop the ':'",
-        )
-    return f"{owner}/{model}", revision
+        return f"{parts[0]}/{model}", revision
 
 
 def raw_bytes(session: requests.Session) -> None:
@@ -85,26 +106,40 @@ def range_headers(start: int, end: int | None) -> dict[str, str]:
     return {}
 
 
-def checked_body(
-    response: requests.Response,
+class HubErrors(Protocol):
+    """What :func:`download` needs of a Hub source: its URI and its wording of failures."""
+
+    uri: SourceUri
+
+    def _http_error(self, response: requests.Response, what: str) -> InitializerError: ...
+
+    def _transport_error(self, exc: Exception, what: str) -> InitializerError: ...
+
+
+def download(
+    source: HubErrors,
+    send: Callable[[], requests.Response],
+    file: RemoteFile,
     start: int,
     end: int | None,
-    *,
-    file_size: int | None,
-    label: str,
-    http_error: Callable[[requests.Response], InitializerError],
 ) -> Iterator[bytes]:
-    """Bytes ``[start, end)`` of a file download's answer, which must be 200 or 206; the
-    response is closed however the reading ends."""
+    """Bytes ``[start, end)`` of ``file`` from the answer ``send()`` gets, which must be 200 or
+    206; a failure is raised as ``source`` words it, and the response is closed however the
+    reading ends."""
+    what = f"downloading {file.path}"
+    try:
+        response = send()
+    except requests.RequestException as exc:
+        raise source._transport_error(exc, what) from None
     with response:
         if response.status_code not in (200, 206):
-            raise http_error(response)
+            raise source._http_error(response, what)
         yield from stream_range(
             response,
             start,
             end,
-            label=label,
+            label=f"{source.uri.redacted}: {what}",
             ranged=start > 0 or end is not None,
-            file_size=file_size,
+            file_size=file.size,
             block=BLOCK,
         )

@@ -60,7 +60,7 @@ from storage_initializer.providers.base import (
     is_true,
 )
 from storage_initializer.providers.hub_common import (
-    checked_body,
+    download,
     get_ok,
     range_headers,
     raw_bytes,
@@ -272,44 +272,40 @@ class ModelScopeSource(ModelScopeErrors, Source):
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if end is not None and end <= start:
             return
+        yield from download(self, lambda: self._open(file, start, end), file, start, end)
+
+    def _open(self, file: RemoteFile, start: int, end: int | None) -> requests.Response:
+        """The answer to a file's GET, following the Hub's redirects by hand: the Hub's headers
+        (the token) go to the Hub's own host only."""
         headers = range_headers(start, end)
-        what = f"downloading {file.path}"
         url = f"{self._api}/repo"
         params = {"Revision": self.ref.revision, "FilePath": file.handle}
-        try:
+        response = self._session().get(
+            url,
+            params=params,
+            headers={**headers, **self._hub_headers()},
+            stream=True,
+            allow_redirects=False,
+            timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+            verify=tls.requests_verify(),
+        )
+        hops = 0
+        while response.is_redirect and hops < 5:
+            location = response.headers.get("Location", "")
+            response.close()
+            if not location:
+                raise SourceError(
+                    f"{self.uri.redacted}: downloading {file.path}: redirect without Location"
+                )
+            location = requests.compat.urljoin(response.url, location)
+            same_host = urlsplit(location).netloc == urlsplit(self.endpoint).netloc
             response = self._session().get(
-                url,
-                params=params,
-                headers={**headers, **self._hub_headers()},
+                location,
+                headers={**headers, **(self._hub_headers() if same_host else {})},
                 stream=True,
                 allow_redirects=False,
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                 verify=tls.requests_verify(),
             )
-            hops = 0
-            while response.is_redirect and hops < 5:
-                location = response.headers.get("Location", "")
-                response.close()
-                if not location:
-                    raise SourceError(f"{self.uri.redacted}: {what}: redirect without Location")
-                location = requests.compat.urljoin(response.url, location)
-                same_host = urlsplit(location).netloc == urlsplit(self.endpoint).netloc
-                response = self._session().get(
-                    location,
-                    headers={**headers, **(self._hub_headers() if same_host else {})},
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                    verify=tls.requests_verify(),
-                )
-                hops += 1
-        except requests.RequestException as exc:
-            raise self._transport_error(exc, what) from None
-        yield from checked_body(
-            response,
-            start,
-            end,
-            file_size=file.size,
-            label=f"{self.uri.redacted}: {what}",
-            http_error=lambda answer: self._http_error(answer, what),
-        )
+            hops += 1
+        return response

@@ -69,13 +69,10 @@ class ModelScopeErrors:
             )
         if status == 404:
             return NotFoundError(f"{where}: not found ({detail})")
-        if status == 429 or status >= 500:
-            message = f"{where}: {detail}"
-        elif status == 416:
+        if status == 416:
             message = f"{where}: range not satisfiable (HTTP 416): the file changed?"
-        else:
-            message = f"{where}: unexpected answer {detail}"
-        return httpcommon.status_error(response, message) or SourceError(message)
+            return httpcommon.answer_error(response, message)
+        return httpcommon.unexpected_answer(response, where, detail)
 
     def _transport_error(self, exc: Exception, what: str) -> InitializerError:
         if isinstance(exc, requests.exceptions.SSLError):

@@ -11,11 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from storage_initializer.errors import UsageError
-from storage_initializer.providers.hub_common import split_repo_id
+from storage_initializer.providers.hub_common import HubGrammar
 
 DEFAULT_ENDPOINT = "https://modelscope.cn"
 INTL_ENDPOINT = "https://www.modelscope.ai"
 DEFAULT_REVISION = "master"
+GRAMMAR = HubGrammar(
+    hub="ModelScope",
+    form="modelscope://owner/model[:revision]",
+    revisions="branch or tag",
+    hint="Name the model as owner/model, e.g. modelscope://Qwen/Qwen2.5-0.5B-Instruct",
+    subpath=False,
+)
 
 
 @dataclass(frozen=True)
@@ -30,21 +37,7 @@ def parse_modelscope_uri(raw: str, redacted: str) -> ModelRef:
     if not rest.lower().startswith("modelscope://"):
         raise UsageError(f"{redacted} is not a modelscope:// URI")
     rest = rest[len("modelscope://") :]
-    parts = rest.split("/")
-    form = "modelscope://owner/model[:revision]"
-    if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise UsageError(
-            f"invalid ModelScope URI {redacted}: expected {form}",
-            "Name the model as owner/model, e.g. modelscope://Qwen/Qwen2.5-0.5B-Instruct",
-        )
-    repo_id, revision = split_repo_id(
-        parts[0],
-        parts[1],
-        redacted=redacted,
-        hub="ModelScope",
-        form=form,
-        revisions="branch or tag",
-    )
+    repo_id, revision = GRAMMAR.repo_id(rest.split("/"), redacted)
     return ModelRef(repo_id, revision or DEFAULT_REVISION)
 
 

@@ -70,11 +70,9 @@ from storage_initializer.providers.oci_registry import (
     docker_credentials,
     parse_reference,
 )
-from storage_initializer.providers.scratch import ScratchSource
+from storage_initializer.providers.scratch import MAX_LINK_HOPS, ScratchSource
 
 log = logging.getLogger(__name__)
-
-MAX_LINK_HOPS = 40
 
 
 class OciSource(ScratchSource):

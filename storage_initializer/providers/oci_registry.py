@@ -140,6 +140,16 @@ class RegistryClient:
         self.base = f"{'http' if insecure else 'https'}://{self.ref.registry}/v2/"
         self.credentials = docker_credentials(self.ref.registry)
         self._sessions = httpcommon.SessionPool(_verify)
+        self._peer = httpcommon.Peer(
+            name="the registry",
+            address=f"the registry {self.ref.registry}",
+            tls_hint="Trust the registry's CA with the global CA bundle "
+            f"(CA_BUNDLE_CONFIGMAP_NAME), or set {INSECURE_ENV}=true for a plain-HTTP registry",
+            connect_hint="Check the registry host and port, the network policy, and "
+            f"{INSECURE_ENV} for a plain-HTTP registry",
+            reason=reason,
+            unreachable=_refused_or_unknown,
+        )
         self._auth: str | None = None
         self._lock = threading.Lock()
 
@@ -148,25 +158,8 @@ class RegistryClient:
             return self._sessions.get().get(
                 url, headers=dict(headers), stream=True, timeout=TIMEOUT, allow_redirects=True
             )
-        except requests.exceptions.SSLError as exc:
-            raise SourceError(
-                f"{what}: TLS verification failed ({reason(exc)})",
-                "Trust the registry's CA with the global CA bundle (CA_BUNDLE_CONFIGMAP_NAME), "
-                f"or set {INSECURE_ENV}=true for a plain-HTTP registry",
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            text = repr(exc)
-            if any(m in text for m in ("refused", "Name or service", "NameResolution", "Errno -")):
-                raise SourceError(
-                    f"{what}: cannot connect to the registry {self.ref.registry} ({reason(exc)})",
-                    "Check the registry host and port, the network policy, and "
-                    f"{INSECURE_ENV} for a plain-HTTP registry",
-                ) from None
-            raise TransientError(f"{what}: connection failed ({reason(exc)})") from None
-        except requests.exceptions.Timeout:
-            raise TransientError(f"{what}: the registry did not answer in time") from None
-        except requests.exceptions.RequestException as exc:
-            raise SourceError(f"{what}: request failed ({reason(exc)})") from None
+        except requests.RequestException as exc:
+            raise httpcommon.transport_error(exc, what, self._peer) from None
 
     def get(self, path: str, headers: Mapping[str, str], what: str) -> requests.Response:
         """GET below /v2/, answering a 401 challenge once (basic or bearer)."""
@@ -209,7 +202,7 @@ class RegistryClient:
                 raise self._denied(what, response.status_code)
             if response.status_code != 200:
                 message = f"{what}: the token service answered {response.status_code}"
-                raise httpcommon.status_error(response, message) or SourceError(message)
+                raise httpcommon.answer_error(response, message)
             token: object
             try:
                 body = response.json()
@@ -246,7 +239,7 @@ class RegistryClient:
         if code == 404:
             raise NotFoundError(f"{what}: not found in {self.ref.registry}{detail}")
         message = f"{what}: the registry answered {code}{detail}"
-        raise httpcommon.status_error(response, message) or SourceError(message)
+        raise httpcommon.answer_error(response, message)
 
     def close(self) -> None:
         self._sessions.close()
@@ -260,6 +253,12 @@ def _registry_errors(response: requests.Response) -> str:
     except (ValueError, AttributeError, OSError, requests.exceptions.RequestException):
         return ""
     return f" ({', '.join(codes)})" if codes else ""
+
+
+def _refused_or_unknown(exc: BaseException) -> bool:
+    """Whether a connection error means a refused connection or an unknown host."""
+    text = repr(exc)
+    return any(m in text for m in ("refused", "Name or service", "NameResolution", "Errno -"))
 
 
 def reason(exc: BaseException) -> str:

@@ -8,7 +8,6 @@ reads and the lean reads (:mod:`s3_lean`, through a callback) of :class:`~.s3.S3
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from http.client import HTTPException
 
 import botocore.exceptions as bce
@@ -23,6 +22,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.providers import aws_credentials
+from storage_initializer.providers.retry_after import retry_after
 from storage_initializer.redact import redact
 
 _DENIED_CODES = frozenset(
@@ -168,12 +168,12 @@ class S3ErrorMapping:
                 f"{where}: the S3 endpoint is throttling or failing: {detail}: {message}; "
                 f"gave up after {attempts} attempts",
                 "Wait and run again once the endpoint recovers, or raise S3_MAX_ATTEMPTS",
-                retry_after=_retry_after(headers),
+                retry_after=retry_after(headers),
             )
         if code in _TRANSIENT_CODES or status == 429 or status >= 500:
             return TransientError(
                 f"{where}: the S3 endpoint is overloaded or failing: {detail}: {message}",
-                retry_after=_retry_after(headers),
+                retry_after=retry_after(headers),
             )
         if code in _NOT_FOUND_CODES or status == 404:
             if listing:
@@ -189,13 +189,3 @@ class S3ErrorMapping:
                 "Restore the object before downloading it",
             )
         return SourceError(f"{where}: S3 error {detail}: {message}")
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

@@ -17,6 +17,9 @@ from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import TransientError
 from storage_initializer.providers.base import RemoteFile, Source, read_local_range
 
+#: Links (symbolic, or hard in a layer) followed in a row before we call it a loop.
+MAX_LINK_HOPS = 40
+
 
 class ScratchSource(Source):
     """A source whose listed files' handles are paths of local copies under ``_scratch``."""
