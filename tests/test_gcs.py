@@ -756,8 +756,9 @@ def test_cli_pull_survives_a_cut_body_and_throttling(gcs_server: GcsServer, tmp_
         big_gets = proxy.select(method="GET", path_contains=media_path(bucket, "model/big.bin"))
         assert len(big_gets) == 2
         assert big_gets[0].fault == "truncate"
-        # The retry resumes from the last whole block written (blocks are 1 MiB: the part of a
-        # block in flight when the connection broke is read again) instead of starting over.
+        # The retry resumes from the last whole block written (at most 1 MiB: the write size on
+        # the lean GET; the part of a block in flight when the connection broke is read again)
+        # instead of starting over.
         assert big_gets[0].range is None
         resumed_at = int((big_gets[1].range or "bytes=0-").split("=")[1].split("-")[0])
         assert 0 < resumed_at <= big_gets[0].bytes

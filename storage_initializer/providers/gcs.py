@@ -14,10 +14,11 @@ one we strip the prefix exactly, so ``gs://b/model`` never picks up ``model-v2/.
 
 Checksums: the listing carries each object's CRC32C and (for non-composite objects) MD5, in
 base64; we announce both in hex and the engine verifies while writing. Reads are plain media GETs
-with a ``Range`` header through the client's authorised session, pinned to the listed generation
-(so an object replaced mid-download fails instead of mixing two versions), streamed in 1 MiB
-blocks. The library's own download path is not used: it validates whole-object checksums (wrong
-for ranges) and writes to a file object rather than yielding blocks.
+with a ``Range`` header, pinned to the listed generation (so an object replaced mid-download
+fails instead of mixing two versions): by default on the lean path (:mod:`gcs_lean`, blocks of
+the write size), else through the client's authorised session (1 MiB blocks). The library's
+own download path is not used: it validates whole-object checksums (wrong for ranges) and writes
+to a file object rather than yielding blocks.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
+from storage_initializer.providers import gcs_lean
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.providers.block_window import take_window
 from storage_initializer.providers.gcs_auth import (
@@ -175,6 +177,17 @@ class GcsSource(GcsErrorMapping, Source):
         log.info("GCS endpoint %s with %s", self.endpoint, self._credentials_desc)
         #: Directory prefix of the listing; None when the path named one object.
         self._prefix: str | None = None
+        #: Media GETs without requests' per-request machinery (gcs_lean); None: the session's.
+        self._lean: gcs_lean.LeanGetter | None = None
+        if gcs_lean.wanted() and not gcs_lean.proxied(self.endpoint):
+            self._lean = gcs_lean.LeanGetter(
+                credentials,
+                self.endpoint,
+                self.session.verify,
+                (CONNECT_TIMEOUT, READ_TIMEOUT),
+                self._status_answer,
+                lambda exc, where: self._map_error(exc, where, listing=False),
+            )
 
     # ------------------------------------------------------------------ listing
 
@@ -284,6 +297,11 @@ class GcsSource(GcsErrorMapping, Source):
         name, generation, transcoded = self._handle_of(file)
         where = f"{self.uri.redacted} ({file.path})"
         whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
+        if self._lean is not None and not transcoded:
+            block = self.settings.write_size
+            url = self.media_url(name)
+            yield from self._lean.read(url, generation, start, end, whole, block, where)
+            return
         # identity: a normal object must arrive byte for byte as stored; gzip: a transcoded one
         # travels compressed and requests inflates it (the same bytes as decompressive
         # transcoding by the server, less bandwidth).
@@ -334,4 +352,6 @@ class GcsSource(GcsErrorMapping, Source):
         return LIST_RETRY_DEADLINE
 
     def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         self.session.close()

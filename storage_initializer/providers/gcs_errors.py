@@ -9,7 +9,7 @@ Its own module because error mapping is one job, shared by the listing and the r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.client import HTTPException
 
 import requests
@@ -122,16 +122,28 @@ class GcsErrorMapping:
     def _status_error(
         self, response: requests.Response, where: str, generation: int | None
     ) -> InitializerError:
-        status = response.status_code
         try:
             body = next(response.iter_content(4096), b"")
         except _STREAM_ERRORS:
             body = b""
+        return self._status_answer(response.status_code, response.headers, body, where, generation)
+
+    def _status_answer(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        where: str,
+        generation: int | None,
+    ) -> InitializerError:
+        """The error of a media GET answered ``status`` (not 200/206), from its headers (a
+        case-insensitive mapping: Retry-After) and the start of its body; shared by the
+        requests path and the lean one (:mod:`gcs_lean`), so both say the same."""
         detail = f"HTTP {status}" + (f": {redact(_error_message(body))}" if body else "")
         if status in _TRANSIENT_STATUS:
             return TransientError(
                 f"{where}: GCS is overloaded or failing: {detail}",
-                retry_after=httpcommon.retry_after(response.headers),
+                retry_after=httpcommon.retry_after(headers),
             )
         if status in (401, 403):
             return self._denied(where, detail)
