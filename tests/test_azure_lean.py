@@ -1,4 +1,5 @@
-"""The lean Azure Blob GET (providers/azure_lean.py) against real Azurite on 127.0.0.1.
+"""The lean Azure GET (providers/azure_lean.py): blobs against real Azurite on 127.0.0.1, file
+shares against tests/servers/azure_files.py (Shared Key and service SAS signatures verified).
 
 What must hold: the lean path is the one taken by default (seen at the counting proxy: our
 User-Agent, the credential's query, no Shared Key header), the environment switch and a proxy
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from storage_initializer import uri as uri_module
 from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
@@ -25,12 +27,26 @@ from storage_initializer.errors import (
     SourceChangedError,
     TransientError,
 )
-from storage_initializer.providers import azure_lean
+from storage_initializer.providers import azure_lean, open_source
 from storage_initializer.providers.azure_blob import AzureBlobSource
+from storage_initializer.providers.azure_file import AzureFileSource
 from storage_initializer.providers.base import RemoteFile
+from storage_initializer.settings import Settings
+from tests.helpers import read_tree
 from tests.servers import azurite as azurite_server
+from tests.servers.azure_files import ACCOUNT as FILE_ACCOUNT
+from tests.servers.azure_files import ACCOUNT_KEY as FILE_KEY
+from tests.servers.azure_files import FileShareServer
 from tests.servers.proxy import CountingProxy, Fault
-from tests.test_azure import BIG, azure_fault, blob_source, clear_azure_env, free_port
+from tests.test_azure import (
+    BIG,
+    FILE_HOST,
+    azure_fault,
+    blob_source,
+    clear_azure_env,
+    file_source,
+    free_port,
+)
 
 Azurite = azurite_server.Azurite
 
@@ -277,3 +293,108 @@ def test_an_unreachable_endpoint_while_reading_is_transient(
     lean, sdk = _both_paths(monkeypatch, azurite.uri("c", "m"), lambda s: read_all(s, file))
     for error in (lean, sdk):
         assert isinstance(error, TransientError) and "cannot reach" in str(error), error
+
+
+# -- Azure Files (tests/servers/azure_files.py: Shared Key and service SAS verified) -----------
+@pytest.fixture
+def share(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FileShareServer, CountingProxy]]:
+    """The File REST server behind the counting proxy, with the account key."""
+    clear_azure_env(monkeypatch)
+    monkeypatch.delenv(azure_lean.ENV, raising=False)
+    with FileShareServer() as server, CountingProxy(f"http://127.0.0.1:{server.port}") as proxy:
+        monkeypatch.setenv("AZURE_STORAGE_FILE_ENDPOINT", f"{proxy.url}/{FILE_ACCOUNT}")
+        monkeypatch.setenv("AZURE_STORAGE_ACCESS_KEY", FILE_KEY)
+        server.put("share", {"m/a.bin": BIG, "m/b c/ü.txt": b"unicode"})
+        yield server, proxy
+
+
+def test_file_shares_take_the_lean_path_with_a_generated_read_only_share_sas(
+    share: tuple[FileShareServer, CountingProxy],
+) -> None:
+    _, proxy = share
+    source = file_source("share/m")
+    assert source._lean is not None
+    files = {f.path: f for f in source.list().files}
+    assert b"".join(source.read(files["a.bin"], 5, 3_000_000)) == BIG[5:3_000_000]
+    assert b"".join(source.read(files["b c/ü.txt"])) == b"unicode"
+    records = proxy.select(method="GET", path_contains="/share/m/")
+    assert len(records) == 2
+    for record in records:
+        headers = {k.lower(): v for k, v in record.headers.items()}
+        assert "storage-initializer/" in headers["user-agent"]
+        assert "authorization" not in headers and "if-match" not in headers
+        query = query_of(record)
+        assert query["sr"] == "s" and query["sp"] == "r" and "sig" in query, query
+    assert {k.lower(): v for k, v in records[0].headers.items()}["x-ms-range"] == (
+        "bytes=5-2999999"
+    )
+
+
+def test_file_shares_switched_off_go_through_the_sdk(
+    share: tuple[FileShareServer, CountingProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, proxy = share
+    monkeypatch.setenv(azure_lean.ENV, "0")
+    source = file_source("share/m")
+    assert source._lean is None
+    files = {f.path: f for f in source.list().files}
+    assert b"".join(source.read(files["b c/ü.txt"])) == b"unicode"
+    (record,) = proxy.select(method="GET", path_contains="/share/m/b")
+    assert record.headers.get("Authorization", "").startswith("SharedKey ")
+
+
+def test_file_shares_with_a_sas_in_the_uri(
+    share: tuple[FileShareServer, CountingProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, proxy = share
+    monkeypatch.setenv("AZURE_STORAGE_ACCESS_KEY", FILE_KEY[:-8] + "AAAAAAA=")  # not used
+    sas = server.issue_sas()
+    source = open_source(uri_module.parse(f"{FILE_HOST}/share/m?{sas}"), Settings())
+    assert isinstance(source, AzureFileSource) and source._lean is not None
+    assert read_tree(source, source.list()) == {"a.bin": BIG, "b c/ü.txt": b"unicode"}
+    gets = proxy.select(method="GET", path_contains="/share/m/")
+    assert len(gets) == 2 and all(r.query == sas for r in gets)
+
+
+@pytest.mark.parametrize("name", ["plain/key.bin", "a b/ü~+?#%x", "x//y"])
+def test_file_urls_are_the_sdks(share: tuple[FileShareServer, CountingProxy], name: str) -> None:
+    source = file_source("share/m")
+    assert source._lean is not None
+    url = source._lean.url(name)
+    assert url.partition("?")[0] == source._share.get_file_client(name).url
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (403, "AuthenticationFailed", AccessDeniedError),
+        (404, "ResourceNotFound", NotFoundError),
+        (503, "ServerBusy", TransientError),
+    ],
+)
+def test_file_share_error_answers_give_the_sdk_paths_errors(
+    share: tuple[FileShareServer, CountingProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    code: str,
+    kind: type[InitializerError],
+) -> None:
+    _, proxy = share
+    file = file_source("share/m").list().files[0]
+    fault = azure_fault(status, code, method="GET", path_contains="/share/m/")
+    fault.headers["Retry-After"] = "3"
+    proxy.set_faults(fault)
+    raised = []
+    for lean in ("true", "false"):
+        monkeypatch.setenv(azure_lean.ENV, lean)
+        source = file_source("share/m")
+        with pytest.raises(InitializerError) as caught:
+            b"".join(source.read(file))
+        raised.append(caught.value)
+    lean_error, sdk_error = raised
+    assert fault.hits == 2
+    assert type(lean_error) is type(sdk_error) and isinstance(lean_error, kind)
+    assert str(lean_error) == str(sdk_error) and lean_error.describe() == sdk_error.describe()
+    if kind is TransientError:
+        assert isinstance(lean_error, TransientError) and isinstance(sdk_error, TransientError)
+        assert lean_error.retry_after == sdk_error.retry_after == 3.0

@@ -85,7 +85,7 @@ class AzureBlobSource(Source):
         except ValueError as exc:  # the SDK validates endpoint and credential together
             raise client_refused(exc, uri.redacted, self.location, mode) from None
         #: GETs without the SDK's pipeline (azure_lean); None: through the SDK.
-        self._lean = azure_lean.blob_reader(self._client, credential, self.location, self._map)
+        self._lean = azure_lean.reader(self._client, credential, self.location, self._map)
 
     def _map(self, exc: BaseException, what: str) -> InitializerError:
         return translate(exc, what, self.location, reading=True, credentials=self.credential_mode)

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from storage_initializer.errors import AccessDeniedError, NotFoundError
+from storage_initializer.errors import AccessDeniedError, InitializerError, NotFoundError
+from storage_initializer.providers import azure_lean
 from storage_initializer.providers.azure_common import (
     check_layout,
     client_options,
@@ -89,6 +90,11 @@ class AzureFileSource(Source):
             )
         except ValueError as exc:  # the SDK validates endpoint and credential together
             raise client_refused(exc, uri.redacted, self.location, mode) from None
+        #: GETs without the SDK's pipeline (azure_lean); None: through the SDK.
+        self._lean = azure_lean.reader(self._share, credential, self.location, self._map)
+
+    def _map(self, exc: BaseException, what: str) -> InitializerError:
+        return translate(exc, what, self.location, reading=True, credentials=self.credential_mode)
 
     def list(self) -> Listing:
         try:
@@ -163,6 +169,11 @@ class AzureFileSource(Source):
             return
         length = None if end is None else end - start
         what = redact(f"{self.uri.redacted} (file {file.handle!r})")
+        if self._lean is not None:
+            whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
+            block = self.settings.write_size
+            yield from self._lean.read(file.handle, "", start, end, whole, block, what)
+            return
         try:
             downloader = self._share.get_file_client(file.handle).download_file(
                 offset=start,
@@ -177,4 +188,6 @@ class AzureFileSource(Source):
             ) from None
 
     def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         self._share.close()

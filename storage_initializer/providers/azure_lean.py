@@ -72,21 +72,17 @@ def wanted() -> bool:
     return lean_http.wanted(ENV)
 
 
-def blob_reader(
+def reader(
     client: Any, credential: Any, location: AzureLocation, map_error: MapError
-) -> LeanBlobReader | None:
-    """The lean reader of a container client's blobs; None when the SDK path is to be used
-    (switched off, or the environment routes the endpoint through a proxy)."""
+) -> LeanReader | None:
+    """The lean reader of a container client's blobs or a share client's files; None when the
+    SDK path is to be used (switched off, or the environment routes the endpoint through a
+    proxy)."""
     if not wanted() or lean_http.proxied(location.endpoint):
         return None
-    return LeanBlobReader(
-        client,
-        credential,
-        location.account,
-        _verify(),
-        (CONNECT_TIMEOUT, READ_TIMEOUT),
-        map_error,
-    )
+    share = hasattr(client, "share_name")
+    timeouts = (float(CONNECT_TIMEOUT), float(READ_TIMEOUT))
+    return LeanReader(client, credential, location.account, _verify(), timeouts, map_error, share)
 
 
 def _verify() -> bool | str:
@@ -107,10 +103,12 @@ def _verify() -> bool | str:
 class _Auth:
     """The query or header that authorises a GET, per credential mode; thread-safe."""
 
-    def __init__(self, credential: Any, account: str, container: str) -> None:
+    def __init__(self, credential: Any, account: str, container: str, share: bool = False) -> None:
         self.credential = credential
         self.account = account
+        #: The container, or the share when ``share``.
         self.container = container
+        self.share = share
         self._lock = threading.Lock()
         self._query = ""
         self._until = 0.0  # monotonic time when the cached query or token must be renewed
@@ -135,17 +133,25 @@ class _Auth:
             return self._query
 
     def _account_sas(self) -> str:
-        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-
+        """A read-only SAS of the container (or share), signed with the account key."""
         key = self.credential["account_key"]
+        account = self.credential.get("account_name") or self.account
         expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=SAS_EXPIRES)
-        sas: str = generate_container_sas(
-            self.credential.get("account_name") or self.account,
-            self.container,
-            account_key=key,
-            permission=ContainerSasPermissions(read=True),
-            expiry=expiry,
-        )
+        sas: str
+        if self.share:
+            from azure.storage.fileshare import ShareSasPermissions, generate_share_sas
+
+            permission: Any = ShareSasPermissions(read=True)
+            sas = generate_share_sas(
+                account, self.container, key, permission=permission, expiry=expiry
+            )
+        else:
+            from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+            permission = ContainerSasPermissions(read=True)
+            sas = generate_container_sas(
+                account, self.container, account_key=key, permission=permission, expiry=expiry
+            )
         register_sas(sas)
         return sas
 
@@ -164,8 +170,9 @@ class _Auth:
             return self._token
 
 
-class LeanBlobReader:
-    """Ranged, pinned GETs of one container's blobs."""
+class LeanReader:
+    """Ranged GETs of one container's blobs (pinned to the listed ETag), or of one share's
+    files (``share``: Azure Files has no conditional reads; tokens carry the backup intent)."""
 
     def __init__(
         self,
@@ -175,10 +182,13 @@ class LeanBlobReader:
         verify: bool | str,
         timeouts: tuple[float, float],
         map_error: MapError,
+        share: bool = False,
     ) -> None:
         #: ``<scheme>://<host>[/<account>]/<container>`` as the SDK quotes it, without a query.
         self.base = str(client.url).partition("?")[0]
-        self.auth = _Auth(credential, account, client.container_name)
+        name = client.share_name if share else client.container_name
+        self.auth = _Auth(credential, account, name, share)
+        self.share = share
         self.api_version = str(client.api_version)
         policy = getattr(getattr(client, "_config", None), "user_agent_policy", None)
         sdk = str(getattr(policy, "user_agent", "") or "")
@@ -188,7 +198,8 @@ class LeanBlobReader:
         self.map_error = map_error
 
     def url(self, name: str) -> str:
-        """The blob's URL as the SDK's blob client forms it, with the credential's query."""
+        """The object's URL as the SDK's blob (file) client forms it, with the credential's
+        query (the file client quotes each segment with ``safe="~"``: the same text)."""
         query = self.auth.query()
         url = f"{self.base}/{quote(name, safe='~/')}"
         return f"{url}?{query}" if query else url
@@ -211,7 +222,7 @@ class LeanBlobReader:
         }
         if not whole:
             headers["x-ms-range"] = lean_http.range_header(start, end)
-        if etag:  # every range from the listed version, or a 412 instead of mixed bytes
+        if etag and not self.share:  # every range from the listed version, or a 412
             headers["If-Match"] = f'"{etag}"'
         try:
             url = self.url(name)
@@ -220,6 +231,8 @@ class LeanBlobReader:
             raise self.map_error(exc, where) from None
         if bearer is not None:
             headers["Authorization"] = bearer
+            if self.share:
+                headers["x-ms-file-request-intent"] = "backup"  # required for OAuth on files
         try:
             answer = self.connections.get(url, headers)
         except (OSError, http.client.HTTPException) as exc:
