@@ -161,10 +161,16 @@ def free_port(plus: int = 0) -> int:
     raise RuntimeError("no free port")
 
 
+#: Variables every tool's environment gets after scrubbing (``--set NAME=VALUE``): e.g.
+#: ``STORAGE_INITIALIZER_AZURE_LEAN=false`` to measure a path that is switched off by default.
+SET: dict[str, str] = {}
+
+
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUB)}
     env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
     env["STORAGE_INITIALIZER_CONFIG"] = ""
+    env.update(SET)
     env.update(extra)
     return env
 
@@ -1134,6 +1140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu0", action="store_true", help="pin every tool of the per-backend tables to CPU 0"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable for every tool's environment (kept through the scrubbing)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1143,6 +1156,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        SET[name.strip()] = value
     signal.signal(signal.SIGTERM, _interrupt)  # a CI timeout still stops the servers
     shape = Shape(2, 32 * MIB, 50) if args.small else Shape(4, 512 * MIB, 200)
     shape = Shape(

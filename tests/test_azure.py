@@ -39,7 +39,7 @@ from storage_initializer.errors import (
     TransientError,
     UsageError,
 )
-from storage_initializer.providers import azure_common, open_source
+from storage_initializer.providers import azure_common, azure_lean, open_source
 from storage_initializer.providers.azure_blob import AzureBlobSource
 from storage_initializer.providers.azure_file import AzureFileSource
 from storage_initializer.providers.base import Listing, RemoteFile
@@ -267,24 +267,28 @@ def test_no_md5_when_the_blob_has_none(azure_env: azurite_server.Azurite) -> Non
     assert files["blocks.bin"].size == len(b"staged blocks")
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "sdk"])
 def test_ranged_reads_from_many_threads_reassemble_exactly(
-    azure_env: azurite_server.Azurite, models: str
+    azure_env: azurite_server.Azurite, models: str, monkeypatch: pytest.MonkeyPatch, lean: bool
 ) -> None:
+    monkeypatch.setenv(azure_lean.ENV, str(lean).lower())
     source = blob_source(azure_env.uri(models, "model/weights.bin"))
+    assert (source._lean is not None) == lean
     (item,) = source.list().files
     assert item.size == len(BIG)
     step = 1_234_567
     ranges = [(start, min(start + step, len(BIG))) for start in range(0, len(BIG), step)]
     ranges[-1] = (ranges[-1][0], None)  # the last one reads "to the end"
 
-    BLOCK = azure_common.BLOCK
+    # The SDK path hands out the transport's blocks, the lean one the engine's write size.
+    BLOCK = source.settings.write_size if lean else azure_common.BLOCK
 
     def span_length(span: tuple[int, int | None]) -> int:
         return (span[1] if span[1] is not None else len(BIG)) - span[0]
 
     def fetch(span: tuple[int, int | None]) -> bytes:
         pieces = list(source.read(item, *span))
-        assert all(len(piece) <= azure_common.BLOCK for piece in pieces)  # bounded memory
+        assert all(len(piece) <= BLOCK for piece in pieces)  # bounded memory
         # ... and not tiny: azure-core cuts bodies into 4 KiB unless the transport is told.
         assert max(len(piece) for piece in pieces) == min(span_length(span), BLOCK)
         return b"".join(pieces)

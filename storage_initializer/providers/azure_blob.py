@@ -92,6 +92,9 @@ class AzureBlobSource(AzureSource):
         if (end is not None and end <= start) or file.size == 0:
             return
         what = f"{self._where()} (blob {file.handle!r})"
+        if self._lean is not None:
+            yield from self._lean_read(file, start, end, redact(what), file.version)
+            return
         # Every range from the same blob version, or a clear error (412) instead of mixed bytes.
         headers = {"If-Match": f'"{file.version}"'} if file.version else {}
         blob = self._client.get_blob_client(file.handle)

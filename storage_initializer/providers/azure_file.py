@@ -100,6 +100,9 @@ class AzureFileSource(AzureSource):
             return
         length = None if end is None else end - start
         what = redact(f"{self.uri.redacted} (file {file.handle!r})")
+        if self._lean is not None:  # unpinned: the service has no conditional reads
+            yield from self._lean_read(file, start, end, what, "")
+            return
         try:
             downloader = self._client.get_file_client(file.handle).download_file(
                 offset=start,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import builtins
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from storage_initializer.errors import NotFoundError
+from storage_initializer.errors import InitializerError, NotFoundError
+from storage_initializer.providers import azure_lean
 from storage_initializer.providers.azure_common import (
     check_layout,
     client_refused,
@@ -74,6 +76,20 @@ class AzureSource(Source):
             self._client = self._make_client(credential)
         except ValueError as exc:  # the SDK validates endpoint and credential together
             raise client_refused(exc, uri.redacted, self.location, mode) from None
+        #: GETs without the SDK's pipeline (azure_lean); None: through the SDK.
+        self._lean = azure_lean.reader(self._client, credential, self.location, self._map)
+
+    def _map(self, exc: BaseException, what: str) -> InitializerError:
+        """A read's error as the user sees it (the lean path and the SDK path alike)."""
+        return translate(exc, what, self.location, reading=True, credentials=self.credential_mode)
+
+    def _lean_read(
+        self, file: RemoteFile, start: int, end: int | None, what: str, version: str
+    ) -> Iterator[bytes]:
+        assert self._lean is not None
+        whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
+        block = self.settings.write_size
+        yield from self._lean.read(file.handle, version, start, end, whole, block, what)
 
     def _check_credential(self, credential: Any) -> None:
         """Refuse a credential the service cannot use, before the SDK does it less clearly."""
@@ -130,6 +146,8 @@ class AzureSource(Source):
         return self._list_directory(prefix)
 
     def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         self._client.close()
 
 

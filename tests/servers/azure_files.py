@@ -10,7 +10,8 @@ nothing else:
 
 Requests are authenticated like the service does: Shared Key signatures are recomputed from the
 canonicalised request (as documented in "Authorize with Shared Key") and compared; SAS tokens
-are accepted when their ``sig`` is one this server issued (:meth:`FileShareServer.issue_sas`);
+are accepted when their ``sig`` is one this server issued (:meth:`FileShareServer.issue_sas`)
+or when they are service SAS tokens signed with the account key (recomputed and compared);
 no credential is refused. Errors carry the service's XML body and ``x-ms-error-code``.
 Path-style addressing only (``http://127.0.0.1:P/<account>``), as with Azurite.
 """
@@ -18,6 +19,7 @@ Path-style addressing only (``http://127.0.0.1:P/<account>``), as with Azurite.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import secrets
@@ -46,6 +48,7 @@ SIGNED_HEADERS = (
     "range",
 )
 API_VERSION = "2025-05-05"
+SAS_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class _ApiError(Exception):
@@ -104,7 +107,7 @@ class FileShareServer:
     # -- protocol -----------------------------------------------------------------------------
     def _authorize(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
         if "sig" in query:
-            if query["sig"] in self._sas:
+            if query["sig"] in self._sas or self._service_sas_valid(handler, query):
                 return
             raise _ApiError(403, "AuthenticationFailed", "Signature did not match")
         header = handler.headers.get("Authorization", "")
@@ -123,6 +126,28 @@ class FileShareServer:
         ).decode()
         if not hmac.compare_digest(expected, signature):
             raise _ApiError(403, "AuthenticationFailed", "Signature did not match")
+
+    @staticmethod
+    def _service_sas_valid(handler: BaseHTTPRequestHandler, query: dict[str, str]) -> bool:
+        """A service SAS signed with the account key ("Create a service SAS": the fields in
+        their documented order, HMAC-SHA256), for reads, unexpired, of this share or file."""
+        resource = query.get("sr")
+        if resource not in ("s", "f") or "r" not in query.get("sp", ""):
+            return False
+        if query.get("se", "") < datetime.datetime.now(datetime.UTC).strftime(SAS_TIME):
+            return False  # ISO 8601 in UTC compares as text
+        segments = [unquote(part) for part in urlsplit(handler.path).path.split("/")[1:]]
+        path = "/".join(segments[1:2] if resource == "s" else segments[1:])
+        fields = ["sp", "st", "se"]
+        text = "\n".join(query.get(name, "") for name in fields)
+        text += f"\n/file/{ACCOUNT}/{path}\n"
+        text += "\n".join(
+            query.get(name, "")
+            for name in ("si", "sip", "spr", "sv", "rscc", "rscd", "rsce", "rscl", "rsct")
+        )
+        key = base64.b64decode(ACCOUNT_KEY)
+        expected = base64.b64encode(hmac.new(key, text.encode(), hashlib.sha256).digest())
+        return hmac.compare_digest(expected.decode(), query["sig"])
 
     @staticmethod
     def _string_to_sign(handler: BaseHTTPRequestHandler) -> str:
