@@ -361,7 +361,7 @@ def test_file_urls_are_the_sdks(share: tuple[FileShareServer, CountingProxy], na
     source = file_source("share/m")
     assert source._lean is not None
     url = source._lean.url(name)
-    assert url.partition("?")[0] == source._share.get_file_client(name).url
+    assert url.partition("?")[0] == source._client.get_file_client(name).url
 
 
 @pytest.mark.parametrize(
