@@ -663,6 +663,9 @@ class Bench:
     tables: list[str] = field(default_factory=list)
     #: --cpu0: every tool of the per-backend tables pinned to CPU 0 (taskset).
     cpus: str | None = None
+    #: --env NAME=VALUE: added to this tool's environment in the per-backend scenarios (the
+    #: tools' environments are scrubbed of STORAGE_* and the like, see clean_env).
+    ours_env: dict[str, str] = field(default_factory=dict)
     _counter: int = 0
 
     def dest(self) -> Path:
@@ -1097,7 +1100,7 @@ def scenario_simple(
     bench: Bench, backend: str, uri: str, env: dict[str, str], stock_env: dict[str, str] | None
 ) -> None:
     tools: dict[str, Callable[[Path], tuple[list[str], dict]]] = {
-        "this tool": lambda d: (ours_cmd(uri, d), env),
+        "this tool": lambda d: (ours_cmd(uri, d), {**env, **bench.ours_env}),
     }
     if stock_python():
         tools["stock"] = lambda d: (stock_cmd(uri, d), stock_env or env)
@@ -1134,6 +1137,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu0", action="store_true", help="pin every tool of the per-backend tables to CPU 0"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in this tool's environment for gcs/azure/http/hf (e.g. "
+        "STORAGE_INITIALIZER_HTTP_LEAN=false); repeatable",
+    )
     return parser.parse_args(argv)
 
 
@@ -1154,6 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     work = Path(tempfile.mkdtemp(prefix="si-bench-", dir=os.environ.get("BENCH_WORK_DIR")))
     bench = Bench(work, shape, rounds, cpus="0" if args.cpu0 else None)
+    bench.ours_env = dict(item.split("=", 1) for item in args.env)
     servers = Servers(work)
     started = time.monotonic()
     log(f"work dir {work}; model {shape.describe()}; {rounds} rounds; load {os.getloadavg()}")

@@ -89,7 +89,11 @@ def test_reads_take_the_lean_path_with_the_same_headers(
         blocks = list(source.read(file, MiB, 2 * MiB))
         assert b"".join(blocks) == data[MiB : 2 * MiB]
         assert max(len(b) for b in blocks) <= 64 * 1024  # blocks of write_size
+        (connection,) = source._lean.connections._mine().values()
         assert read_all(source, file) == data
+        # Both answers read to their end: the second GET went on the same connection.
+        assert list(source._lean.connections._mine().values()) == [connection]
+        assert connection.sock is not None
     finally:
         source.close()
     gets = [r for r in front.select(method="GET", path_contains=folder)]

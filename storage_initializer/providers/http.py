@@ -262,7 +262,8 @@ class HttpSource(Source):
             raise
         left = None if end is None else end - start
         where = self.uri.redacted
-        yield from lean_http.read_body(answer, 0, left, self.settings.write_size, where)
+        block = self.settings.write_size
+        yield from lean_http.read_body(answer, 0, left, block, where, eager=True)
 
     def _check(
         self,
