@@ -669,6 +669,8 @@ class Bench:
     tables: list[str] = field(default_factory=list)
     #: --cpu0: every tool of the per-backend tables pinned to CPU 0 (taskset).
     cpus: str | None = None
+    #: --env NAME=VALUE: added to this tool's environment in the per-backend scenarios (the
+    #: tools' environments are scrubbed of STORAGE_* and the like, see clean_env).
     _counter: int = 0
 
     def dest(self) -> Path:

@@ -385,6 +385,52 @@ def test_short_body_is_transient(hub: Hub, hf_env: dict[str, str], ranged: bool)
     src.close()
 
 
+# -- the lean read (providers/hf_lean.py) ---------------------------------------------------------
+
+
+def test_file_reads_take_the_lean_path_and_the_token_stays_on_the_hub(
+    hub: Hub, hf_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", PRIVATE_TOKEN)
+    src = source("hf://acme/private")
+    try:
+        files = {f.path: f for f in src.list().files}
+        assert src._lean is not None, "the lean path is not in use"
+
+        def refused() -> None:
+            raise AssertionError("a file read went through requests")
+
+        monkeypatch.setattr(src, "_session", refused)
+        hub.server.reset_counts()
+        # The private repo answers only with the token: the Hub got it. The LFS file is a
+        # redirect to the CDN host, which must not get it.
+        assert read_all(src, files["config.json"]) == b"{}"
+        assert read_all(src, files["w.bin"], 100, 4000) == b"w" * 3900
+        assert read_all(src, files["w.bin"]) == b"w" * 5000
+        assert hub.server.count("GET", "/cdn/") == 2
+        assert hub.server.cdn_authorization_seen == 0
+    finally:
+        src.close()
+
+
+def test_the_lean_read_is_off_by_switch_or_behind_a_proxy(
+    hub: Hub, hf_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert source("hf://acme/tiny")._lean is not None
+    monkeypatch.setenv("STORAGE_INITIALIZER_HF_LEAN", "false")
+    assert source("hf://acme/tiny")._lean is None
+    monkeypatch.delenv("STORAGE_INITIALIZER_HF_LEAN")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "")
+    assert source("hf://acme/tiny")._lean is None
+    # And the requests path still reads (switched off, no proxy).
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("STORAGE_INITIALIZER_HF_LEAN", "false")
+    _listing, got = download("hf://acme/tiny:v1")
+    assert got == contents(V1_FILES)
+
+
 def test_listing_retries_transient_hub_errors(hub: Hub, hf_env: dict[str, str]) -> None:
     hub.server.inject("/revision/", 429, headers={"Retry-After": "0"})
     hub.server.inject("/tree/", 502, headers={"Retry-After": "0"})

@@ -26,9 +26,11 @@ offline cache in :mod:`.hf_cache`, and what ModelScope does the same way in :mod
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
@@ -42,7 +44,7 @@ from storage_initializer.errors import (
     UsageError,
 )
 from storage_initializer.paths import safe_relpath
-from storage_initializer.providers import httpcommon
+from storage_initializer.providers import hf_lean, httpcommon, lean_http
 from storage_initializer.providers.base import (
     Listing,
     RemoteFile,
@@ -97,6 +99,13 @@ class HfSource(HfErrors, HfCache, Source):
         self._sessions = httpcommon.SessionPool(self._configure)
         #: Set when serving from huggingface_hub's cache (offline): the snapshot directory.
         self._snapshot_dir: str | None = None
+        #: File reads over plain connections (hf_lean); None behind a proxy or switched off.
+        self._lean: hf_lean.HubReader | None = None
+        if hf_lean.wanted(self.endpoint):
+            timeouts = (self._connect_timeout, self._read_timeout)
+            self._lean = hf_lean.HubReader(
+                self.endpoint, self.token, tls.requests_verify(), timeouts
+            )
 
     # -- configuration, as huggingface_hub reads it -------------------------------------------
 
@@ -121,6 +130,8 @@ class HfSource(HfErrors, HfCache, Source):
 
     def close(self) -> None:
         self._sessions.close()
+        if self._lean is not None:
+            self._lean.close()
 
     # -- errors -------------------------------------------------------------------------------
     # -- metadata -----------------------------------------------------------------------------
@@ -274,6 +285,9 @@ class HfSource(HfErrors, HfCache, Source):
         if self.commit is None:
             raise UsageError(f"{self.uri.redacted}: read() before list()")
         url = f"{self._resolve_prefix}/{self.commit}/{file.handle}"
+        if self._lean is not None:
+            yield from self._read_lean(self._lean, url, start, end, f"downloading {file.path}")
+            return
         yield from download(
             self,
             lambda: self._session().get(
@@ -288,3 +302,28 @@ class HfSource(HfErrors, HfCache, Source):
             start,
             end,
         )
+
+    def _read_lean(
+        self, lean: hf_lean.HubReader, url: str, start: int, end: int | None, what: str
+    ) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of ``url`` through hf_lean, checked as ``checked_body``
+        checks the requests path's answer; failures mapped by the same HfErrors."""
+        label = f"{self.uri.redacted}: {what}"
+        try:
+            answer = lean.get(url, range_headers(start, end), label)
+        except ssl.SSLError as exc:
+            tls_error = requests.exceptions.SSLError(str(exc))
+            raise self._transport_error(tls_error, what) from None
+        except (OSError, http.client.HTTPException) as exc:
+            failed = requests.exceptions.ConnectionError(f"{type(exc).__name__}: {exc}")
+            raise self._transport_error(failed, what) from None
+        if answer.status not in (200, 206):
+            raise self._http_error(hf_lean.as_response(answer), what)
+        skip = 0
+        if answer.status == 200 and (start > 0 or end is not None):
+            skip = start  # the server ignored Range: drop the head ourselves
+        elif answer.status == 206:
+            lean_http.check_start(answer, start, label)
+        remaining = None if end is None else end - start
+        block = self.settings.write_size
+        yield from lean_http.read_body(answer, skip, remaining, block, label, eager=True)

@@ -9,6 +9,10 @@ link) is refused.
 Every read is pinned to the version listed (ETag or Last-Modified, If-Range; see http_pin), so
 a file replaced during the download is fetched again whole, never stitched. A URL whose HEAD is
 refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET instead.
+
+Reads take the lean path (http_lean: one ``http.client`` connection per worker, blocks of
+``write_size``) unless a proxy is configured, ``STORAGE_INITIALIZER_HTTP_LEAN`` is false, or
+the server redirects a read: then they go through requests, as the listing always does.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -31,7 +35,7 @@ from storage_initializer.errors import (
     TransientError,
     UsageError,
 )
-from storage_initializer.providers import http_pin, httpcommon, redirects
+from storage_initializer.providers import http_lean, http_pin, httpcommon, lean_http, redirects
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 
 if TYPE_CHECKING:
@@ -87,13 +91,17 @@ class HttpSource(Source):
         self._sessions = httpcommon.SessionPool(self._configure, pool_size=10)
         self._peer = httpcommon.Peer(
             name="the server",
-            address=_host_port(self.url),
-            tls_hint="Trust the server's CA with the global CA bundle (CA_BUNDLE_CONFIGMAP_NAME) "
-            "or REQUESTS_CA_BUNDLE",
-            connect_hint="Check the host name, the port and the network policy of the namespace",
+            address=http_lean.host_port(self.url),
+            tls_hint=http_lean.TLS_HINT,
+            connect_hint=http_lean.CONNECT_HINT,
             reason=_reason,
             unreachable=_is_refused_or_dns,
         )
+        #: The lean read path; None when not wanted, behind a proxy, or once a read was
+        #: redirected (the requests path follows redirects without leaking credentials).
+        self._lean: http_lean.LeanReader | None = None
+        if http_lean.wanted(self.url):
+            self._lean = http_lean.LeanReader(self.url, self.headers, self.verify, TIMEOUT)
         self.supports_ranges = False  # decided by list()
         #: A ranged read was answered with the whole file: never ask for ranges again.
         self._ranges_ignored = False
@@ -114,6 +122,8 @@ class HttpSource(Source):
 
     def close(self) -> None:
         self._sessions.close()
+        if self._lean is not None:
+            self._lean.close()
 
     def _request(self, method: str, headers: dict[str, str] | None = None) -> requests.Response:
         what = self.uri.redacted
@@ -173,23 +183,23 @@ class HttpSource(Source):
             if not self.supports_ranges:
                 raise SourceError(f"{self.uri.redacted}: the server does not support ranges")
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        lean = self._lean
+        if lean is not None:
+            try:
+                answer = lean.get(headers, self.uri.redacted)
+            except http_lean.Redirected:
+                log.info(
+                    "%s: the server redirects reads: reading through requests", self.uri.redacted
+                )
+                self._lean = None
+            else:
+                yield from self._read_lean(answer, file, start, end, ranged)
+                return
         response = self._request("GET", headers)
         with response:
-            if response.status_code in (412, 416):  # 416: the range is past its new end
-                raise SourceChangedError(
-                    f"{self.uri.redacted}: {file.path} changed since it was listed "
-                    f"(the server answered {response.status_code} to a read of version "
-                    f"{file.version or 'unknown'})"
-                )
-            raise_for_status(response, self.uri.redacted)
-            http_pin.check_same_version(self.uri.redacted, file, response.headers)
-            if ranged and response.status_code != 206:
-                # Ranges advertised but ignored: the file is fetched again in one stream.
-                self._ranges_ignored = True
-                self.supports_ranges = False
-                raise http_pin.ranges_ignored(self.uri.redacted, file, response.status_code)
-            if ranged:
-                http_pin.check_content_range(self.uri.redacted, response.headers, start)
+            self._check(
+                file, ranged, start, response.status_code, response.reason, response.headers
+            )
             # read1 (urllib3 2) returns what has arrived, up to a block: progress, cancellation
             # and resume points then move with the bytes even on a slow link.
             raw = response.raw
@@ -213,15 +223,61 @@ class HttpSource(Source):
                     f"{self.uri.redacted}: the transfer broke ({_reason(exc)})"
                 ) from None
 
+    def _read_lean(
+        self,
+        answer: lean_http.Answer,
+        file: RemoteFile,
+        start: int,
+        end: int | None,
+        ranged: bool,
+    ) -> Iterator[bytes]:
+        """The body of a lean answer, checked as the requests path checks its answers."""
+        try:
+            response = answer.response
+            # An HTTPMessage: .get() is case-insensitive, all that the checks use of it.
+            headers = cast("Mapping[str, str]", response.headers)
+            self._check(file, ranged, start, answer.status, response.reason, headers)
+        except BaseException:
+            if answer.status >= 400:
+                lean_http.error_answer(answer)  # a short error body: the connection stays
+            else:
+                answer.discard()
+            raise
+        left = None if end is None else end - start
+        where = self.uri.redacted
+        block = self.settings.write_size
+        yield from lean_http.read_body(answer, 0, left, block, where, eager=True)
 
-def _host_port(url: str) -> str:
-    """``host:port`` of ``url``, never its ``user:password@``."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        return f"{host}:{parts.port}" if parts.port else host
-    except ValueError:  # a port that is not a number: the host alone
-        return host
+    def _check(
+        self,
+        file: RemoteFile,
+        ranged: bool,
+        start: int,
+        status: int,
+        reason: str | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        """Raise what an answer to a read means when it is not the listed version's bytes
+        from ``start``: a change (412, 416, another validator: http_pin), an error status
+        (httpcommon's table), ranges ignored, or a range that starts elsewhere."""
+        where = self.uri.redacted
+        if status in (412, 416):  # 416: the range is past its new end
+            raise SourceChangedError(
+                f"{where}: {file.path} changed since it was listed (the server answered "
+                f"{status} to a read of version {file.version or 'unknown'})"
+            )
+        message = f"{where}: the server answered {status}{f' {reason}' if reason else ''}"
+        error = httpcommon.error_for(status, headers, message, HINTS)
+        if error is not None:
+            raise error
+        http_pin.check_same_version(where, file, headers)
+        if ranged and status != 206:
+            # Ranges advertised but ignored: the file is fetched again in one stream.
+            self._ranges_ignored = True
+            self.supports_ranges = False
+            raise http_pin.ranges_ignored(where, file, status)
+        if ranged:
+            http_pin.check_content_range(where, headers, start)
 
 
 def _reason(exc: BaseException) -> str:

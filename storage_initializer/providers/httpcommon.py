@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -85,12 +85,20 @@ def status_error(
     """The error for ``response``'s status with ``message`` (already redacted, naming the URI),
     the provider's hint for that status if it gives one (else the error kind's own), and the
     server's Retry-After on a transient one; None when the status is not an error."""
-    kind = error_class(response.status_code)
+    return error_for(response.status_code, response.headers, message, hints)
+
+
+def error_for(
+    status: int, headers: Any, message: str, hints: Mapping[int, str] | None = None
+) -> InitializerError | None:
+    """:func:`status_error` from a status and its headers (any mapping with ``get``), for
+    answers that did not come through requests (the lean GETs, lean_http)."""
+    kind = error_class(status)
     if kind is None:
         return None
-    hint = (hints or {}).get(response.status_code)
+    hint = (hints or {}).get(status)
     if kind is TransientError:
-        return TransientError(message, hint, retry_after=retry_after(response.headers))
+        return TransientError(message, hint, retry_after=retry_after(headers))
     return kind(message, hint)
 
 

@@ -181,19 +181,30 @@ def check_start(answer: Answer, start: int, where: str) -> None:
 
 
 def read_body(
-    answer: Answer, skip: int, remaining: int | None, block: int, where: str
+    answer: Answer,
+    skip: int,
+    remaining: int | None,
+    block: int,
+    where: str,
+    eager: bool = False,
 ) -> Iterator[bytes]:
     """The answer's body after its first ``skip`` bytes, at most ``remaining`` bytes (None: to
     its end), in blocks of at most ``block``. A body cut before its Content-Length is a
     :class:`TransientError`; a body without one that ends early simply ends (the engine checks
-    the length and resumes what is missing)."""
+    the length and resumes what is missing).
+
+    ``eager``: hand over what has arrived (one ``recv``, up to ``block``) instead of waiting
+    for a whole block, so that a transfer the stall guard cuts resumes from its last byte
+    rather than from its last whole block (the guard drops the block it cut short). On a fast
+    link the socket holds a whole block at each read anyway."""
     response = answer.response
+    read = response.read1 if eager else response.read
     finished = False
     try:
         while remaining is None or remaining > 0:
             want = block if remaining is None else min(block, remaining + skip)
             try:
-                data = response.read(want)
+                data = read(want)
             except (OSError, http.client.HTTPException) as exc:
                 raise TransientError(
                     f"{where}: the transfer broke off: {type(exc).__name__}: {redact(str(exc))}"
@@ -216,6 +227,8 @@ def read_body(
                     data = data[:remaining]
                 remaining -= len(data)
             yield data
+        if response.length == 0:
+            response.close()  # read1 leaves a fully read answer open; read() closes it
         finished = response.isclosed()  # the whole answer read: the connection is reusable
     finally:
         if not finished:
