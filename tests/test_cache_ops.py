@@ -18,13 +18,13 @@ import pytest
 
 from storage_initializer.engine import INTEGRITY_ATTEMPTS
 from tests.helpers import (
-    TruncatingServer,
     clean_env,
     cli_argv,
     entrypoint,
     pattern,
     poll_until,
     start,
+    truncating,
 )
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
@@ -491,11 +491,11 @@ def test_metrics_file_of_failed_pulls_keeps_what_they_spent(nginx: Nginx, tmp_pa
     assert values[f"{p}bytes_from_origin_total"] == INTEGRITY_ATTEMPTS * len(data)
     assert values[f"{p}success"] == 0
     assert values[f"{p}phase_seconds"]["transfer"] > 0
-    with TruncatingServer(data) as broken:
+    with truncating(nginx) as broken:
         env_retry = clean_env(
             STORAGE_INITIALIZER_METRICS_FILE=str(metrics), STORAGE_INITIALIZER_RETRIES="1"
         )
-        run = entrypoint(broken.url("model.bin"), tmp_path / "d2", env=env_retry)
+        run = entrypoint(f"{broken.url}/{folder}/model.bin", tmp_path / "d2", env=env_retry)
     assert run.returncode == 1
     values = check_documented(read_metrics(metrics), "failed")
     # One retry was made (two GETs); the failure that gave up is not a retry.

@@ -81,7 +81,9 @@ class Fault:
     ``"trickle"`` (forward ``truncate_fraction`` of the body at full speed, then one byte every
     ``delay`` seconds: the server whose every read arrives in time but never finishes),
     ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
-    to emulate an origin that ignores ranges), ``"gate"`` (hold the request until ``gate`` is
+    to emulate an origin that ignores ranges; ``strip_headers`` apply to ``"truncate"`` too, and
+    ``hide_headers`` drops response headers, e.g. ``Accept-Ranges``: an origin that cannot
+    resume and cuts every answer), ``"gate"`` (hold the request until ``gate`` is
     set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived),
     ``"hold"`` (forward, send the first ``hold_after`` bytes of the body, then hold the rest
     until ``gate`` is set, at most ``gate_timeout`` seconds; ``held`` says how many responses
@@ -105,6 +107,7 @@ class Fault:
     truncate_fraction: float = 0.5
     delay: float = 0.0
     strip_headers: tuple[str, ...] = ()
+    hide_headers: tuple[str, ...] = ()
     gate: threading.Event | None = None
     gate_timeout: float = 60.0
     hold_after: int = 0
@@ -230,8 +233,11 @@ class _Handler(QuietHandler):
         truncate = fault if fault is not None and fault.kind in ("truncate", "trickle") else None
         hold = fault if fault is not None and fault.kind == "hold" else None
         stripped = (
-            {h.lower() for h in fault.strip_headers} if fault and fault.kind == "strip" else set()
+            {h.lower() for h in fault.strip_headers}
+            if fault and fault.kind in ("strip", "truncate")
+            else set()
         )
+        hidden = {h.lower() for h in fault.hide_headers} if fault else set()
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             headers = {
@@ -258,7 +264,7 @@ class _Handler(QuietHandler):
             length = response.getheader("Content-Length")
             self.send_response_only(response.status, response.reason)
             for name, value in response.getheaders():
-                if name.lower() not in HOP_BY_HOP:
+                if name.lower() not in HOP_BY_HOP and name.lower() not in hidden:
                     self.send_header(name, value)
             framed = length is not None or self.command == "HEAD" or response.status in (204, 304)
             if not framed:
