@@ -36,14 +36,19 @@ class OwnedServer(ThreadingHTTPServer):
 
 
 class LocalServer:
-    """A threaded HTTP server on ``host`` (127.0.0.1) answering with ``handler``; subclasses
-    set ``handler`` and keep their state on ``self``."""
+    """A threaded HTTP server on ``host`` (127.0.0.1) answering with ``handler`` (the argument,
+    else the class attribute); subclasses keep their state on ``self``."""
 
     handler: type[BaseHTTPRequestHandler]
     name = "test-server"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = OwnedServer((host, port), self.handler)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler: type[BaseHTTPRequestHandler] | None = None,
+    ) -> None:
+        self._server = OwnedServer((host, port), handler or self.handler)
         self._server.owner = self
         self._thread: threading.Thread | None = None
         #: Set by :meth:`stop`: long answers (trickles) end when it is.
