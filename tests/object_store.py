@@ -1,12 +1,14 @@
 """Helpers shared by the object-store provider tests (test_s3, test_gcs, test_data_plane).
 
 Why: each of those files had its own copy of the environment scrubbing (for the provider
-opened in this process, and for the CLI as a child) and of the read that a cut-off body ends.
+opened in this process, and for the CLI as a child), of the read that a cut-off body ends,
+of the listing fixture and of the eight replicas pulling at once.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,15 @@ from storage_initializer.errors import TransientError
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+#: A directory ``model/`` (nested) among siblings whose names start the same: listing
+#: ``model`` must return the directory's three files only.
+SIBLINGS = {
+    "model/config.json": b"{}",
+    "model/shards/00001.bin": b"a" * 10,
+    "model/shards/deep/er/x": b"xyz",
+    "model-v2/config.json": b"v2",
+    "model.txt": b"not me",
+}
 
 
 def _leaks(name: str, prefixes: tuple[str, ...], names: tuple[str, ...]) -> bool:
@@ -56,3 +67,16 @@ def read_until_broken(source: Any, file: Any) -> bytearray:
         for block in source.read(file):
             received += block
     return received
+
+
+def pull_concurrently(
+    argv: list[str], env: Mapping[str, str], count: int = 8
+) -> tuple[list[int], list[str]]:
+    """``count`` processes of ``argv`` at once (replicas on one node sharing a destination);
+    their exit codes and outputs (stderr merged), in start order."""
+    processes = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(count)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    return [p.returncode for p in processes], outputs

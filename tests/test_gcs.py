@@ -34,7 +34,14 @@ from storage_initializer.providers.base import RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import listing, paths, payload, pull_command, read_all, tree
-from tests.object_store import MiB, child_env, clear_env, read_until_broken
+from tests.object_store import (
+    SIBLINGS,
+    MiB,
+    child_env,
+    clear_env,
+    pull_concurrently,
+    read_until_broken,
+)
 from tests.servers.gcs import (
     GcsServer,
     TokenServer,
@@ -105,15 +112,7 @@ def authorization(record: Any) -> str | None:
 
 
 def test_path_is_a_directory_and_excludes_siblings(gcs_env: GcsServer) -> None:
-    bucket = gcs_env.new_bucket(
-        {
-            "model/config.json": b"{}",
-            "model/shards/00001.bin": b"a" * 10,
-            "model/shards/deep/er/x": b"xyz",
-            "model-v2/config.json": b"v2",
-            "model.txt": b"not me",
-        }
-    )
+    bucket = gcs_env.new_bucket(SIBLINGS)
     expected = {"config.json": 2, "shards/00001.bin": 10, "shards/deep/er/x": 3}
     assert paths(f"gs://{bucket}/model") == expected
     assert paths(f"gs://{bucket}/model/") == expected
@@ -681,18 +680,7 @@ def test_eight_replicas_download_each_object_once(gcs_server: GcsServer, tmp_pat
     dest = tmp_path / "shared"
     with CountingProxy(gcs_server.endpoint) as proxy:
         env = cli_env(gcs_server, proxy.url)
-        processes = [
-            subprocess.Popen(
-                pull_command(f"gs://{bucket}/model", dest),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        outputs = [p.communicate(timeout=240)[0] for p in processes]
-        codes = [p.returncode for p in processes]
+        codes, outputs = pull_concurrently(pull_command(f"gs://{bucket}/model", dest), env)
         assert codes == [0] * 8, "\n".join(outputs)
         for name, data in files.items():
             gets = proxy.select(method="GET", path_contains=media_path(bucket, name))

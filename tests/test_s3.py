@@ -32,7 +32,14 @@ from storage_initializer.providers.base import RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import listing, paths, payload, pull_command, read_all, tree
-from tests.object_store import MiB, child_env, clear_env, read_until_broken
+from tests.object_store import (
+    SIBLINGS,
+    MiB,
+    child_env,
+    clear_env,
+    pull_concurrently,
+    read_until_broken,
+)
 from tests.servers.process import free_port
 from tests.servers.proxy import CountingProxy, Fault, s3_error
 from tests.servers.s3 import SECRET_KEY, S3Server, proxy, s3_server
@@ -82,11 +89,7 @@ def test_key_naming_one_object_is_saved_under_its_basename(s3_env: S3Server) -> 
 def test_prefix_is_a_directory_and_excludes_siblings(s3_env: S3Server) -> None:
     bucket = s3_env.new_bucket(
         {
-            "model/config.json": b"{}",
-            "model/shards/00001.bin": b"a" * 10,
-            "model/shards/deep/er/x": b"xyz",
-            "model-v2/config.json": b"v2",
-            "model.txt": b"not me",
+            **SIBLINGS,
             "modelling/x": b"nor me",
         }
     )
@@ -855,18 +858,7 @@ def test_eight_replicas_download_each_object_once(s3_server: S3Server, tmp_path:
     dest = tmp_path / "shared"
     with CountingProxy(s3_server.endpoint) as proxy:
         env = cli_env(s3_server, proxy.url)
-        processes = [
-            subprocess.Popen(
-                pull_command(f"s3://{bucket}/model", dest),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        outputs = [p.communicate(timeout=240)[0] for p in processes]
-        codes = [p.returncode for p in processes]
+        codes, outputs = pull_concurrently(pull_command(f"s3://{bucket}/model", dest), env)
         assert codes == [0] * 8, "\n".join(outputs)
         for key, data in files.items():
             gets = proxy.select(method="GET", path_contains=f"/{bucket}/{key}")
