@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from tests.servers.base import QuietHandler
-from tests.servers.repo_hub import CountingHub, requested_range
+from tests.servers.repo_hub import CountingHub, HubHandler, requested_range
 
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
@@ -207,22 +206,10 @@ class HubServer(CountingHub):
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(QuietHandler):
-            def do_GET(self) -> None:
-                self._dispatch(head=False)
-
-            def do_HEAD(self) -> None:
-                self._dispatch(head=True)
-
+        class Handler(HubHandler):
             def _dispatch(self, head: bool) -> None:
                 parts = urlsplit(self.path)
-                fault = server._record(self.command, parts.path)
-                self.truncate_after = None
-                if fault is not None and fault.truncate_after is not None:
-                    self.truncate_after, fault = fault.truncate_after, None
-                if self.headers.get("Range") and self.command == "GET":
-                    with server._lock:
-                        server.ranges.append((parts.path, self.headers["Range"]))
+                fault = self._claim(server, parts.path)
                 try:
                     if fault is not None:
                         raise _Error(fault.status, "", "injected fault")
@@ -242,11 +229,7 @@ class HubServer(CountingHub):
                     self.send_header("X-Error-Message", error.message)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _json(self, data: object, head: bool, extra: Mapping[str, str] = {}) -> None:
                 body = json.dumps(data).encode()

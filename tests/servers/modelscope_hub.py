@@ -37,8 +37,7 @@ from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from tests.servers.base import QuietHandler
-from tests.servers.repo_hub import CountingHub, requested_range
+from tests.servers.repo_hub import CountingHub, HubHandler, requested_range
 
 
 @dataclass(frozen=True)
@@ -148,13 +147,7 @@ class ModelScopeHub(CountingHub):
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(QuietHandler):
-            def do_GET(self) -> None:
-                self._dispatch(head=False)
-
-            def do_HEAD(self) -> None:
-                self._dispatch(head=True)
-
+        class Handler(HubHandler):
             def _token(self) -> str | None:
                 auth = self.headers.get("Authorization") or ""
                 if auth.startswith("Bearer "):
@@ -168,13 +161,7 @@ class ModelScopeHub(CountingHub):
                 parts = urlsplit(self.path)
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 key = parts.path + (f"?FilePath={query['FilePath']}" if "FilePath" in query else "")
-                fault = server._record(self.command, key)
-                self.truncate_after = None
-                if fault is not None and fault.truncate_after is not None:
-                    self.truncate_after, fault = fault.truncate_after, None
-                if self.headers.get("Range") and self.command == "GET":
-                    with server._lock:
-                        server.ranges.append((key, self.headers["Range"]))
+                fault = self._claim(server, key)
                 try:
                     if fault is not None:
                         raise _Error(fault.status, "injected fault")
@@ -196,11 +183,7 @@ class ModelScopeHub(CountingHub):
                 self.send_response(error.status)
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _json(self, data: object, head: bool) -> None:
                 body = json.dumps(
@@ -213,11 +196,7 @@ class ModelScopeHub(CountingHub):
                     }
                 ).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _route(self, path: str, query: dict[str, str], head: bool) -> None:
                 segments = [unquote(s) for s in path.split("/")[1:]]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
-from tests.servers.base import LocalServer
+from tests.servers.base import LocalServer, QuietHandler
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -112,6 +112,42 @@ class CountingHub(LocalServer):
                     self.stop()
                     raise RuntimeError(f"{what} did not answer within 10s") from None
                 threading.Event().wait(0.02)  # poll interval, not synchronisation
+
+
+class HubHandler(QuietHandler):
+    """GET and HEAD go to ``_dispatch``; :meth:`_claim` counts a request and takes its fault."""
+
+    #: Set by :meth:`_claim` from a truncation fault: the body is cut after this many bytes.
+    truncate_after: int | None = None
+
+    def do_GET(self) -> None:
+        self._dispatch(head=False)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(head=True)
+
+    def _dispatch(self, head: bool) -> None:
+        raise NotImplementedError
+
+    def _claim(self, hub: CountingHub, key: str) -> HubFault | None:
+        """Count this request under ``key`` and note its range; the error fault it claims (a
+        truncation is kept in :attr:`truncate_after` instead)."""
+        fault = hub._record(self.command, key)
+        self.truncate_after = None
+        if fault is not None and fault.truncate_after is not None:
+            self.truncate_after, fault = fault.truncate_after, None
+        if self.headers.get("Range") and self.command == "GET":
+            with hub._lock:
+                hub.ranges.append((key, self.headers["Range"]))
+        return fault
+
+    def _finish_json(self, body: bytes, head: bool) -> None:
+        """The JSON headers and ``body`` (not for HEAD), after the status and other headers."""
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
 
 
 def requested_range(header: str | None, size: int) -> tuple[int, int] | None:
