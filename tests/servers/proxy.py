@@ -69,6 +69,8 @@ class RequestRecord:
     status: int = 0
     bytes: int = 0
     fault: str | None = None
+    #: time.monotonic() when the request arrived (for measurements, never for assertions).
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
