@@ -1,5 +1,4 @@
-"""Test utilities: run the real CLI and entrypoint as processes, start many at once, hash trees,
-and a raw-socket HTTP server that breaks transfers on purpose.
+"""Test utilities: run the real CLI and entrypoint as processes, start many at once, hash trees.
 
 Everything runs as a subprocess (``sys.executable -m storage_initializer …``) because the
 behaviour under test is between processes: locks, leases, exit codes, the last log line.
@@ -12,18 +11,21 @@ import hashlib
 import io
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tests.servers.proxy import CountingProxy, Fault
+
+if TYPE_CHECKING:
+    from tests.servers.nginx import Nginx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ".storage-initializer"
@@ -439,65 +441,20 @@ def pattern(size: int, seed: int = 0) -> bytes:
     return bytes(out[:size])
 
 
-# -- a server that breaks transfers --------------------------------------------------------
-
-
-class TruncatingServer:
-    """Answers every GET with ``Content-Length: N`` and closes after N/2 bytes of body.
-
-    Raw sockets because no real server misbehaves on demand: this is the proxy that dies
-    mid-transfer. HEAD gets the honest headers. No Accept-Ranges, so a client cannot resume
-    and must start over. ``requests`` counts what arrived, by method."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.requests: list[str] = []
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(32)
-        self.port = self._sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            method = data.split(b" ", 1)[0].decode()
-            self.requests.append(method)
-            head = (
-                "HTTP/1.1 200 OK\r\n"
-                f"Content-Length: {len(self.body)}\r\n"
-                "Content-Type: application/octet-stream\r\n"
-                'ETag: "truncating"\r\n'
-                "Connection: close\r\n\r\n"
-            ).encode()
-            with contextlib.suppress(OSError):
-                conn.sendall(head)
-                if method == "GET":
-                    conn.sendall(self.body[: len(self.body) // 2])
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> TruncatingServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+@contextlib.contextmanager
+def truncating(nginx: Nginx, fraction: float = 0.5) -> Iterator[CountingProxy]:
+    """A counting proxy in front of ``nginx`` that is the origin dying mid-transfer: every GET
+    answered whole (``Range`` stripped, no ``Accept-Ranges``: a client cannot resume and must
+    start over) and cut after ``fraction`` of its announced ``Content-Length``."""
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        proxy.set_faults(
+            Fault(kind="strip", method="HEAD", hide_headers=("Accept-Ranges",)),
+            Fault(
+                kind="truncate",
+                method="GET",
+                truncate_fraction=fraction,
+                strip_headers=("Range", "If-Range"),
+                hide_headers=("Accept-Ranges",),
+            ),
+        )
+        yield proxy

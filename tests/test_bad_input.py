@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    TruncatingServer,
     clean_env,
     entrypoint,
     marker_path,
     model_files,
     pattern,
     tar_bytes,
+    truncating,
 )
 from tests.servers.nginx import Nginx
 
@@ -97,13 +97,14 @@ def test_bad_input_fails_with_one_clear_line(nginx: Nginx, tmp: Path, name: str)
         assert not marker_path(dest).exists()
 
 
-def test_truncated_transfer_is_retried_then_reported(tmp: Path) -> None:
+def test_truncated_transfer_is_retried_then_reported(nginx: Nginx, tmp: Path) -> None:
     body = pattern(200_000, 74)
-    with TruncatingServer(body) as server:
-        url = server.url("model.bin")
+    path = nginx.put(f"{nginx.new_dir()}/model.bin", body)
+    with truncating(nginx) as server:
+        url = f"{server.url}/{path}"
         env = clean_env(STORAGE_INITIALIZER_RETRIES="1")
         result = entrypoint(url, tmp / "dest", env=env)
-        gets = server.requests.count("GET")
+        gets = server.count(method="GET")
     assert result.returncode == 1, result.describe()
     last = result.last_line
     assert url in last

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,17 @@ from typing import Any
 import pytest
 
 from storage_initializer.engine import INTEGRITY_ATTEMPTS
-from tests.gated_origin import GatedOrigin
 from tests.helpers import (
-    TruncatingServer,
     clean_env,
     cli_argv,
     entrypoint,
     pattern,
     poll_until,
     start,
+    truncating,
 )
 from tests.servers.nginx import Nginx
+from tests.servers.proxy import CountingProxy, Fault
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -200,19 +201,77 @@ def held_env(**more: str) -> dict[str, str]:
     return clean_env(STORAGE_INITIALIZER_STALE_AFTER="2", **more)
 
 
+class GatedFiles:
+    """Files on nginx behind the counting proxy, whose GETs can be held mid-body.
+
+    Why: the cache tests need a real pull that is *downloading right now* (holding the lease,
+    heartbeating, bytes in staging) while ``gc`` or ``status`` runs, without depending on
+    timing. :meth:`gate` holds every GET of a file after its first ``hold_after`` bytes (a
+    ``"hold"`` fault) until the test opens the gate (the pull completes) or cuts it (the
+    connection closes mid-body: a broken transfer that keeps its staging for a resume)."""
+
+    def __init__(self, nginx: Nginx, files: dict[str, bytes]) -> None:
+        self.nginx, self.root = nginx, nginx.new_dir()
+        self.proxy = CountingProxy(f"http://127.0.0.1:{nginx.http_port}")
+        self.gates: dict[str, Fault] = {}
+        for name, data in files.items():
+            nginx.put(f"{self.root}/{name}", data)
+
+    def __enter__(self) -> GatedFiles:
+        self.proxy.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for gate in self.gates.values():
+            gate.release(cut=True)
+        self.proxy.stop()
+
+    def url(self, name: str) -> str:
+        return f"{self.proxy.url}/{self.root}/{name}"
+
+    def replace(self, name: str, data: bytes) -> None:
+        """A new version of ``name``: new bytes and an older date (nginx's ETag is the date and
+        the size, and the size stays)."""
+        path = self.nginx.docroot / self.root / name
+        date = path.stat().st_mtime - 60
+        path.write_bytes(data)
+        os.utime(path, (date, date))
+
+    def gate(self, name: str, hold_after: int) -> None:
+        self.gates[name] = self.proxy.add_fault(
+            Fault(
+                kind="hold",
+                hold_after=hold_after,
+                gate=threading.Event(),
+                gate_timeout=120,  # a failing test must not hang forever
+                method="GET",
+                path_contains=f"/{self.root}/{name}",
+            )
+        )
+
+    def wait_held(self, name: str) -> None:
+        poll_until(lambda: self.gates[name].held, 60, f"a download of {name} at the gate")
+
+    def open(self, name: str) -> None:
+        self.gates[name].release()
+
+    def cut(self, name: str) -> None:
+        self.gates[name].release(cut=True)
+
+
 def http_key(url: str) -> str:
     from storage_initializer.uri import parse
 
     return parse(url).key((), ())
 
 
-def test_gc_keeps_entries_that_real_pulls_are_downloading(tmp_path: Path) -> None:
+def test_gc_keeps_entries_that_real_pulls_are_downloading(nginx: Nginx, tmp_path: Path) -> None:
     """Two pulls held mid-download at the origin — a first download, and a complete entry
     being revalidated into a new version (complete, but its lease is held) — survive a gc
     that evicts everything it may, and gc says why; both pulls then finish."""
     cache = tmp_path / "cache"
     fresh, again = pattern(3 << 20, 1), pattern(1 << 20, 2)
-    with GatedOrigin({"fresh.bin": fresh, "again.bin": again}) as origin:
+    with GatedFiles(nginx, {"fresh.bin": fresh, "again.bin": again}) as origin:
         pod0 = str(tmp_path / "p0")
         first = cli("pull", "--cache-dir", str(cache), origin.url("again.bin"), pod0)
         assert first.returncode == 0, first.stderr
@@ -221,7 +280,7 @@ def test_gc_keeps_entries_that_real_pulls_are_downloading(tmp_path: Path) -> Non
         for key in (idle, again_key):
             set_history(cache, key, hits=1, last_used=time.time() - 9000)
         changed = pattern(1 << 20, 3)
-        origin.files["again.bin"] = changed
+        origin.replace("again.bin", changed)
         origin.gate("fresh.bin", 256 << 10)
         origin.gate("again.bin", 256 << 10)
         argvs = [
@@ -432,11 +491,11 @@ def test_metrics_file_of_failed_pulls_keeps_what_they_spent(nginx: Nginx, tmp_pa
     assert values[f"{p}bytes_from_origin_total"] == INTEGRITY_ATTEMPTS * len(data)
     assert values[f"{p}success"] == 0
     assert values[f"{p}phase_seconds"]["transfer"] > 0
-    with TruncatingServer(data) as broken:
+    with truncating(nginx) as broken:
         env_retry = clean_env(
             STORAGE_INITIALIZER_METRICS_FILE=str(metrics), STORAGE_INITIALIZER_RETRIES="1"
         )
-        run = entrypoint(broken.url("model.bin"), tmp_path / "d2", env=env_retry)
+        run = entrypoint(f"{broken.url}/{folder}/model.bin", tmp_path / "d2", env=env_retry)
     assert run.returncode == 1
     values = check_documented(read_metrics(metrics), "failed")
     # One retry was made (two GETs); the failure that gave up is not a retry.
@@ -514,7 +573,7 @@ def test_prefetch_into_a_cache_without_destinations(tmp_path: Path) -> None:
     assert sorted(e["state"] for e in entries) == ["complete"] * 3
 
 
-def test_status_states_of_real_failures_and_gc_cleans_them(tmp_path: Path) -> None:
+def test_status_states_of_real_failures_and_gc_cleans_them(nginx: Nginx, tmp_path: Path) -> None:
     """Every state of ``status --cache-dir``, made by real pulls: a pull SIGKILLed mid-download
     (stale lease: its pid is dead), a pull whose origin broke mid-body with no retries left
     (orphaned staging, kept for a resume), a pull held mid-download (downloading, with holder
@@ -522,7 +581,7 @@ def test_status_states_of_real_failures_and_gc_cleans_them(tmp_path: Path) -> No
     and the held pull still finishes."""
     cache = tmp_path / "cache"
     files = {name: pattern(2 << 20, i) for i, name in enumerate(("killed", "broken", "busy"))}
-    with GatedOrigin(files) as origin:
+    with GatedFiles(nginx, files) as origin:
         keys = {name: http_key(origin.url(name)) for name in files}
         keys["done"] = seed(tmp_path, cache, {"done": 4000})["done"]
         pulls = {}

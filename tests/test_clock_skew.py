@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,9 +34,9 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 CHUNK = 64 * 1024
 MODEL = {
@@ -64,12 +63,6 @@ os.environ["AWS_SDK_UA_APP_ID"] = f"p{os.getpid()}"
 sys.argv = sys.argv[1:]
 runpy.run_module("storage_initializer.entrypoint", run_name="__main__")
 """
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _start(

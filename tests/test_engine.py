@@ -20,9 +20,9 @@ import pytest
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from tests.helpers import clean_env, entrypoint, model_files, pattern, tree_digest
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]  # the session fixture, imported so that pytest finds it
+__all__ = ["proxy", "s3_server"]  # the session fixture, imported so that pytest finds it
 
 CHUNK = 64 * 1024
 #: Sizes around the chunk boundaries, and a file of many chunks with a short tail.
@@ -34,12 +34,6 @@ SIZES = {
     "above.bin": CHUNK + 1,
     "many.bin": 10 * CHUNK + 7,
 }
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as running:
-        yield running
 
 
 def tool_env(server: S3Server, proxy: CountingProxy, **extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +55,11 @@ from tests.helpers import (
     wait_all,
 )
 from tests.servers.proxy import CountingProxy, Fault, RequestRecord
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 CHUNK = 64 * 1024
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _object_delay(bucket: str, seconds: float, key: str = "", times: int | None = None) -> Fault:

@@ -7,7 +7,6 @@ import base64
 import gzip
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,19 +34,25 @@ from storage_initializer.providers.base import RemoteFile
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import listing, paths, payload, pull_command, read_all, tree
+from tests.object_store import (
+    SIBLINGS,
+    MiB,
+    child_env,
+    clear_env,
+    pull_concurrently,
+    read_until_broken,
+)
 from tests.servers.gcs import (
     GcsServer,
     TokenServer,
-    free_port,
     gcs_server,
     service_account_key,
 )
+from tests.servers.process import free_port
 from tests.servers.proxy import CountingProxy, Fault
 
 __all__ = ["gcs_server"]  # the fixture, imported so that pytest finds it
 
-REPO = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 BLOCK = gcsmod.BLOCK
 
 #: Variables that would leak from the developer's shell into the provider under test.
@@ -67,11 +72,7 @@ _CLEARED = (
 @pytest.fixture
 def gcs_env(monkeypatch: pytest.MonkeyPatch, gcs_server: GcsServer) -> GcsServer:
     """A clean process environment pointing at the test server."""
-    for name in list(os.environ):
-        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED:
-            monkeypatch.delenv(name)
-    for name, value in gcs_server.env().items():
-        monkeypatch.setenv(name, value)
+    clear_env(monkeypatch, _CLEARED_PREFIXES, _CLEARED, gcs_server.env())
     return gcs_server
 
 
@@ -111,15 +112,7 @@ def authorization(record: Any) -> str | None:
 
 
 def test_path_is_a_directory_and_excludes_siblings(gcs_env: GcsServer) -> None:
-    bucket = gcs_env.new_bucket(
-        {
-            "model/config.json": b"{}",
-            "model/shards/00001.bin": b"a" * 10,
-            "model/shards/deep/er/x": b"xyz",
-            "model-v2/config.json": b"v2",
-            "model.txt": b"not me",
-        }
-    )
+    bucket = gcs_env.new_bucket(SIBLINGS)
     expected = {"config.json": 2, "shards/00001.bin": 10, "shards/deep/er/x": 3}
     assert paths(f"gs://{bucket}/model") == expected
     assert paths(f"gs://{bucket}/model/") == expected
@@ -469,10 +462,7 @@ def test_body_cut_off_mid_stream_is_transient(gcs_env: GcsServer, via_proxy: Cou
     source = source_for(f"gs://{bucket}/m")
     (file,) = source.list().files
     via_proxy.set_faults(Fault(kind="truncate", truncate_fraction=0.5, path_contains="/download/"))
-    received = bytearray()
-    with pytest.raises(TransientError, match="broke off"):
-        for block in source.read(file):
-            received += block
+    received = read_until_broken(source, file)
     assert len(received) < len(data)
     assert data.startswith(bytes(received))  # what did arrive is right: resumable from there
 
@@ -626,24 +616,11 @@ def test_a_uri_without_bucket_is_refused(gcs_env: GcsServer) -> None:
 
 # --------------------------------------------------------------------------- end to end
 
-HAVE_CLI = (REPO / "storage_initializer" / "pull.py").exists() and (
-    REPO / "storage_initializer" / "cli.py"
-).exists()
-needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="pull/cli not written yet")
-
 
 def cli_env(server: GcsServer, endpoint: str | None = None) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_CLEARED_PREFIXES) and k not in _CLEARED
-    }
-    env.update(server.env(endpoint))
-    env["PYTHONPATH"] = str(REPO)
-    return env
+    return child_env(_CLEARED_PREFIXES, _CLEARED, server.env(endpoint))
 
 
-@needs_cli
 def test_cli_pull_downloads_the_tree(gcs_server: GcsServer, tmp_path: Path) -> None:
     files = {
         "model/config.json": b'{"a": 1}',
@@ -668,7 +645,6 @@ def test_cli_pull_downloads_the_tree(gcs_server: GcsServer, tmp_path: Path) -> N
     assert tree(dest) == expected
 
 
-@needs_cli
 def test_cli_pull_single_object(gcs_server: GcsServer, tmp_path: Path) -> None:
     bucket = gcs_server.new_bucket({"models/iris/model.joblib": payload(1000, 3)})
     dest = tmp_path / "out"
@@ -683,7 +659,6 @@ def test_cli_pull_single_object(gcs_server: GcsServer, tmp_path: Path) -> None:
     assert tree(dest) == {"model.joblib": payload(1000, 3)}
 
 
-@needs_cli
 def test_cli_pull_failure_names_the_uri(gcs_server: GcsServer, tmp_path: Path) -> None:
     bucket = gcs_server.new_bucket({"other/x": b"1"})
     result = subprocess.run(
@@ -698,7 +673,6 @@ def test_cli_pull_failure_names_the_uri(gcs_server: GcsServer, tmp_path: Path) -
     assert f"gs://{bucket}/model" in output.splitlines()[-1]
 
 
-@needs_cli
 def test_eight_replicas_download_each_object_once(gcs_server: GcsServer, tmp_path: Path) -> None:
     files = {f"model/shard-{i}.bin": payload(MiB + i * 1000, i) for i in range(6)}
     files["model/config.json"] = b"{}"
@@ -706,18 +680,7 @@ def test_eight_replicas_download_each_object_once(gcs_server: GcsServer, tmp_pat
     dest = tmp_path / "shared"
     with CountingProxy(gcs_server.endpoint) as proxy:
         env = cli_env(gcs_server, proxy.url)
-        processes = [
-            subprocess.Popen(
-                pull_command(f"gs://{bucket}/model", dest),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        outputs = [p.communicate(timeout=240)[0] for p in processes]
-        codes = [p.returncode for p in processes]
+        codes, outputs = pull_concurrently(pull_command(f"gs://{bucket}/model", dest), env)
         assert codes == [0] * 8, "\n".join(outputs)
         for name, data in files.items():
             gets = proxy.select(method="GET", path_contains=media_path(bucket, name))
@@ -729,7 +692,6 @@ def test_eight_replicas_download_each_object_once(gcs_server: GcsServer, tmp_pat
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
 
 
-@needs_cli
 def test_cli_pull_survives_a_cut_body_and_throttling(gcs_server: GcsServer, tmp_path: Path) -> None:
     big = payload(3 * MiB + 11, 5)
     bucket = gcs_server.new_bucket({"model/big.bin": big, "model/small": b"s"})
@@ -768,7 +730,6 @@ def test_cli_pull_survives_a_cut_body_and_throttling(gcs_server: GcsServer, tmp_
     assert tree(dest) == {"big.bin": big, "small": b"s"}
 
 
-@needs_cli
 def test_entrypoint_with_a_gs_uri(gcs_server: GcsServer, tmp_path: Path) -> None:
     bucket = gcs_server.new_bucket({"m/a.txt": b"A", "m/sub/b.txt": b"B"})
     dest = tmp_path / "mnt" / "models"
@@ -783,7 +744,6 @@ def test_entrypoint_with_a_gs_uri(gcs_server: GcsServer, tmp_path: Path) -> None
     assert tree(dest) == {"a.txt": b"A", "sub/b.txt": b"B"}
 
 
-@needs_cli
 def test_cli_pull_extracts_a_single_archive(gcs_server: GcsServer, tmp_path: Path) -> None:
     from tests.helpers import tar_bytes
 

@@ -42,7 +42,7 @@ from tests.helpers import (
     wait_all,
 )
 from tests.servers.githttp import USER, GitHttp, RepoBuilder, git, git_server
-from tests.servers.nginx import free_port
+from tests.servers.process import free_port
 
 __all__ = ["git_server"]
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import clean_env, run
+from tests.servers.process import free_port
 from tests.servers.proxy import CountingProxy
-from tests.servers.s3 import REGION, S3Server, free_port, s3_server, start_moto
+from tests.servers.s3 import REGION, S3Server, s3_server, start_moto
 
 __all__ = ["s3_server"]
 

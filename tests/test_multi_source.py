@@ -9,17 +9,14 @@ pods order their pairs. Each shared source still leaves the origin once.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.concurrency_helpers import object_gets, s3_env
 from tests.helpers import cli, digests, entrypoint_argv, pattern, start, tree_digest, wait_all
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 SOURCES = {
     name: {
@@ -38,12 +35,6 @@ PODS = [
     ["llm", "guard", "reranker", "embedder"],
     ["embedder", "reranker"],
 ]
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def test_overlapping_multi_source_pods_share_one_cache(

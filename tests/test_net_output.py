@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import clean_env, entrypoint
-from tests.servers.hostile import FileServer, closed_port
+from tests.servers.base import closed_port
 from tests.servers.hub import start_hub
+from tests.servers.nginx import Nginx
 
 SECRET = "s3cr3t-pw-4711"
 #: Every line we print starts like this (report.TEXT_FORMAT): a forged line does not.
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \d+ (DEBUG|INFO|WARNING|ERROR) ")
-
-
-@pytest.fixture
-def http_server() -> Iterator[FileServer]:
-    with FileServer() as server:
-        yield server
 
 
 def _run(uri: str, tmp_path: Path, **env: str) -> tuple[object, str]:
@@ -45,16 +39,14 @@ def _assert_one_line_per_record(stderr: str) -> None:
 
 
 @pytest.mark.parametrize("failure", ["refused", "dns", "tls"])
-def test_a_url_password_never_appears(
-    failure: str, http_server: FileServer, tmp_path: Path
-) -> None:
+def test_a_url_password_never_appears(failure: str, nginx: Nginx, tmp_path: Path) -> None:
     with closed_port() as port:
         if failure == "refused":
             uri = f"https://user:{SECRET}@127.0.0.1:{port}/models/model.bin"
         elif failure == "dns":
             uri = f"http://user:{SECRET}@no-such-host.invalid/models/model.bin"
         else:  # TLS spoken to a plain HTTP server: the handshake fails
-            uri = f"https://user:{SECRET}@127.0.0.1:{http_server.port}/models/model.bin"
+            uri = f"https://user:{SECRET}@127.0.0.1:{nginx.http_port}/models/model.bin"
         result, message = _run(uri, tmp_path)
     assert result.returncode == 1, result.describe()
     for where, text in (("stdout", result.stdout), ("stderr", result.stderr), ("log", message)):

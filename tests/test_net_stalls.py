@@ -1,8 +1,9 @@
 """Nothing hangs on the network path: a server that trickles one byte at a time is cut by the
 stall guard and the chunk resumed from its last byte; one that never recovers fails with a
 clear last line; ``--timeout`` ends a pull that cannot finish, naming the URI and the deadline.
-Real servers (a threaded HTTP server, moto behind a trickling proxy), the entrypoint and the CLI
-as processes, short settings. Without the guard, each of these runs for hours."""
+Real servers (nginx, moto, fake-gcs-server, Azurite, the Hub) behind the trickling proxy, the
+entrypoint and the CLI as processes, short settings.
+Without the guard, each of these runs for hours."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from tests.helpers import (
 )
 from tests.servers.azurite import Azurite, azurite
 from tests.servers.gcs import GcsServer, gcs_server
-from tests.servers.hostile import FileServer
 from tests.servers.hub import start_hub
+from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, s3_server
 
@@ -38,22 +39,45 @@ HEAD = 50_000
 
 
 @pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as running:
-        yield running
+def server(nginx: Nginx) -> Iterator[CountingProxy]:
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        yield proxy
+
+
+def _serve(nginx: Nginx, proxy: CountingProxy, data: bytes) -> str:
+    """``data`` as this test's own file on nginx; its URL through ``proxy``."""
+    return f"{proxy.url}/{nginx.put(f'{nginx.new_dir()}/m/model.bin', data)}"
+
+
+def _trickle(
+    proxy: CountingProxy, after: int, interval: float = 1.0, times: int = 1, step: int = 1
+) -> Fault:
+    """The first ``times`` GETs of the model: ``after`` bytes at once (of the SIZE-byte file),
+    then ``step`` bytes every ``interval`` seconds."""
+    fault = Fault(
+        kind="trickle",
+        method="GET",
+        path_contains="/m/model.bin",
+        truncate_fraction=after / SIZE,
+        delay=interval,
+        step=step,
+        times=times,
+    )
+    proxy.set_faults(fault)
+    return fault
 
 
 def test_a_trickling_server_is_cut_and_resumed_from_the_last_byte(
-    server: FileServer, tmp_path: Path
+    nginx: Nginx, server: CountingProxy, tmp_path: Path
 ) -> None:
     data = pattern(SIZE, 1)
-    url = server.add("m/model.bin", data)
-    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=1)
+    url = _serve(nginx, server, data)
+    _trickle(server, after=HEAD, interval=1.0, times=1)
     dest = tmp_path / "dest"
     result = entrypoint(url, dest, env=clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="3"))
     assert result.returncode == 0, result.describe()
     assert sha256((dest / "model.bin").read_bytes()) == sha256(data)
-    gets = server.seen("GET")
+    gets = server.select(method="GET")
     assert len(gets) == 2, gets
     # The second request starts where the trickle left the file, not at byte 0.
     assert gets[0].range is None
@@ -64,25 +88,25 @@ def test_a_trickling_server_is_cut_and_resumed_from_the_last_byte(
 
 
 def test_a_slow_transfer_above_the_minimum_rate_is_not_cut(
-    server: FileServer, tmp_path: Path
+    nginx: Nginx, server: CountingProxy, tmp_path: Path
 ) -> None:
     data = pattern(40_000, 6)
-    url = server.add("m/model.bin", data)
+    url = _serve(nginx, server, data)
     # 4000 bytes every 0.25 s (about 16 KB/s) for 2.5 s: slow, above 4 KiB/s over each second.
-    server.trickle("m/model.bin", after=0, interval=0.25, times=1, step=4000)
+    _trickle(server, after=0, interval=0.25, times=1, step=4000)
     dest = tmp_path / "dest"
     env = clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="1", STORAGE_INITIALIZER_MIN_RATE="4KiB")
     result = entrypoint(url, dest, env=env)
     assert result.returncode == 0, result.describe()
     assert (dest / "model.bin").read_bytes() == data
-    assert len(server.seen("GET")) == 1 and "stalled" not in result.stderr, result.stderr
+    assert len(server.select(method="GET")) == 1 and "stalled" not in result.stderr, result.stderr
 
 
 def test_a_server_that_never_recovers_fails_with_a_clear_last_line(
-    server: FileServer, tmp_path: Path
+    nginx: Nginx, server: CountingProxy, tmp_path: Path
 ) -> None:
-    url = server.add("m/model.bin", pattern(SIZE, 2))
-    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    url = _serve(nginx, server, pattern(SIZE, 2))
+    _trickle(server, after=HEAD, interval=1.0, times=100)
     dest = tmp_path / "dest"
     result = entrypoint(
         url,
@@ -98,10 +122,10 @@ def test_a_server_that_never_recovers_fails_with_a_clear_last_line(
 
 @pytest.mark.parametrize("how", ["env", "flag", "config"])
 def test_timeout_ends_a_pull_that_cannot_finish(
-    how: str, server: FileServer, tmp_path: Path
+    how: str, nginx: Nginx, server: CountingProxy, tmp_path: Path
 ) -> None:
-    url = server.add("m/model.bin", pattern(SIZE, 3))
-    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+    url = _serve(nginx, server, pattern(SIZE, 3))
+    _trickle(server, after=HEAD, interval=1.0, times=100)
     dest = tmp_path / "dest"
     log = tmp_path / "termination-log"
     # The stall guard is off: only the deadline can end this pull.
@@ -193,14 +217,16 @@ def test_every_backend_through_a_trickling_proxy_resumes_after_the_last_block(
     assert 1 << 20 <= resumed_at <= gets[0].bytes, (ranges, gets[0].bytes)
 
 
-def test_timeout_also_ends_waiting_for_a_stuck_replica(server: FileServer, tmp_path: Path) -> None:
-    url = server.add("m/model.bin", pattern(SIZE, 5))
-    server.trickle("m/model.bin", after=HEAD, interval=1.0, times=100)
+def test_timeout_also_ends_waiting_for_a_stuck_replica(
+    nginx: Nginx, server: CountingProxy, tmp_path: Path
+) -> None:
+    url = _serve(nginx, server, pattern(SIZE, 5))
+    trickle = _trickle(server, after=HEAD, interval=1.0, times=100)
     dest = tmp_path / "shared"
     quiet = clean_env(STORAGE_INITIALIZER_STALL_TIMEOUT="0")
     holder = start(entrypoint_argv(url, dest), quiet, tmp_path / "logs")
     try:
-        poll_until(lambda: server.trickle_starts("m/model.bin"), what="the holder's download")
+        poll_until(lambda: trickle.hits, what="the holder's download")
         waiter = entrypoint(url, dest, env={**quiet, "STORAGE_INITIALIZER_TIMEOUT": "3"})
     finally:
         holder.kill()

@@ -35,9 +35,9 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 MiB = 1 << 20
 #: What the engine writes and journals at a time (providers read 1 MiB blocks).
@@ -54,12 +54,6 @@ def journal_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
     from storage_initializer import engine_plan
 
     monkeypatch.setattr(engine_plan, "CHECKPOINT_MIN", 0)
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _claims(dest: Path, name: str) -> list[tuple[int, int]]:

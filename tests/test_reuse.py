@@ -31,10 +31,10 @@ from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 from tests.test_cache_ops import du
 
-__all__ = ["gcs_server", "s3_server"]
+__all__ = ["gcs_server", "proxy", "s3_server"]
 
 SHARD = pattern(400_000, 11)
 TOKENIZER = pattern(50_000, 12)
@@ -48,12 +48,6 @@ NEW = {**OLD, "model/config.json": b'{"v": 22}'}
 
 def _local(files: dict[str, bytes]) -> dict[str, str]:
     return digests({k.split("/", 1)[1]: v for k, v in files.items()})
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _fetched(proxy: CountingProxy, bucket: str) -> int:

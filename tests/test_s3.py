@@ -10,7 +10,7 @@ import itertools
 import os
 import subprocess
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +33,37 @@ from storage_initializer.providers.retry_after import MAX_RETRY_AFTER
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import listing, paths, payload, pull_command, read_all, tree
+from tests.object_store import (
+    SIBLINGS,
+    MiB,
+    child_env,
+    clear_env,
+    pull_concurrently,
+    read_until_broken,
+)
+from tests.servers.process import free_port
 from tests.servers.proxy import CountingProxy, Fault, s3_error
-from tests.servers.s3 import SECRET_KEY, S3Server, free_port, s3_server
+from tests.servers.s3 import SECRET_KEY, S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]  # the fixture, imported so that pytest finds it
+__all__ = ["proxy", "s3_server"]  # fixtures, imported so that pytest finds them
 
-REPO = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 
 #: Variables that would leak from the developer's shell into the provider under test.
 _CLEARED_PREFIXES = ("AWS_", "S3_", "STORAGE_", "CA_BUNDLE_")
 _CLEARED = ("awsAnonymousCredential", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+#: No shared config or credentials file, no instance metadata: only what the test gives.
+_ISOLATED = {
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> S3Server:
     """A clean process environment pointing at the test server."""
-    for name in list(os.environ):
-        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED:
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
+    clear_env(monkeypatch, _CLEARED_PREFIXES, _CLEARED, {**_ISOLATED, **s3_server.env()})
     return s3_server
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as running:
-        yield running
 
 
 @pytest.fixture
@@ -90,11 +90,7 @@ def test_key_naming_one_object_is_saved_under_its_basename(s3_env: S3Server) -> 
 def test_prefix_is_a_directory_and_excludes_siblings(s3_env: S3Server) -> None:
     bucket = s3_env.new_bucket(
         {
-            "model/config.json": b"{}",
-            "model/shards/00001.bin": b"a" * 10,
-            "model/shards/deep/er/x": b"xyz",
-            "model-v2/config.json": b"v2",
-            "model.txt": b"not me",
+            **SIBLINGS,
             "modelling/x": b"nor me",
         }
     )
@@ -600,10 +596,7 @@ def test_body_cut_off_mid_stream_is_transient(s3_env: S3Server, via_proxy: Count
     source = source_for(f"s3://{bucket}/m")
     (file,) = source.list().files
     via_proxy.set_faults(Fault(kind="truncate", truncate_fraction=0.5, method="GET", times=1))
-    received = bytearray()
-    with pytest.raises(TransientError, match="broke off"):
-        for block in source.read(file):
-            received += block
+    received = read_until_broken(source, file)
     assert 0 < len(received) < len(data)
     assert bytes(received) == data[: len(received)]
     # The engine resumes with a range from where the stream broke.
@@ -831,24 +824,9 @@ def test_etag_parsing() -> None:
 
 # --------------------------------------------------------------------------- end to end
 
-HAVE_CLI = (REPO / "storage_initializer" / "pull.py").exists() and (
-    REPO / "storage_initializer" / "cli.py"
-).exists()
-needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="pull/cli not written yet")
-
 
 def cli_env(server: S3Server, endpoint: str | None = None) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_CLEARED_PREFIXES) and k not in _CLEARED
-    }
-    env.update(server.env(endpoint))
-    env["PYTHONPATH"] = str(REPO)
-    env["AWS_CONFIG_FILE"] = os.devnull
-    env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
-    env["AWS_EC2_METADATA_DISABLED"] = "true"
-    return env
+    return child_env(_CLEARED_PREFIXES, _CLEARED, {**server.env(endpoint), **_ISOLATED})
 
 
 def run_pull(
@@ -860,7 +838,6 @@ def run_pull(
     )
 
 
-@needs_cli
 def test_cli_pull_downloads_the_tree(s3_server: S3Server, tmp_path: Path) -> None:
     files = {
         "model/config.json": b'{"a": 1}',
@@ -876,7 +853,6 @@ def test_cli_pull_downloads_the_tree(s3_server: S3Server, tmp_path: Path) -> Non
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items() if k.startswith("model/")}
 
 
-@needs_cli
 def test_cli_pull_failure_names_the_uri_without_secrets(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
@@ -888,7 +864,6 @@ def test_cli_pull_failure_names_the_uri_without_secrets(
     assert SECRET_KEY not in output
 
 
-@needs_cli
 def test_eight_replicas_download_each_object_once(s3_server: S3Server, tmp_path: Path) -> None:
     files = {f"model/shard-{i}.bin": payload(MiB + i * 1000, i) for i in range(6)}
     files["model/config.json"] = b"{}"
@@ -896,18 +871,7 @@ def test_eight_replicas_download_each_object_once(s3_server: S3Server, tmp_path:
     dest = tmp_path / "shared"
     with CountingProxy(s3_server.endpoint) as proxy:
         env = cli_env(s3_server, proxy.url)
-        processes = [
-            subprocess.Popen(
-                pull_command(f"s3://{bucket}/model", dest),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        outputs = [p.communicate(timeout=240)[0] for p in processes]
-        codes = [p.returncode for p in processes]
+        codes, outputs = pull_concurrently(pull_command(f"s3://{bucket}/model", dest), env)
         assert codes == [0] * 8, "\n".join(outputs)
         for key, data in files.items():
             gets = proxy.select(method="GET", path_contains=f"/{bucket}/{key}")
@@ -919,7 +883,6 @@ def test_eight_replicas_download_each_object_once(s3_server: S3Server, tmp_path:
     assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
 
 
-@needs_cli
 def test_cli_pull_survives_a_cut_body_and_throttling(s3_server: S3Server, tmp_path: Path) -> None:
     big = payload(3 * MiB + 11, 5)
     bucket = s3_server.new_bucket({"model/big.bin": big, "model/small": b"s"})

@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,9 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 CHUNK = 64 * 1024
 MODEL = {
@@ -57,12 +56,6 @@ SIZE = sum(len(v) for v in MODEL.values())
 GATE_SECONDS = 900.0
 #: Only a released lease lets a waiter take over within a test's deadlines.
 NO_STALENESS = "600"
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _gate(bucket: str, key: str, start_byte: int) -> tuple[Fault, threading.Event]:

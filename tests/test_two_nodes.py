@@ -35,10 +35,11 @@ from tests.helpers import (
     tree_digest,
     wait_all,
 )
+from tests.servers.process import free_port
 from tests.servers.proxy import CountingProxy, Fault
-from tests.servers.s3 import S3Server, free_port, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 TOOLS = {"sshd": SSHD, **{t: shutil.which(t) for t in ("sshfs", "ssh-keygen", "fusermount3")}}
@@ -158,12 +159,6 @@ def nodes(tmp: Path) -> Iterator[Nodes]:
             subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
         sshd.send_signal(signal.SIGTERM)
         sshd.wait(timeout=30)
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def _slow(bucket: str, seconds: float) -> Fault:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from tests.concurrency_helpers import object_gets, s3_env
 from tests.helpers import clean_env, cli, digests, marker_path, pattern, tree_digest
 from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.proxy import CountingProxy
-from tests.servers.s3 import S3Server, s3_server
+from tests.servers.s3 import S3Server, proxy, s3_server
 
-__all__ = ["s3_server"]
+__all__ = ["proxy", "s3_server"]
 
 OLD = {"model/config.json": b'{"v": 1}', "model/weights.bin": pattern(300_000, 71)}
 NEW = {"model/config.json": b'{"v": 2}', "model/weights.bin": pattern(310_000, 72)}
@@ -32,12 +31,6 @@ NEW = {"model/config.json": b'{"v": 2}', "model/weights.bin": pattern(310_000, 7
 
 def _local(files: dict[str, bytes]) -> dict[str, str]:
     return digests({k.split("/", 1)[1]: v for k, v in files.items()})
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    with CountingProxy(s3_server.endpoint) as counting:
-        yield counting
 
 
 def test_cache_mode_new_version_beside_the_old_one(

@@ -12,8 +12,8 @@ it:
   ``RemoteException``), so the proxy injects what each client really parses;
   :meth:`Backend.denied` is a URI the server itself refuses;
 - capabilities the contract depends on (``one_file``, ``pins``, ``never_answers``,
-  ``cannot_deny``, ``known_bugs``) with the reason when a backend lacks one: its tests are
-  skipped (or run as strict xfail) with that reason, never passed silently.
+  ``cannot_deny``, ``content_in_listing``, ``known_bugs``) with the reason when a backend lacks
+  one: its tests are skipped (or run as strict xfail) with that reason, never passed silently.
 
 The fixture rows that build them are in ``conftest.py`` (see
 docs/providers/adding-a-backend.md).
@@ -102,6 +102,9 @@ class Backend:
 
     #: Why the local server cannot be made to refuse a client (its real-denial test is skipped).
     cannot_deny = ""
+    #: Why content is fetched whole by the listing (OCI layers): the tests that fault or count
+    #: the reads after a listing, or count content bytes as file bytes, are skipped.
+    content_in_listing = ""
 
     def denied(self, files: Mapping[str, bytes]) -> tuple[str, dict[str, str]]:
         """A URI and environment the *server itself* refuses (no proxy fault): a private

@@ -1,7 +1,8 @@
 """One fixture, ``backend``, parametrized over every provider with a real local server: S3
 (moto), GCS (fake-gcs-server), Azure Blob (Azurite), plain HTTP (nginx), the Hugging Face Hub and
-ModelScope (their test servers) and WebHDFS, each behind a fresh counting proxy. The servers are
-session-scoped and started on first use, so ``-k s3`` starts moto alone.
+ModelScope (their test servers), WebHDFS and OCI (the CNCF registry), each behind a fresh
+counting proxy. The servers are session-scoped and started on first use, so ``-k s3`` starts
+moto alone.
 
 A new backend is a :class:`~tests.conformance.backends.Backend` subclass and a row in
 :data:`BACKENDS` (docs/providers/adding-a-backend.md).
@@ -16,16 +17,19 @@ import pytest
 
 from tests.conformance.backends import S3, AzureBlob, Backend, Gcs, Http, ProxyPair, WebHdfsBackend
 from tests.conformance.hubs import Hub, ModelScope
+from tests.conformance.registries import Oci
 from tests.servers.azurite import Azurite, azurite
 from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hub import HubServer, start_hub
 from tests.servers.modelscope_hub import ModelScopeHub, start_modelscope_hub
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy
+from tests.servers.registry import Registry, registry
 from tests.servers.s3 import S3Server, s3_server
 from tests.servers.webhdfs import start_webhdfs
 
-__all__ = ["azurite", "gcs_server", "s3_server"]  # session fixtures, started only when asked
+#: Session fixtures, started only when asked.
+__all__ = ["azurite", "gcs_server", "registry", "s3_server"]
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +93,12 @@ def _webhdfs(request: pytest.FixtureRequest, proxy_for: Callable[[str], Counting
     return WebHdfsBackend(server, ProxyPair(namenode, datanode), home)
 
 
+def _oci(request: pytest.FixtureRequest, proxy_for: Callable[[str], CountingProxy]) -> Backend:
+    server: Registry = request.getfixturevalue("registry")
+    home: Path = request.getfixturevalue("tmp_path")
+    return Oci(server, proxy_for(server.url), str(home))
+
+
 #: One row per backend: how to build it from its (session-scoped) server and a fresh proxy.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingProxy]], Backend]] = {
     "s3": _s3,
@@ -98,6 +108,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Callable[[str], CountingPro
     "hf": _hub,
     "modelscope": _modelscope,
     "webhdfs": _webhdfs,
+    "oci": _oci,
 }
 
 

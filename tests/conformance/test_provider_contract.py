@@ -77,6 +77,11 @@ def known_bug(request: pytest.FixtureRequest, backend: Backend, clause: str) -> 
         request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
 
 
+def skip_if_content_in_listing(backend: Backend) -> None:
+    if backend.content_in_listing:
+        pytest.skip(f"{backend.name}: {backend.content_in_listing}")
+
+
 def skip_unless_answered(backend: Backend, status: int) -> None:
     if status in backend.never_answers:
         pytest.skip(f"{backend.name}: {backend.never_answers[status]}")
@@ -121,6 +126,7 @@ def test_truncated_body_is_a_transient_error(
 ) -> None:
     """Every content GET cut at half its body: whatever the client library retries itself, the
     provider ends with a TransientError (the engine's cue to resume), never short data."""
+    skip_if_content_in_listing(backend)
     published, source = opened
     file = by_path(source)[big_path(published)]
     backend.proxy.set_faults(Fault(kind="truncate", method="GET", predicate=published.reads))
@@ -133,6 +139,7 @@ def test_truncated_body_is_resumed_by_the_pull(backend: Backend, tmp_path: Path)
     """One content GET cut at half its body: the pull succeeds with the right bytes; the proxy
     counts the cut request, the retry, and every byte served once (plus the cut part again
     where the provider restarts the file instead of resuming it)."""
+    skip_if_content_in_listing(backend)
     published = backend.publish(model(backend))
     backend.proxy.set_faults(
         Fault(
@@ -241,6 +248,7 @@ def test_throttled_read_is_transient_with_retry_after(
     backend: Backend, opened: tuple[Published, Source], request: pytest.FixtureRequest
 ) -> None:
     known_bug(request, backend, "retry-after")
+    skip_if_content_in_listing(backend)
     published, source = opened
     file = by_path(source)[big_path(published)]
     backend.proxy.set_faults(
@@ -309,6 +317,7 @@ def test_file_replaced_between_chunks_ends_as_one_version(backend: Backend, tmp_
     commit-pinned, the listed one; never a stitch of the two, which no size check can see."""
     if backend.pins not in ("refuses", "commit"):
         pytest.skip(f"{backend.name}: {backend.pins}")
+    skip_if_content_in_listing(backend)
     published = backend.publish(model(backend))
     path = big_path(published)
     new = payload(len(published.files[path]), 3)

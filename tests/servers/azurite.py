@@ -18,7 +18,6 @@ import datetime
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from tests.servers.process import end_process, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PREFIX = Path(os.environ.get("AZURITE_NODE_PREFIX", REPO / ".work" / "node"))
@@ -41,12 +42,6 @@ ACCOUNT_KEY = (
 #: How test URIs name the account; AZURE_STORAGE_BLOB_ENDPOINT sends the requests to Azurite.
 PUBLIC_HOST = f"{ACCOUNT}.blob.core.windows.net"
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_installed() -> Path:
@@ -202,13 +197,7 @@ def start_azurite(location: str) -> Azurite:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    end_process(process)
 
 
 def serve() -> Iterator[Azurite]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+
+from tests.servers.base import LocalServer, QuietHandler
 
 
 @dataclass
@@ -24,7 +24,20 @@ class Seen:
     range: str | None
 
 
-class BareOrigin:
+class _Handler(QuietHandler):
+    def do_HEAD(self) -> None:
+        self.server.owner._answer(self, body=False)
+
+    def do_GET(self) -> None:
+        self.server.owner._answer(self, body=True)
+
+
+class BareOrigin(LocalServer):
+    """``files``: name → bytes, served without ETag; ``last_modified``: name → HTTP date."""
+
+    handler = _Handler
+    name = "bare-origin"
+
     def __init__(
         self,
         files: dict[str, bytes],
@@ -36,28 +49,12 @@ class BareOrigin:
         self.before_get = before_get
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
-        origin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Quiet: the test reads :attr:`BareOrigin.requests`."""
-
-            def do_HEAD(self) -> None:
-                origin._answer(self, body=False)
-
-            def do_GET(self) -> None:
-                origin._answer(self, body=True)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/{name}"
+        return f"{self.base_url}/{name}"
 
-    def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+    def _answer(self, handler: QuietHandler, body: bool) -> None:
         name = handler.path.lstrip("/").split("?", 1)[0]
         wanted = handler.headers.get("Range")
         seen = Seen(handler.command, name, wanted)
@@ -92,16 +89,3 @@ class BareOrigin:
                 handler.wfile.write(data[start:end])
             except OSError:
                 handler.close_connection = True
-
-    def __enter__(self) -> BareOrigin:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -21,7 +21,6 @@ import http.server
 import json
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 import threading
@@ -34,15 +33,10 @@ from typing import Any
 import pytest
 import requests
 
+from tests.servers.process import end_process, free_port
+
 PROJECT = "storage-initializer-test"
 STARTUP_DEADLINE = 30.0
-
-
-def free_port() -> int:
-    """A port the kernel considers free right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fake_gcs_binary() -> Path:
@@ -121,13 +115,7 @@ class GcsServer:
         self.client().bucket(bucket).blob(name).delete()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
 
 def _wait_ready(server: GcsServer, deadline: float) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.nginx import Nginx, free_port, start_nginx
+from tests.servers.nginx import Nginx, start_nginx
+from tests.servers.process import end_process, free_port
 
 FCGIWRAP = shutil.which("fcgiwrap") or "/usr/sbin/fcgiwrap"
 GIT = shutil.which("git") or "/usr/bin/git"
@@ -224,13 +225,7 @@ class GitHttp:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.fcgiwrap.pid, signal.SIGTERM)
         for process in (self.fcgiwrap, self.daemon):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            end_process(process)
 
     # -- repositories and URLs ---------------------------------------------------------------
 

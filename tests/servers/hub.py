@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import threading
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from tests.servers.repo_hub import CountingHub, HubHandler, requested_range
 
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
@@ -123,45 +122,26 @@ class HubRepo:
         return self.refs.get(revision)
 
 
-@dataclass
-class Fault:
-    """Answer ``status`` to the next ``count`` requests whose path contains ``match``."""
-
-    match: str
-    status: int
-    count: int
-    headers: dict[str, str]
-    method: str | None
-    #: Instead of an error: send the headers of the full answer, then only this many bytes.
-    truncate_after: int | None = None
-
-
 class _Error(Exception):
     def __init__(self, status: int, code: str = "", message: str = "") -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
 
-class HubServer:
-    """The server, its repositories and its counters. Start with :meth:`start`."""
+class HubServer(CountingHub):
+    """The server, its repositories and its counters (:class:`CountingHub`). Start with
+    :meth:`start`."""
+
+    name = "hub-server"
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.repos: dict[tuple[str, str], HubRepo] = {}
         self.valid_tokens: set[str] = set()
         self.page_size = 1000
-        self._lock = threading.Lock()
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._faults: list[Fault] = []
         self.cdn_authorization_seen = 0
-        #: (path, Range header) of every ranged download, in arrival order.
-        self.ranges: list[tuple[str, str]] = []
-        self._httpd = ThreadingHTTPServer((host, 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
+        super().__init__(self._handler_class(), host)
         #: The CDN's base: another host name for the same socket, as the Hub's CDN is elsewhere.
         self.cdn_url = f"http://localhost:{self.port}"
-        self._thread: threading.Thread | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -183,69 +163,10 @@ class HubServer:
         with self._lock:
             self.valid_tokens.add(token)
 
-    def inject(
-        self,
-        match: str,
-        status: int,
-        count: int = 1,
-        headers: Mapping[str, str] | None = None,
-        method: str | None = None,
-    ) -> None:
-        with self._lock:
-            self._faults.append(Fault(match, status, count, dict(headers or {}), method))
-
-    def truncate(self, match: str, after: int, count: int = 1) -> None:
-        """Cut the body of the next ``count`` matching downloads after ``after`` bytes."""
-        with self._lock:
-            self._faults.append(Fault(match, 200, count, {}, "GET", truncate_after=after))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    # -- counters -----------------------------------------------------------------------------
-
-    def count(self, method: str | None = None, contains: str = "") -> int:
-        with self._lock:
-            return sum(
-                n
-                for (m, p), n in self._counts.items()
-                if (method is None or m == method) and contains in p
-            )
-
-    def requests(self) -> list[tuple[str, str, int]]:
-        with self._lock:
-            return [(m, p, n) for (m, p), n in sorted(self._counts.items())]
-
     def reset_counts(self) -> None:
+        super().reset_counts()
         with self._lock:
-            self._counts.clear()
             self.cdn_authorization_seen = 0
-            self.ranges.clear()
-
-    def _record(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            self._counts[(method, path)] += 1
-            for fault in self._faults:
-                if fault.count > 0 and fault.match in path and fault.method in (None, method):
-                    fault.count -= 1
-                    return fault
-        return None
-
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> HubServer:
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="hub-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def env(self, home: str | None = None) -> dict[str, str]:
         """Environment for a subprocess that should talk to this server and nothing else."""
@@ -285,27 +206,10 @@ class HubServer:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # quiet: pytest shows failures, not access logs
-
-            def do_GET(self) -> None:
-                self._dispatch(head=False)
-
-            def do_HEAD(self) -> None:
-                self._dispatch(head=True)
-
+        class Handler(HubHandler):
             def _dispatch(self, head: bool) -> None:
                 parts = urlsplit(self.path)
-                fault = server._record(self.command, parts.path)
-                self.truncate_after = None
-                if fault is not None and fault.truncate_after is not None:
-                    self.truncate_after, fault = fault.truncate_after, None
-                if self.headers.get("Range") and self.command == "GET":
-                    with server._lock:
-                        server.ranges.append((parts.path, self.headers["Range"]))
+                fault = self._claim(server, parts.path)
                 try:
                     if fault is not None:
                         raise _Error(fault.status, "", "injected fault")
@@ -325,11 +229,7 @@ class HubServer:
                     self.send_header("X-Error-Message", error.message)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _json(self, data: object, head: bool, extra: Mapping[str, str] = {}) -> None:
                 body = json.dumps(data).encode()
@@ -462,17 +362,12 @@ class HubServer:
             def _bytes(self, data: bytes, etag: str, head: bool, extra: Mapping[str, str]) -> None:
                 start, end = 0, len(data)
                 status = 200
-                wanted = self.headers.get("Range")
-                if wanted:
-                    match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
-                    if not match or (not match.group(1) and not match.group(2)):
-                        raise _Error(416, "", "bad range")
-                    if match.group(1):
-                        start = int(match.group(1))
-                        if match.group(2):
-                            end = min(len(data), int(match.group(2)) + 1)
-                    else:  # suffix range: the last N bytes
-                        start = max(0, len(data) - int(match.group(2)))
+                try:
+                    wanted = requested_range(self.headers.get("Range"), len(data))
+                except ValueError:
+                    raise _Error(416, "", "bad range") from None
+                if wanted is not None:
+                    start, end = wanted
                     if start >= len(data) or start >= end:
                         raise _Error(416, "", "range not satisfiable")
                     status = 206
@@ -521,23 +416,9 @@ def _tree_entries(
 
 def start_hub() -> HubServer:
     """Start a server on a free port and return once it answers (polled, with a deadline)."""
-    import http.client
-    import time
-
     server = HubServer().start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=1)
-            connection.request("GET", "/api/models/-/-")
-            connection.getresponse().read()  # any HTTP answer means the loop is serving
-            connection.close()
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError("hub test server did not answer within 10s") from None
-            threading.Event().wait(0.02)  # poll interval, not synchronisation
+    server.wait_answering("/api/models/-/-", "hub test server")
+    return server
 
 
 __all__ = ["HubFile", "HubRepo", "HubServer", "git_blob_oid", "start_hub"]

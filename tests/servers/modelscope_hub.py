@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from tests.servers.repo_hub import CountingHub, HubHandler, requested_range
 
 
 @dataclass(frozen=True)
@@ -95,33 +94,19 @@ class _Error(Exception):
         self.code = code if code is not None else status
 
 
-@dataclass
-class Fault:
-    match: str
-    status: int
-    count: int
-    headers: dict[str, str]
-    truncate_after: int | None = None
+class ModelScopeHub(CountingHub):
+    """The server, its models and its counters (:class:`CountingHub`; faults match the request
+    key "path?FilePath=…")."""
 
-
-class ModelScopeHub:
-    """The server, its models and its counters."""
+    name = "modelscope-hub"
 
     def __init__(self) -> None:
         self.repos: dict[str, MsRepo] = {}
         self.valid_tokens: set[str] = set()
-        self._lock = threading.Lock()
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._faults: list[Fault] = []
         self.oss_credentials_seen = 0
-        self.ranges: list[tuple[str, str]] = []
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(self._handler())
         #: Object storage: another host name for the same socket.
         self.oss_url = f"http://localhost:{self.port}"
-        self._thread: threading.Thread | None = None
 
     def add_repo(self, repo_id: str, readers: tuple[str, ...] = ()) -> MsRepo:
         repo = MsRepo(repo_id, readers=frozenset(readers))
@@ -134,58 +119,10 @@ class ModelScopeHub:
         with self._lock:
             self.valid_tokens.add(token)
 
-    def inject(
-        self, match: str, status: int, count: int = 1, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Answer ``status`` to the next ``count`` requests whose "path?FilePath" has ``match``."""
-        with self._lock:
-            self._faults.append(Fault(match, status, count, dict(headers or {})))
-
-    def truncate(self, match: str, after: int, count: int = 1) -> None:
-        with self._lock:
-            self._faults.append(Fault(match, 200, count, {}, truncate_after=after))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    def count(self, method: str | None = None, contains: str = "") -> int:
-        with self._lock:
-            return sum(
-                n
-                for (m, p), n in self._counts.items()
-                if (method is None or m == method) and contains in p
-            )
-
-    def requests(self) -> list[tuple[str, str, int]]:
-        with self._lock:
-            return [(m, p, n) for (m, p), n in sorted(self._counts.items())]
-
     def reset_counts(self) -> None:
+        super().reset_counts()
         with self._lock:
-            self._counts.clear()
-            self.ranges.clear()
             self.oss_credentials_seen = 0
-
-    def _record(self, method: str, key: str) -> Fault | None:
-        with self._lock:
-            self._counts[(method, key)] += 1
-            for fault in self._faults:
-                if fault.count > 0 and fault.match in key:
-                    fault.count -= 1
-                    return fault
-        return None
-
-    def start(self) -> ModelScopeHub:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def env(self) -> dict[str, str]:
         return {
@@ -210,18 +147,7 @@ class ModelScopeHub:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._dispatch(head=False)
-
-            def do_HEAD(self) -> None:
-                self._dispatch(head=True)
-
+        class Handler(HubHandler):
             def _token(self) -> str | None:
                 auth = self.headers.get("Authorization") or ""
                 if auth.startswith("Bearer "):
@@ -235,13 +161,7 @@ class ModelScopeHub:
                 parts = urlsplit(self.path)
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 key = parts.path + (f"?FilePath={query['FilePath']}" if "FilePath" in query else "")
-                fault = server._record(self.command, key)
-                self.truncate_after = None
-                if fault is not None and fault.truncate_after is not None:
-                    self.truncate_after, fault = fault.truncate_after, None
-                if self.headers.get("Range") and self.command == "GET":
-                    with server._lock:
-                        server.ranges.append((key, self.headers["Range"]))
+                fault = self._claim(server, key)
                 try:
                     if fault is not None:
                         raise _Error(fault.status, "injected fault")
@@ -263,11 +183,7 @@ class ModelScopeHub:
                 self.send_response(error.status)
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _json(self, data: object, head: bool) -> None:
                 body = json.dumps(
@@ -280,11 +196,7 @@ class ModelScopeHub:
                     }
                 ).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                self._finish_json(body, head)
 
             def _route(self, path: str, query: dict[str, str], head: bool) -> None:
                 segments = [unquote(s) for s in path.split("/")[1:]]
@@ -407,17 +319,12 @@ class ModelScopeHub:
 
             def _bytes(self, data: bytes, head: bool) -> None:
                 start, end, status = 0, len(data), 200
-                wanted = self.headers.get("Range")
-                if wanted:
-                    match = re.fullmatch(r"bytes=(\d*)-(\d*)", wanted.strip())
-                    if not match or (not match.group(1) and not match.group(2)):
-                        raise _Error(416, "bad range")
-                    if match.group(1):
-                        start = int(match.group(1))
-                        if match.group(2):
-                            end = min(len(data), int(match.group(2)) + 1)
-                    else:
-                        start = max(0, len(data) - int(match.group(2)))
+                try:
+                    wanted = requested_range(self.headers.get("Range"), len(data))
+                except ValueError:
+                    raise _Error(416, "bad range") from None
+                if wanted is not None:
+                    start, end = wanted
                     if (start >= len(data) and len(data) > 0) or start > end:
                         raise _Error(416, "range not satisfiable")
                     status = 206
@@ -439,22 +346,9 @@ class ModelScopeHub:
 
 def start_modelscope_hub() -> ModelScopeHub:
     """Start a server on a free port and return once it answers (polled, with a deadline)."""
-    import http.client
-
     server = ModelScopeHub().start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=1)
-            connection.request("GET", "/api/v1/repos/internalAccelerationInfo")
-            connection.getresponse().read()
-            connection.close()
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError("modelscope test server did not answer within 10s") from None
-            threading.Event().wait(0.02)  # poll interval, not synchronisation
+    server.wait_answering("/api/v1/repos/internalAccelerationInfo", "modelscope test server")
+    return server
 
 
 __all__ = ["ModelScopeHub", "MsFile", "MsRepo", "start_modelscope_hub"]

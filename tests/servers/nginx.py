@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers.process import end_process, free_port
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 STARTUP_DEADLINE = 20.0
 #: Throttle of ``/slow/``: bytes per second per connection.
@@ -59,13 +61,6 @@ class Request:
     status: int
     bytes_sent: int
     range: str  # "-" when the request had no Range header
-
-
-def free_port() -> int:
-    """A port the kernel considers free now (nginx binds it a moment later; see start())."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -230,13 +225,7 @@ class Nginx:
         raise RuntimeError("nginx did not accept connections before the deadline")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
 

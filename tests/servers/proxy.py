@@ -36,10 +36,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.servers.base import LocalServer, QuietHandler
 
 CHUNK = 64 * 1024
 #: Headers that describe one hop, not the message: never forwarded as they are.
@@ -69,6 +69,8 @@ class RequestRecord:
     status: int = 0
     bytes: int = 0
     fault: str | None = None
+    #: time.monotonic() when the request arrived (for measurements, never for assertions).
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -81,11 +83,15 @@ class Fault:
     ``"trickle"`` (forward ``truncate_fraction`` of the body at full speed, then one byte every
     ``delay`` seconds: the server whose every read arrives in time but never finishes),
     ``"strip"`` (forward without the request headers named in ``strip_headers``, e.g. ``Range``
-    to emulate an origin that ignores ranges), ``"gate"`` (hold the request until ``gate`` is
+    to emulate an origin that ignores ranges; ``strip_headers`` apply to ``"truncate"`` too, and
+    ``hide_headers`` drops response headers, e.g. ``Accept-Ranges``: an origin that cannot
+    resume and cuts every answer), ``"gate"`` (hold the request until ``gate`` is
     set, at most ``gate_timeout`` seconds, then forward it; ``hits`` says how many arrived),
     ``"hold"`` (forward, send the first ``hold_after`` bytes of the body, then hold the rest
     until ``gate`` is set, at most ``gate_timeout`` seconds; ``held`` says how many responses
-    sent exactly that much and are holding: a client is then known to be mid-body).
+    sent exactly that much and are holding: a client is then known to be mid-body; after
+    :meth:`release` with ``cut=True`` the held responses close mid-body instead of finishing).
+    ``"trickle"`` sends ``step`` bytes each ``delay`` (1 by default).
     A request matches when ``method`` (if set) equals its method, ``path_contains`` (if set) is in
     its path, and ``predicate`` (if set) returns true. ``times``: only the first N matches are
     faulted (None: all); ``probability``: fault that fraction of matches (seeded, reproducible).
@@ -103,10 +109,14 @@ class Fault:
     truncate_fraction: float = 0.5
     delay: float = 0.0
     strip_headers: tuple[str, ...] = ()
+    hide_headers: tuple[str, ...] = ()
     gate: threading.Event | None = None
     gate_timeout: float = 60.0
     hold_after: int = 0
+    step: int = 1
     seed: int = 0
+    #: Set by :meth:`release` with ``cut=True``: held responses close instead of finishing.
+    cut: bool = False
     #: How many responses of a ``"hold"`` fault sent their ``hold_after`` bytes and wait.
     held: int = 0
     #: How many requests this fault has hit so far.
@@ -115,6 +125,13 @@ class Fault:
 
     def __post_init__(self) -> None:
         self._random.seed(self.seed)
+
+    def release(self, cut: bool = False) -> None:
+        """Open the gate: held responses finish, or with ``cut`` close mid-body (a transfer
+        that breaks after its first bytes)."""
+        self.cut = cut
+        if self.gate is not None:
+            self.gate.set()
 
     def matches(self, record: RequestRecord) -> bool:
         if self.method and record.method != self.method.upper():
@@ -156,13 +173,7 @@ def s3_error(
     )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _ProxyServer
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Silence the default stderr access log."""
-
+class _Handler(QuietHandler):
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             parts = []
@@ -178,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
-        proxy = self.server.proxy
+        proxy: CountingProxy = self.server.owner
         path, _, query = self.path.partition("?")
         record = RequestRecord(
             method=self.command,
@@ -207,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_fault(self, record: RequestRecord, fault: Fault) -> None:
         record.status = fault.status
-        proxy = self.server.proxy
+        proxy: CountingProxy = self.server.owner
         proxy._record(record)
         self.send_response(fault.status)
         for name, value in fault.headers.items():
@@ -220,12 +231,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     def _forward(self, record: RequestRecord, body: bytes, fault: Fault | None) -> None:
-        proxy = self.server.proxy
+        proxy: CountingProxy = self.server.owner
         truncate = fault if fault is not None and fault.kind in ("truncate", "trickle") else None
         hold = fault if fault is not None and fault.kind == "hold" else None
         stripped = (
-            {h.lower() for h in fault.strip_headers} if fault and fault.kind == "strip" else set()
+            {h.lower() for h in fault.strip_headers}
+            if fault and fault.kind in ("strip", "truncate")
+            else set()
         )
+        hidden = {h.lower() for h in fault.hide_headers} if fault else set()
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             headers = {
@@ -252,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
             length = response.getheader("Content-Length")
             self.send_response_only(response.status, response.reason)
             for name, value in response.getheaders():
-                if name.lower() not in HOP_BY_HOP:
+                if name.lower() not in HOP_BY_HOP and name.lower() not in hidden:
                     self.send_header(name, value)
             framed = length is not None or self.command == "HEAD" or response.status in (204, 304)
             if not framed:
@@ -269,20 +283,20 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 want = CHUNK if limit is None else min(CHUNK, limit - sent)
                 if want <= 0 and truncate is not None and truncate.kind == "trickle":
-                    self._trickle(record, response, truncate.delay)
+                    self._trickle(record, response, truncate.delay, truncate.step)
                     return
                 if hold is not None and sent < hold.hold_after:
                     want = min(want, hold.hold_after - sent)
                 elif hold is not None:
                     self.wfile.flush()
                     proxy._hold(hold)
+                    if hold.cut:
+                        self._cut()
+                        return
                     hold = None
                     continue
                 if want <= 0:
-                    # Cut off: the client announced Content-Length will never be reached.
-                    self.close_connection = True
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self._cut()
                     return
                 block = response.read(want)
                 if not block:
@@ -301,19 +315,25 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
 
+    def _cut(self) -> None:
+        """Close mid-body: the client's announced Content-Length will never be reached."""
+        self.close_connection = True
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
     def _trickle(
-        self, record: RequestRecord, response: http.client.HTTPResponse, pace: float
+        self, record: RequestRecord, response: http.client.HTTPResponse, pace: float, step: int
     ) -> None:
-        """The rest of the body one byte every ``pace`` seconds, until the client gives up or
-        the proxy stops."""
-        proxy = self.server.proxy
+        """The rest of the body ``step`` bytes every ``pace`` seconds, until the client gives
+        up or the proxy stops."""
+        proxy: CountingProxy = self.server.owner
         self.close_connection = True
         while not proxy._stopping.wait(pace):  # the trickle's pace, not a synchronisation
-            byte = response.read(1)
-            if not byte:
+            block = response.read(step)
+            if not block:
                 return
-            proxy._add_bytes(record, 1)
-            self.wfile.write(byte)
+            proxy._add_bytes(record, len(block))
+            self.wfile.write(block)
             self.wfile.flush()
 
     def _bad_gateway(self, reason: str) -> None:
@@ -329,14 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    proxy: CountingProxy
-
-
-class CountingProxy:
+class CountingProxy(LocalServer):
     """A reverse proxy in front of ``upstream`` (``http://host:port``), on 127.0.0.1."""
+
+    handler = _Handler
+    name = "counting-proxy"
 
     def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0) -> None:
         parts = urlsplit(upstream)
@@ -348,44 +365,11 @@ class CountingProxy:
         self._lock = threading.Lock()
         self._requests: list[RequestRecord] = []
         self._faults: list[Fault] = []
-        self._server = _ProxyServer((host, port), _Handler)
-        self._server.proxy = self
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        super().__init__(host, port)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    # -- lifecycle
-    def start(self) -> CountingProxy:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},  # how fast stop() returns
-            name="counting-proxy",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> CountingProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return self.base_url
 
     # -- faults
     def set_faults(self, *faults: Fault | Iterable[Fault]) -> None:
@@ -398,6 +382,12 @@ class CountingProxy:
                 flat.extend(item)
         with self._lock:
             self._faults = flat
+
+    def add_fault(self, fault: Fault) -> Fault:
+        """Add ``fault`` after the active ones (they stay); returns it, for its counters."""
+        with self._lock:
+            self._faults = [*self._faults, fault]
+        return fault
 
     def clear_faults(self) -> None:
         self.set_faults()

@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.servers.nginx import free_port
+from tests.servers.process import end_process, free_port
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
@@ -298,13 +298,7 @@ http:
         raise RuntimeError("docker-registry did not answer before the deadline")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
         if self.tokens is not None:
             self.tokens.stop()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,13 @@ from typing import Any
 import pytest
 import requests
 
+from tests.servers.process import end_process, free_port
+from tests.servers.proxy import CountingProxy
+
 ACCESS_KEY = "AKIATESTFIXTURE00001"
 SECRET_KEY = "fixture-secret-key-0123456789abcdef"
 REGION = "us-east-1"
 STARTUP_DEADLINE = 60.0
-
-
-def free_port() -> int:
-    """A port the kernel considers free right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_http_ready(url: str, process: subprocess.Popen[bytes], deadline: float) -> None:
@@ -127,13 +122,7 @@ class S3Server:
         )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
 
 def start_moto(attempts: int = 3) -> S3Server:
@@ -174,3 +163,11 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
+    """A fresh counting, fault-injecting proxy in front of the session's moto (one per test,
+    so counts and faults never leak between tests)."""
+    with CountingProxy(s3_server.endpoint) as counting:
+        yield counting

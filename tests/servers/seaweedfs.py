@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers.s3 import free_port
+from tests.servers.process import end_process, free_port
 
 ACCESS_KEY = "AKIASEAWEEDFIXTURE01"
 SECRET_KEY = "seaweed-fixture-secret-0123456789"
@@ -73,13 +73,7 @@ class SeaweedFs:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, grace=20)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
