@@ -130,8 +130,15 @@ class LayerExtractor:
             except (TransientError, IntegrityError) as exc:
                 if attempt == ATTEMPTS:
                     raise
-                log.warning("%s; retrying the layer (attempt %d of %d)", exc, attempt + 1, ATTEMPTS)
-                time.sleep(httpcommon.backoff_delay(exc, attempt))  # the registry's Retry-After
+                delay = httpcommon.backoff_delay(exc, attempt)  # the registry's Retry-After
+                log.warning(
+                    "%s; retrying the layer in %.1fs (attempt %d of %d)",
+                    exc,
+                    delay,
+                    attempt + 1,
+                    ATTEMPTS,
+                )
+                time.sleep(delay)
         for path, opaque in whiteouts:
             tree.remove(path, below_only=opaque)
         for path, node in entries:

@@ -48,11 +48,6 @@ class Oci(Backend):
         "unpacks it into local scratch: reads after the listing never reach the registry, and "
         "the bytes a pull takes from it are tarballs, not the files"
     )
-    known_bugs: ClassVar[Mapping[str, str]] = {
-        "retry-after": "the layer loop waits the registry's Retry-After, but its retry line "
-        "(providers/oci_layers.py: 'retrying the layer (attempt 2 of 3)') does not say how long, "
-        "so the pull's log cannot show the wait was the server's"
-    }
     CODES: ClassVar[Mapping[int, str]] = {
         401: "UNAUTHORIZED",
         403: "DENIED",
