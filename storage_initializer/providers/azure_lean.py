@@ -239,13 +239,7 @@ class LeanReader:
             raise self.map_error(_connection_error(exc), where) from None
         if answer.status not in (200, 206):
             raise self.map_error(_response_error(answer), where)
-        skip = 0
-        if not whole and answer.status == 200:
-            skip = start  # the server ignored the range: drop the head ourselves
-        elif answer.status == 206:
-            lean_http.check_start(answer, start, where)
-        remaining = None if end is None else end - start
-        yield from lean_http.read_body(answer, skip, remaining, block, where)
+        yield from lean_http.ranged_body(answer, start, end, whole, block, where)
 
     def close(self) -> None:
         """Close the calling thread's connections (the others close with their threads)."""

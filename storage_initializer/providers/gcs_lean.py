@@ -141,13 +141,7 @@ class LeanGetter:
             status = answer.status
             found, body = lean_http.error_answer(answer)
             raise self.status_error(status, CaseInsensitiveDict(found), body, where, generation)
-        skip = 0
-        if not whole and answer.status == 200:
-            skip = start  # the server ignored Range: drop the head ourselves
-        elif answer.status == 206:
-            lean_http.check_start(answer, start, where)
-        remaining = None if end is None else end - start
-        yield from lean_http.read_body(answer, skip, remaining, block, where)
+        yield from lean_http.ranged_body(answer, start, end, whole, block, where)
 
     def _send(self, url: str, headers: dict[str, str], where: str) -> lean_http.Answer:
         """The answer to the GET; after a 401, the token refreshed and the GET sent again once."""

@@ -319,11 +319,6 @@ class HfSource(HfErrors, HfCache, Source):
             raise self._transport_error(failed, what) from None
         if answer.status not in (200, 206):
             raise self._http_error(hf_lean.as_response(answer), what)
-        skip = 0
-        if answer.status == 200 and (start > 0 or end is not None):
-            skip = start  # the server ignored Range: drop the head ourselves
-        elif answer.status == 206:
-            lean_http.check_start(answer, start, label)
-        remaining = None if end is None else end - start
         block = self.settings.write_size
-        yield from lean_http.read_body(answer, skip, remaining, block, label, eager=True)
+        whole = start == 0 and end is None
+        yield from lean_http.ranged_body(answer, start, end, whole, block, label, eager=True)

@@ -180,6 +180,27 @@ def check_start(answer: Answer, start: int, where: str) -> None:
         raise TransientError(f"{where}: asked for bytes from {start}, got {got!r}")
 
 
+def ranged_body(
+    answer: Answer,
+    start: int,
+    end: int | None,
+    whole: bool,
+    block: int,
+    where: str,
+    eager: bool = False,
+) -> Iterator[bytes]:
+    """The bytes ``[start, end)`` of a 200 or 206 answer to a GET of that range (``whole``: a
+    GET without ``Range``). A 200 to a ranged GET is the whole object from a server that
+    ignored ``Range``: its head is dropped here; a 206 must start at ``start``."""
+    skip = 0
+    if not whole and answer.status == 200:
+        skip = start
+    elif answer.status == 206:
+        check_start(answer, start, where)
+    remaining = None if end is None else end - start
+    yield from read_body(answer, skip, remaining, block, where, eager=eager)
+
+
 def read_body(
     answer: Answer,
     skip: int,

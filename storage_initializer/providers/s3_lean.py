@@ -180,13 +180,7 @@ class LeanGetter:
             ) from None
         if answer.status not in (200, 206):
             self._fail(answer, where)
-        skip = 0
-        if not whole and answer.status == 200:
-            skip = start  # the server ignored Range: drop the head ourselves
-        elif answer.status == 206:
-            lean_http.check_start(answer, start, where)
-        remaining = None if end is None else end - start
-        yield from lean_http.read_body(answer, skip, remaining, block, where)
+        yield from lean_http.ranged_body(answer, start, end, whole, block, where)
 
     def _fail(self, answer: lean_http.Answer, where: str) -> None:
         status = answer.status
