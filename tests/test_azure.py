@@ -47,7 +47,10 @@ from storage_initializer.settings import Settings
 from tests.helpers import read_tree
 from tests.servers import azurite as azurite_server
 from tests.servers.azure_files import ACCOUNT_KEY, FileShareServer
+from tests.servers.azurite import azurite
 from tests.servers.proxy import CountingProxy, Fault
+
+__all__ = ["azurite"]  # the session fixture: tests isolate themselves by container
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILE_HOST = "https://devstoreaccount1.file.core.windows.net"
@@ -104,11 +107,6 @@ def clear_azure_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[azurite_server.Azurite]:
-    yield from azurite_server.serve()
-
-
 @pytest.fixture(scope="module")
 def models(azurite: azurite_server.Azurite) -> str:
     """A container with the MODEL tree (with Content-MD5), shared by read-only tests."""

@@ -43,6 +43,9 @@ ENTRYPOINT_PATH = "/storage-initializer/scripts/initializer-entrypoint"
 ENTRYPOINT_SCRIPT = REPO / "scripts" / "initializer-entrypoint"
 USAGE = "Usage: initializer-entrypoint src_uri_0 dest_path_0 ... src_uri_n dest_path_n"
 UID = 1000
+#: With ``-n 2 --dist loadgroup`` (scripts/test) every test of this module runs on one worker,
+#: so the session's image build (a pip install of the wheel and its dependencies) happens once.
+pytestmark = pytest.mark.xdist_group("image")
 
 
 # --------------------------------------------------------------------------------------------

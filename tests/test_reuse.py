@@ -27,6 +27,7 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers import azurite as azurite_server
+from tests.servers.azurite import azurite
 from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.hub import HubFile, HubServer, start_hub
 from tests.servers.nginx import Nginx
@@ -34,7 +35,7 @@ from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, proxy, s3_server
 from tests.test_cache_ops import du
 
-__all__ = ["gcs_server", "proxy", "s3_server"]
+__all__ = ["azurite", "gcs_server", "proxy", "s3_server"]
 
 SHARD = pattern(400_000, 11)
 TOKENIZER = pattern(50_000, 12)
@@ -440,11 +441,6 @@ def test_gc_during_a_pull_never_frees_what_the_pull_linked(
 
 
 # -- GCS and Azure Blob: MD5 (and CRC32C within one source) as identity --------------------------
-
-
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[azurite_server.Azurite]:
-    yield from azurite_server.serve()
 
 
 def test_gcs_revalidate_fetches_only_the_changed_file(gcs_server: GcsServer, tmp: Path) -> None:

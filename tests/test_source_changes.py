@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ from tests.helpers import (
     tree_digest,
 )
 from tests.servers import azurite as azurite_server
+from tests.servers.azurite import azurite
 from tests.servers.bare_origin import BareOrigin, Seen
 from tests.servers.gcs import GcsServer, gcs_server
 from tests.servers.nginx import Nginx
@@ -43,7 +44,12 @@ from tests.servers.proxy import CountingProxy, Fault, RequestRecord
 from tests.servers.s3 import S3Server, s3_server
 from tests.servers.seaweedfs import SeaweedFs, seaweedfs
 
-__all__ = ["gcs_server", "s3_server", "seaweedfs"]  # fixtures, imported so that pytest finds them
+__all__ = [
+    "azurite",
+    "gcs_server",
+    "s3_server",
+    "seaweedfs",
+]  # fixtures, imported so that pytest finds them
 
 CHUNK = 64 * 1024
 SIZE = 4 * CHUNK + 100
@@ -445,11 +451,6 @@ def test_gcs_object_overwritten_mid_pull_is_fetched_whole(gcs_server: GcsServer,
 
 
 # -- Azure Blob -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[azurite_server.Azurite]:
-    yield from azurite_server.serve()
 
 
 def test_azure_blob_overwritten_mid_pull_is_fetched_whole(
