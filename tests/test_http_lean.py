@@ -25,7 +25,7 @@ from storage_initializer.providers import http_lean, open_source
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
 from tests.helpers import clean_env, entrypoint, pattern, sha256, tree_digest
-from tests.servers.hostile import FileServer, closed_port
+from tests.servers.base import closed_port
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
 
@@ -204,35 +204,39 @@ def test_unreachable_and_untrusted_servers_are_source_errors(nginx: Nginx) -> No
 
 
 @pytest.fixture
-def origin_a() -> Iterator[FileServer]:
-    with FileServer() as server:
-        yield server
+def origin_a(nginx: Nginx) -> Iterator[CountingProxy]:
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        yield proxy
 
 
 @pytest.fixture
-def origin_b() -> Iterator[FileServer]:
-    with FileServer() as server:
-        yield server
+def origin_b(nginx: Nginx) -> Iterator[CountingProxy]:
+    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
+        yield proxy
 
 
 def test_a_redirected_read_never_carries_private_headers_to_another_origin(
-    origin_a: FileServer, origin_b: FileServer, tmp: Path
+    nginx: Nginx, origin_a: CountingProxy, origin_b: CountingProxy, tmp: Path
 ) -> None:
     data = pattern(100_000, 26)
-    target = origin_b.add("cdn/model.bin", data)
-    uri = origin_a.redirect("m/model.bin", target)
-    uri = uri.replace("http://", "http://user:secret-pw@")
+    root = nginx.new_dir()
+    target = f"{origin_b.url}/{nginx.put(f'{root}/cdn/model.bin', data)}"
+    path = f"/{root}/m/model.bin"
+    origin_a.add_fault(
+        Fault(status=302, headers={"Location": target}, predicate=lambda r: r.path == path)
+    )
+    uri = (origin_a.url + path).replace("http://", "http://user:secret-pw@")
     env = clean_env({"127.0.0.1-headers": json.dumps(PRIVATE)})
     result = entrypoint(uri, tmp / "dest", env=env)
     assert result.returncode == 0, result.describe()
     assert (tmp / "dest" / "model.bin").read_bytes() == data
     # The lean GET went to the URI's origin (with its headers), was redirected, and the read
     # was made again through requests, which followed the redirect without them.
-    lean_gets = origin_a.seen("GET")
+    lean_gets = [r for r in origin_a.requests if r.method == "GET"]
     assert lean_gets, "no read reached the URI's own origin"
-    assert all("X-Api-Key" in s.headers or "x-api-key" in s.headers for s in lean_gets)
-    assert origin_b.seen("GET"), "the redirect was not followed"
-    for seen in origin_b.seen():
+    assert all({n.lower() for n in r.headers} >= {"x-api-key"} for r in lean_gets)
+    assert [r for r in origin_b.requests if r.method == "GET"], "the redirect was not followed"
+    for seen in origin_b.requests:
         names = {name.lower() for name in seen.headers}
         assert not names & {"authorization", "x-api-key"}, (seen.method, seen.headers)
     assert "tok-lean" not in result.output and "secret-pw" not in result.output
