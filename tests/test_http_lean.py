@@ -28,6 +28,9 @@ from tests.helpers import clean_env, entrypoint, pattern, sha256, tree_digest
 from tests.servers.base import closed_port
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
+from tests.test_net_redirects import origin_a, origin_b
+
+__all__ = ["origin_a", "origin_b"]  # fixtures shared with test_net_redirects
 
 MiB = 1 << 20
 PRIVATE = {"Authorization": "Bearer tok-lean-0123456789", "X-Api-Key": "key-lean-0123456789"}
@@ -201,18 +204,6 @@ def test_unreachable_and_untrusted_servers_are_source_errors(nginx: Nginx) -> No
 
 
 # -- redirects -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def origin_a(nginx: Nginx) -> Iterator[CountingProxy]:
-    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def origin_b(nginx: Nginx) -> Iterator[CountingProxy]:
-    with CountingProxy(f"http://127.0.0.1:{nginx.http_port}") as proxy:
-        yield proxy
 
 
 def test_a_redirected_read_never_carries_private_headers_to_another_origin(
