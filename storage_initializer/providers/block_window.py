@@ -3,7 +3,8 @@
 A server that ignores ``Range`` (or a GCS object served decompressed) answers with the whole
 object, so the reader drops the first ``skip`` bytes itself; and it stops after the wanted length
 rather than read (and write at the wrong offset) what follows. S3 and GCS reads did this in two
-copies of one loop; :mod:`ranged` does the same for ``requests`` answers with Content-Range checks.
+copies of one loop; :mod:`ranged` does the same for ``requests`` answers with Content-Range checks,
+and :mod:`lean_http` for the lean GETs.
 """
 
 from __future__ import annotations

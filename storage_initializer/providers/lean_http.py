@@ -30,10 +30,11 @@ import ssl
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from storage_initializer.errors import TransientError
+from storage_initializer.providers.block_window import take_window
 from storage_initializer.redact import redact
 
 #: An error body larger than this is not read (error bodies are a few hundred bytes).
@@ -220,40 +221,44 @@ def read_body(
     link the socket holds a whole block at each read anyway."""
     response = answer.response
     read = response.read1 if eager else response.read
+    budget = None if remaining is None else skip + remaining  # never read past the window
     finished = False
     try:
-        while remaining is None or remaining > 0:
-            want = block if remaining is None else min(block, remaining + skip)
-            try:
-                data = read(want)
-            except (OSError, http.client.HTTPException) as exc:
-                raise TransientError(
-                    f"{where}: the transfer broke off: {type(exc).__name__}: {redact(str(exc))}"
-                ) from None
-            if not data:
-                if response.length:  # Content-Length not reached: the body was cut
-                    raise TransientError(
-                        f"{where}: the transfer broke off: the connection closed with "
-                        f"{response.length} bytes of the answer missing"
-                    )
-                break
-            if skip:
-                cut = min(skip, len(data))
-                data = data[cut:]
-                skip -= cut
-                if not data:
-                    continue
-            if remaining is not None:
-                if len(data) > remaining:
-                    data = data[:remaining]
-                remaining -= len(data)
-            yield data
+        yield from take_window(_received(response, read, budget, block, where), skip, remaining)
         if response.length == 0:
             response.close()  # read1 leaves a fully read answer open; read() closes it
         finished = response.isclosed()  # the whole answer read: the connection is reusable
     finally:
         if not finished:
             answer.connections.drop(answer.address)  # a half-read body cannot carry more
+
+
+def _received(
+    response: http.client.HTTPResponse,
+    read: Callable[[int], bytes],
+    budget: int | None,
+    block: int,
+    where: str,
+) -> Iterator[bytes]:
+    """Blocks of the body as they are read, at most ``budget`` bytes in all."""
+    while budget is None or budget > 0:
+        want = block if budget is None else min(block, budget)
+        try:
+            data = read(want)
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(
+                f"{where}: the transfer broke off: {type(exc).__name__}: {redact(str(exc))}"
+            ) from None
+        if not data:
+            if response.length:  # Content-Length not reached: the body was cut
+                raise TransientError(
+                    f"{where}: the transfer broke off: the connection closed with "
+                    f"{response.length} bytes of the answer missing"
+                )
+            return
+        if budget is not None:
+            budget -= len(data)
+        yield data
 
 
 def error_answer(answer: Answer) -> tuple[dict[str, str], bytes]:
