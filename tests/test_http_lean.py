@@ -7,6 +7,7 @@ to another origin, and a cut or stalled body resumes from its last byte."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from storage_initializer.providers import http as httpmod
 from storage_initializer.providers import http_lean, open_source
 from storage_initializer.settings import Settings
 from storage_initializer.uri import parse
-from tests.helpers import clean_env, entrypoint, pattern, sha256, tree_digest
+from tests.helpers import clean_env, entrypoint, pattern, run, sha256, tree_digest
 from tests.servers.base import closed_port
 from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
@@ -137,6 +138,44 @@ def test_the_environment_switch_and_a_proxy_turn_the_lean_path_off(
     assert source_for(url)._lean is None
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert source_for(url)._lean is not None
+
+
+_MODULES_AFTER_PULL = """
+import sys
+from storage_initializer.entrypoint import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("requests", "urllib3"))))
+"""
+
+
+@pytest.mark.parametrize("head_status", [None, 405])
+def test_the_listing_is_lean_too_and_a_lean_pull_never_imports_requests(
+    head_status: int | None, nginx: Nginx, front: CountingProxy, tmp: Path
+) -> None:
+    """requests and urllib3 cost ~80 ms of CPU to import: a pull on the lean path lists with
+    a lean HEAD (or, where HEAD is refused, a one-byte GET) and never loads them."""
+    data = pattern(3 * MiB + 7, 23)
+    folder, url = _publish(nginx, front, "model.bin", data)
+    if head_status is not None:
+        front.add_fault(Fault(status=head_status, method="HEAD", path_contains=folder))
+    env = clean_env(STORAGE_INITIALIZER_CHUNK_SIZE="1MiB")
+    result = run([sys.executable, "-c", _MODULES_AFTER_PULL, url, str(tmp / "d")], env)
+    assert result.returncode == 0, result.describe()
+    assert result.stdout.strip() == "", f"imported: {result.stdout}"
+    assert tree_digest(tmp / "d") == {"model.bin": sha256(data)}
+    heads = front.select(method="HEAD", path_contains=folder)
+    assert len(heads) == 1 and "accept" not in _lower(heads[0].headers)  # http.client's HEAD
+    gets = front.select(method="GET", path_contains=folder)
+    if head_status is not None:  # the one-byte GET told the size, the validator, the ranges
+        assert gets[0].range == "bytes=0-0", gets[0]
+        gets = gets[1:]
+    assert sorted(r.range or "" for r in gets) == [
+        f"bytes={n * MiB}-{min((n + 1) * MiB, len(data)) - 1}" for n in range(4)
+    ]
+    assert all(_lower(r.headers)["if-range"] for r in gets)  # pinned to the listed ETag
 
 
 # -- pinning and errors ---------------------------------------------------------------------

@@ -25,9 +25,6 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import requests
-import urllib3.exceptions  # requests is built on it: importing it costs nothing more
-
 from storage_initializer import tls
 from storage_initializer.errors import (
     SourceChangedError,
@@ -39,6 +36,8 @@ from storage_initializer.providers import http_lean, http_pin, httpcommon, lean_
 from storage_initializer.providers.base import Listing, RemoteFile, Source
 
 if TYPE_CHECKING:
+    import requests
+
     from storage_initializer.settings import Settings
     from storage_initializer.uri import SourceUri
 
@@ -48,6 +47,8 @@ BLOCK = 1 << 20
 TIMEOUT = (15, 60)
 PIN_RE = re.compile(r"^(sha256|md5|sha1)[=:]([0-9a-fA-F]+)$")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+#: Answers to HEAD that make the listing ask for one byte by GET instead.
+REFUSED_HEAD = (403, 405, 501)
 _CREDENTIALS_HINT = (
     "Provide credentials with the <hostname>-headers environment variable, or check them"
 )
@@ -126,6 +127,8 @@ class HttpSource(Source):
             self._lean.close()
 
     def _request(self, method: str, headers: dict[str, str] | None = None) -> requests.Response:
+        import requests  # only when the requests path is taken (lean_http otherwise)
+
         what = self.uri.redacted
         try:
             return redirects.request(
@@ -142,23 +145,16 @@ class HttpSource(Source):
             raise httpcommon.transport_error(exc, what, self._peer) from None
 
     def list(self) -> Listing:
-        response = self._request("HEAD")
-        if response.status_code in (403, 405, 501):
-            # A presigned URL is signed for GET only (HEAD is 403), some servers refuse HEAD:
-            # one byte by GET tells the size (Content-Range) and the validators as well.
-            response.close()
-            response = self._request("GET", {"Range": "bytes=0-0"})
-        with response:
-            raise_for_status(response, self.uri.redacted)
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if content_type in HTML_TYPES and not self.name.lower().endswith((".html", ".htm")):
-                raise SourceError(
-                    f"{self.uri.redacted} returned an HTML page instead of a model file",
-                    "The URL may lead to a login or error page; check it, and the "
-                    "<hostname>-headers credentials",
-                )
-            size, ranges = http_pin.size_and_ranges(response)
-            version = http_pin.validator(response.headers)
+        status, headers, head = self._probe()
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in HTML_TYPES and not self.name.lower().endswith((".html", ".htm")):
+            raise SourceError(
+                f"{self.uri.redacted} returned an HTML page instead of a model file",
+                "The URL may lead to a login or error page; check it, and the "
+                "<hostname>-headers credentials",
+            )
+        size, ranges = http_pin.size_and_ranges(status, headers, head)
+        version = http_pin.validator(headers)
         if ranges and not version:
             if size is not None and size > self.settings.chunk_size:
                 log.info(
@@ -171,6 +167,50 @@ class HttpSource(Source):
         file = RemoteFile(self.name, size, dict(self.pin), version, self.url)
         fingerprint = f"{version}:{size}" if version else f"unversioned:{size}"
         return Listing([file], fingerprint)
+
+    def _probe(self) -> tuple[int, Mapping[str, str], bool]:
+        """Status and headers of the listing's HEAD, or of a one-byte GET where HEAD is refused
+        (a presigned URL is signed for GET only, some servers refuse HEAD; one byte tells the
+        size by Content-Range and the validators as well), and whether it was the HEAD. Error
+        statuses are raised. On the lean path unless the server redirects."""
+        if self._lean is not None:
+            try:
+                return self._probe_lean(self._lean)
+            except http_lean.Redirected:
+                log.info(
+                    "%s: the server redirects requests: reading through requests",
+                    self.uri.redacted,
+                )
+                self._lean = None
+        response = self._request("HEAD")
+        head = True
+        if response.status_code in REFUSED_HEAD:
+            response.close()
+            response = self._request("GET", {"Range": "bytes=0-0"})
+            head = False
+        with response:
+            raise_for_status(response, self.uri.redacted)
+            return response.status_code, response.headers, head
+
+    def _probe_lean(self, lean: http_lean.LeanReader) -> tuple[int, Mapping[str, str], bool]:
+        where = self.uri.redacted
+        answer = lean.get({}, where, method="HEAD")
+        head = True
+        if answer.status in REFUSED_HEAD:
+            lean_http.error_answer(answer)
+            answer = lean.get({"Range": "bytes=0-0"}, where)
+            head = False
+        # One byte, or nothing (HEAD), or an error page: read (at most 64 KiB) so that the
+        # connection carries the reads; a server that answers the byte with the whole file
+        # loses its connection instead.
+        lean_http.error_answer(answer)
+        headers = cast("Mapping[str, str]", answer.response.headers)
+        reason = f" {answer.response.reason}" if answer.response.reason else ""
+        message = f"{where}: the server answered {answer.status}{reason}"
+        error = httpcommon.error_for(answer.status, headers, message, HINTS)
+        if error is not None:
+            raise error
+        return answer.status, headers, head
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of the version of ``file`` that was listed: an answer from
@@ -195,6 +235,20 @@ class HttpSource(Source):
             else:
                 yield from self._read_lean(answer, file, start, end, ranged)
                 return
+        yield from self._read_requests(file, headers, start, end, ranged)
+
+    def _read_requests(
+        self,
+        file: RemoteFile,
+        headers: dict[str, str],
+        start: int,
+        end: int | None,
+        ranged: bool,
+    ) -> Iterator[bytes]:
+        """A read through requests (behind a proxy, after a redirect, or asked for)."""
+        import requests
+        import urllib3.exceptions
+
         response = self._request("GET", headers)
         with response:
             self._check(

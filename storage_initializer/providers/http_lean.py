@@ -115,12 +115,13 @@ class LeanReader:
             )
         self.connections = lean_http.Connections(verify, *timeouts)
 
-    def get(self, headers: Mapping[str, str], where: str) -> lean_http.Answer:
-        """Send the GET; a failure to get an answer is mapped as on the requests path (TLS and
-        unreachable hosts are the user's to fix, the rest is transient). Raises
-        :class:`Redirected` (the connection kept when it can be) for a redirect."""
+    def get(self, headers: Mapping[str, str], where: str, method: str = "GET") -> lean_http.Answer:
+        """Send the GET (or ``method``: the listing's HEAD); a failure to get an answer is
+        mapped as on the requests path (TLS and unreachable hosts are the user's to fix, the
+        rest is transient). Raises :class:`Redirected` (the connection kept when it can be)
+        for a redirect."""
         try:
-            answer = self.connections.get(self.url, merged(self.headers, headers))
+            answer = self.connections.get(self.url, merged(self.headers, headers), method)
         except ssl.SSLError as exc:  # verification failures included (a subclass)
             raise SourceError(
                 f"{where}: TLS verification failed ({_reason(exc)})", TLS_HINT

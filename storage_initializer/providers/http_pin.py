@@ -20,8 +20,6 @@ import logging
 import re
 from collections.abc import Mapping
 
-import requests
-
 from storage_initializer.errors import RangesIgnoredError, SourceChangedError, TransientError
 from storage_initializer.providers.base import RemoteFile
 
@@ -70,11 +68,11 @@ def _weak(etag: str) -> str:
     return etag.removeprefix("W/")
 
 
-def size_and_ranges(response: requests.Response) -> tuple[int | None, bool]:
-    """(size, whether ranged reads work) from the answer to a HEAD, or to the one-byte ranged
-    GET made when HEAD is refused (size from Content-Range; a 206 proves ranges work)."""
-    headers = response.headers
-    if response.status_code == 206:
+def size_and_ranges(status: int, headers: Mapping[str, str], head: bool) -> tuple[int | None, bool]:
+    """(size, whether ranged reads work) from the answer to a HEAD (``head``), or to the
+    one-byte ranged GET made when HEAD is refused (size from Content-Range; a 206 proves ranges
+    work). ``headers``: any mapping whose ``get`` ignores case."""
+    if status == 206:
         match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
         if match and match.group(3) != "*":
             return int(match.group(3)), True
@@ -82,7 +80,6 @@ def size_and_ranges(response: requests.Response) -> tuple[int | None, bool]:
     length = headers.get("Content-Length")
     encoded = headers.get("Content-Encoding", "identity") not in ("identity", "")
     size = int(length) if length and length.isdigit() and not encoded else None
-    head = response.request is not None and response.request.method == "HEAD"
     ranges = head and size is not None and headers.get("Accept-Ranges", "") == "bytes"
     return size, ranges
 

@@ -31,10 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import requests
-from requests.adapters import HTTPAdapter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from storage_initializer import __version__
 from storage_initializer.errors import (
@@ -50,6 +47,9 @@ from storage_initializer.providers.retry_after import (  # noqa: F401  (provider
     retry_after,
 )
 from storage_initializer.redact import register_secret
+
+if TYPE_CHECKING:  # imported where used: a lean pull never loads requests (~60 ms of CPU)
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ def transport_error(exc: requests.RequestException, what: str, peer: Peer) -> In
     """The error for a request to ``peer`` that got no answer: an untrusted certificate or an
     unreachable host is a configuration error (asking again will not help), a broken connection
     or a timeout is worth retrying. ``what`` is the redacted URI (and what was being done)."""
+    import requests  # loaded already: exc is one of its exceptions
+
     reason = peer.reason(exc)
     if isinstance(exc, requests.exceptions.SSLError):
         return SourceError(f"{what}: TLS verification failed ({reason})", peer.tls_hint)
@@ -211,6 +213,9 @@ class SessionPool:
     def get(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
             session = requests.Session()
             adapter = HTTPAdapter(
                 pool_connections=self._pool_size, pool_maxsize=self._pool_size, max_retries=0

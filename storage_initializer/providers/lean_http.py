@@ -141,16 +141,17 @@ class Connections:
         if connection is not None:
             connection.close()
 
-    def get(self, url: str, headers: dict[str, str]) -> Answer:
-        """Send a GET of ``url``; OSError/HTTPException when no answer came (the caller maps
-        them: a refused connection is not the same advice as a reset one)."""
+    def get(self, url: str, headers: dict[str, str], method: str = "GET") -> Answer:
+        """Send a GET (or ``method``: HEAD) of ``url``; OSError/HTTPException when no answer
+        came (the caller maps them: a refused connection is not the same advice as a reset
+        one)."""
         parts = urllib.parse.urlsplit(url)
         address = (parts.scheme, parts.netloc)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         for fresh_try in (False, True):
             connection, reused = self._connection(address)
             try:
-                connection.request("GET", target, headers=headers)
+                connection.request(method, target, headers=headers)
                 if connection.sock is not None:
                     connection.sock.settimeout(self.read_timeout)
                 return Answer(connection.getresponse(), address, self)

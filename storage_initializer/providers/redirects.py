@@ -12,12 +12,13 @@ http(s) is refused, and at most :data:`MAX_HOPS` redirects are followed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-import requests
-
 from storage_initializer.errors import SourceError
+
+if TYPE_CHECKING:
+    import requests
 
 MAX_HOPS = 10
 _SCHEMES = ("http", "https")
