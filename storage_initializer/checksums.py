@@ -25,10 +25,11 @@ class Hasher(Protocol):
 
 class _Crc32:
     def __init__(self) -> None:
+        self._fn = crcmath.updater("crc32") or zlib.crc32
         self._value = 0
 
     def update(self, data: bytes) -> None:
-        self._value = zlib.crc32(data, self._value)
+        self._value = self._fn(data, self._value)
 
     def hexdigest(self) -> str:
         return f"{self._value:08x}"
