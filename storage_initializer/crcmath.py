@@ -70,6 +70,11 @@ def _zlib_ng() -> ModuleType | None:
     return zlib_ng
 
 
+def native_crc32() -> bool:
+    """Whether CRC-32 is computed by zlib-ng (fast) rather than zlib (~2 GiB/s)."""
+    return _zlib_ng() is not None
+
+
 @cache
 def _awscrt() -> ModuleType | None:
     try:
