@@ -1,9 +1,10 @@
 """The benchmark behind ``scripts/bench``: this tool against the stock KServe initializer.
 
 Starts fast local servers (SeaweedFS for S3, fake-gcs-server, Azurite, nginx, the test Hub
-server), uploads one generated model to each, then times whole processes, alternating the
-order of the tools every round, and prints medians, ratios and peak RSS. Nothing is asserted:
-the numbers are printed and written as a Markdown table to ``docs/performance.md``.
+server in its own process with an nginx CDN), uploads one generated model to each, then times
+whole processes, alternating the order of the tools every round, and prints medians, ratios
+and peak RSS. Nothing is asserted: the numbers are printed and written as a Markdown table to
+``docs/performance.md``.
 
 Scenarios:
 
@@ -1238,9 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
                     env = clean_env(client_env(hub_url, str(work / "hf-home")))
                     scenario_simple(bench, "hf", "hf://bench/model", env, None)
                     bench.notes.append(
-                        "hf: the test Hub server (API, resolve, the 200 small files) in a "
-                        "process of its own, redirecting LFS files to nginx serving them from "
-                        "disk, as the Hub redirects to its CDN"
+                        f"hf: the test Hub server (API, resolve, the {shape.small_files} small "
+                        "files) in a process of its own, redirecting LFS files to nginx serving "
+                        "them from disk, as the Hub redirects to its CDN"
                         + (" (both on CPU 1)" if server_cpus(bench) else "")
                     )
                 elif backend == "reuse":
