@@ -20,7 +20,8 @@ Endpoints (``{kind}`` is ``models``, ``datasets`` or ``spaces``; revisions are U
   for a ``Range``); LFS files are a 302 to ``http://localhost:{port}/cdn/{sha256}`` (another
   host name than ``127.0.0.1``, as the Hub redirects to its CDN), with ``X-Linked-Etag``,
   ``X-Linked-Size`` and ``X-Repo-Commit``. The CDN serves the blob with ranges and records any
-  ``Authorization`` header it receives (it must never get one).
+  ``Authorization`` header it receives (it must never get one). The benchmark runs this server
+  in a process of its own with an nginx CDN instead (:mod:`tests.servers.hub_process`).
 
 Access: a private repo answers 401 (``X-Error-Code: RepoNotFound``) without a token, as the Hub
 does, 404 with a valid token of an account without access, and an unknown token gets 401
