@@ -1,9 +1,10 @@
 """The benchmark behind ``scripts/bench``: this tool against the stock KServe initializer.
 
 Starts fast local servers (SeaweedFS for S3, fake-gcs-server, Azurite, nginx, the test Hub
-server), uploads one generated model to each, then times whole processes, alternating the
-order of the tools every round, and prints medians, ratios and peak RSS. Nothing is asserted:
-the numbers are printed and written as a Markdown table to ``docs/performance.md``.
+server in its own process with an nginx CDN), uploads one generated model to each, then times
+whole processes, alternating the order of the tools every round, and prints medians, ratios
+and peak RSS. Nothing is asserted: the numbers are printed and written as a Markdown table to
+``docs/performance.md``.
 
 Scenarios:
 
@@ -452,9 +453,13 @@ class NginxServer:
         time.sleep(0.2)
 
 
-def start_nginx(servers: Servers, s3_endpoint: str | None) -> NginxServer:
+def start_nginx(
+    servers: Servers, s3_endpoint: str | None, name: str = "nginx", cpus: tuple[str, ...] = ()
+) -> NginxServer:
+    """nginx serving its docroot (and proxying to ``s3_endpoint``), run under ``cpus`` (a
+    ``taskset`` prefix, see :func:`server_cpus`)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    prefix = servers.work / "nginx"
+    prefix = servers.work / name
     (prefix / "tmp").mkdir(parents=True)
     docroot = prefix / "docroot"
     docroot.mkdir()
@@ -478,7 +483,7 @@ def start_nginx(servers: Servers, s3_endpoint: str | None) -> NginxServer:
         )
     )
     process = servers.spawn(
-        [nginx, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"], "nginx"
+        [*cpus, nginx, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"], name
     )
     wait_port(http_port, process)
     wait_port(proxy_port, process)
@@ -561,31 +566,39 @@ def upload_azure(server: Any, files: dict[str, Path]) -> str:
     return server.uri(BUCKET, PREFIX)
 
 
-def start_hub(files: dict[str, Path]) -> Any:
-    """The test Hub server holding the model (files of 1 MiB or more as LFS files).
+def server_cpus(bench: Bench) -> tuple[str, ...]:
+    """The ``taskset`` prefix of a server started for a per-backend table: CPU 1 when the tools
+    are pinned to CPU 0 (``--cpu0``), as SeaweedFS is for the 1-CPU rows; else none."""
+    if bench.cpus == "0" and (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
+        return ("taskset", "-c", "1")
+    return ()
 
-    Its ``HubFile`` hashes the content on every request (fine for tests); here the hashes are
-    computed once, or the server would spend seconds of its one GIL per ranged request and
-    measure itself instead of the tools.
+
+def start_hub(bench: Bench, servers: Servers, files: dict[str, Path]) -> str:
+    """The Hub holding the model, laid out as the real one (files of 1 MiB or more as LFS
+    files); its URL.
+
+    The API and ``resolve`` come from the test Hub server in a process of its own
+    (``tests/servers/hub_process.py``), which redirects LFS files to a CDN: an nginx of its own
+    serving them from disk. Both run on CPU 1 with ``--cpu0``.
     """
-    import functools
+    from tests.servers import hub_process
 
-    from tests.servers.hub import HubFile, start_hub
-
-    class CachedHubFile(HubFile):
-        sha256 = functools.cached_property(HubFile.sha256.fget)  # type: ignore[attr-defined]
-        oid = functools.cached_property(HubFile.oid.fget)  # type: ignore[attr-defined]
-
-    hub = start_hub()
-    repo = hub.add_repo("bench/model")
-    content = {
-        name: CachedHubFile(path.read_bytes(), lfs=path.stat().st_size >= MIB)
-        for name, path in files.items()
-    }
-    for item in content.values():
-        _ = item.sha256, item.oid
-    repo.add_commit(content)
-    return hub
+    cpus = server_cpus(bench)
+    cdn = start_nginx(servers, None, name="hub-cdn", cpus=cpus)
+    manifest = hub_process.layout("bench/model", files, cdn.docroot, cdn.url, lfs_min=MIB)
+    path = servers.work / "hub.json"
+    path.write_text(json.dumps(manifest))
+    port = free_port()
+    env = clean_env({}) | {"PYTHONPATH": str(ROOT)}
+    process = servers.spawn(
+        [*cpus, sys.executable, "-m", "tests.servers.hub_process", str(path), str(port)],
+        "hub",
+        cwd=ROOT,
+        env=env,
+    )
+    wait_port(port, process)
+    return f"http://127.0.0.1:{port}"
 
 
 # -- tools ----------------------------------------------------------------------------------------
@@ -1219,15 +1232,17 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif backend == "hf":
                     sizes["hf"] = shape.total
-                    log("starting the local Hub server")
-                    hub = start_hub(files)
-                    servers.stoppers.append(hub.stop)
-                    home = work / "hf-home"
-                    env = clean_env(hub.env(str(home)))
+                    log("starting the local Hub server and its CDN")
+                    from tests.servers.hub import client_env
+
+                    hub_url = start_hub(bench, servers, files)
+                    env = clean_env(client_env(hub_url, str(work / "hf-home")))
                     scenario_simple(bench, "hf", "hf://bench/model", env, None)
                     bench.notes.append(
-                        "hf: the test Hub server is a Python ThreadingHTTPServer in the "
-                        "benchmark's own process; it, not the tools, bounds the throughput"
+                        f"hf: the test Hub server (API, resolve, the {shape.small_files} small "
+                        "files) in a process of its own, redirecting LFS files to nginx serving "
+                        "them from disk, as the Hub redirects to its CDN"
+                        + (" (both on CPU 1)" if server_cpus(bench) else "")
                     )
                 elif backend == "reuse":
                     import bench_reuse  # scripts/bench_reuse.py, beside this file

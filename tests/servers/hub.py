@@ -20,7 +20,8 @@ Endpoints (``{kind}`` is ``models``, ``datasets`` or ``spaces``; revisions are U
   for a ``Range``); LFS files are a 302 to ``http://localhost:{port}/cdn/{sha256}`` (another
   host name than ``127.0.0.1``, as the Hub redirects to its CDN), with ``X-Linked-Etag``,
   ``X-Linked-Size`` and ``X-Repo-Commit``. The CDN serves the blob with ranges and records any
-  ``Authorization`` header it receives (it must never get one).
+  ``Authorization`` header it receives (it must never get one). The benchmark runs this server
+  in a process of its own with an nginx CDN instead (:mod:`tests.servers.hub_process`).
 
 Access: a private repo answers 401 (``X-Error-Code: RepoNotFound``) without a token, as the Hub
 does, 404 with a valid token of an account without access, and an unknown token gets 401
@@ -32,6 +33,7 @@ as the Hub's do. Faults can be injected (:meth:`HubServer.inject`, bodies cut sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -57,31 +59,37 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class HubFile:
-    """One file of a commit; ``lfs`` files are stored as pointers in git, content on the CDN."""
+    """One file of a commit; ``lfs`` files are stored as pointers in git, content on the CDN.
+
+    The digests are computed once (a CDN request looks its blob up by sha256 among all files)."""
 
     data: bytes
     lfs: bool = False
 
     @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @functools.cached_property
     def oid(self) -> str:
         if self.lfs:
-            return git_blob_oid(lfs_pointer(self.sha256, len(self.data)))
+            return git_blob_oid(lfs_pointer(self.sha256, self.size))
         return git_blob_oid(self.data)
 
     def tree_entry(self, path: str) -> dict[str, object]:
         entry: dict[str, object] = {
             "type": "file",
             "oid": self.oid,
-            "size": len(self.data),
+            "size": self.size,
             "path": path,
         }
         if self.lfs:
-            pointer = lfs_pointer(self.sha256, len(self.data))
-            entry["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(pointer)}
+            pointer = lfs_pointer(self.sha256, self.size)
+            entry["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": len(pointer)}
         return entry
 
 
@@ -134,13 +142,14 @@ class HubServer(CountingHub):
 
     name = "hub-server"
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.repos: dict[tuple[str, str], HubRepo] = {}
         self.valid_tokens: set[str] = set()
         self.page_size = 1000
         self.cdn_authorization_seen = 0
-        super().__init__(self._handler_class(), host)
-        #: The CDN's base: another host name for the same socket, as the Hub's CDN is elsewhere.
+        super().__init__(self._handler_class(), host, port)
+        #: The CDN's base: another host name for the same socket, as the Hub's CDN is elsewhere
+        #: (or a CDN of its own: LFS files are redirected to ``{cdn_url}/cdn/{sha256}``).
         self.cdn_url = f"http://localhost:{self.port}"
 
     # -- setup --------------------------------------------------------------------------------
@@ -170,14 +179,7 @@ class HubServer(CountingHub):
 
     def env(self, home: str | None = None) -> dict[str, str]:
         """Environment for a subprocess that should talk to this server and nothing else."""
-        env = {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
-        if home:
-            env["HF_HOME"] = home
-        # Keep the Xet path and implicit token files out of the way, and never use a proxy.
-        env["HF_HUB_DISABLE_XET"] = "1"
-        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
-        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-        return env
+        return client_env(self.url, home)
 
     # -- request handling ---------------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class HubServer(CountingHub):
                     for path in sorted(files):
                         entry: dict[str, object] = {
                             "rfilename": path,
-                            "size": len(files[path].data),
+                            "size": files[path].size,
                             "blobId": files[path].oid,
                         }
                         if files[path].lfs:
@@ -345,7 +347,7 @@ class HubServer(CountingHub):
                     self.send_header("X-Repo-Commit", sha)
                     self.send_header("ETag", f'"{item.oid}"')
                     self.send_header("X-Linked-Etag", f'"{item.sha256}"')
-                    self.send_header("X-Linked-Size", str(len(item.data)))
+                    self.send_header("X-Linked-Size", str(item.size))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -414,6 +416,18 @@ def _tree_entries(
     yield from found
 
 
+def client_env(url: str, home: str | None = None) -> dict[str, str]:
+    """Environment for a subprocess that should talk to the Hub at ``url`` and nothing else."""
+    env = {"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if home:
+        env["HF_HOME"] = home
+    # Keep the Xet path and implicit token files out of the way, and never use a proxy.
+    env["HF_HUB_DISABLE_XET"] = "1"
+    env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
 def start_hub() -> HubServer:
     """Start a server on a free port and return once it answers (polled, with a deadline)."""
     server = HubServer().start()
@@ -421,4 +435,4 @@ def start_hub() -> HubServer:
     return server
 
 
-__all__ = ["HubFile", "HubRepo", "HubServer", "git_blob_oid", "start_hub"]
+__all__ = ["HubFile", "HubRepo", "HubServer", "client_env", "git_blob_oid", "start_hub"]

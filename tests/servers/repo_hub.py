@@ -39,13 +39,15 @@ class HubFault:
 class CountingHub(LocalServer):
     """Counters and faults keyed by (method, request key), and the ranges asked for."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
         self._faults: list[HubFault] = []
         #: (key, Range header) of every ranged download, in arrival order.
         self.ranges: list[tuple[str, str]] = []
-        super().__init__(host, 0, handler)
+        super().__init__(host, port, handler)
         self.url = self.base_url
 
     def inject(
