@@ -288,8 +288,26 @@ class Servers:
         self.work = work
         self.processes: list[subprocess.Popen[bytes]] = []
         self.stoppers: list[Callable[[], None]] = []
+        #: The ``taskset`` prefix every server runs under (:func:`server_cpus`): with
+        #: ``--cpu0`` the servers keep to CPU 1, so they never take the tools' CPU.
+        self.cpus: tuple[str, ...] = ()
+
+    def home_cpus(self) -> str:
+        """The CPU list a server goes back to after a scenario moved it."""
+        return self.cpus[-1] if self.cpus else f"0-{(os.cpu_count() or 1) - 1}"
+
+    def pin(self, process: subprocess.Popen[bytes]) -> None:
+        """Keep an already started server (and its threads) on :attr:`cpus`."""
+        if self.cpus:
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", self.cpus[-1], str(process.pid)],
+                capture_output=True,
+                check=False,
+            )
 
     def spawn(self, cmd: list[str], name: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if self.cpus and cmd[0] != "taskset":
+            cmd = [*self.cpus, *cmd]
         logfile = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - kept by the child
         process = subprocess.Popen(
             cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
@@ -535,6 +553,7 @@ def start_azurite_server(servers: Servers) -> Any:
     location.mkdir()
     server = azurite.start_azurite(str(location))
     servers.stoppers.append(lambda: azurite.stop(server.process))
+    servers.pin(server.process)
     return server
 
 
@@ -564,6 +583,11 @@ def upload_azure(server: Any, files: dict[str, Path]) -> str:
     del base64
     service.close()
     return server.uri(BUCKET, PREFIX)
+
+
+def server_home(bench: Any) -> str:
+    """The CPUs a server moved to CPU 1 for a scenario goes back to afterwards."""
+    return str(bench.extra.get("_server_cpus") or f"0-{(os.cpu_count() or 1) - 1}")
 
 
 def server_cpus(bench: Bench) -> tuple[str, ...]:
@@ -1095,7 +1119,7 @@ def scenario_verify(bench: Bench, endpoint: str, files: dict[str, Path], weed_pi
     finally:
         if pinned:
             subprocess.run(
-                ["taskset", "-a", "-p", "-c", f"0-{(os.cpu_count() or 1) - 1}", str(weed_pid)],
+                ["taskset", "-a", "-p", "-c", server_home(bench), str(weed_pid)],
                 capture_output=True,
                 check=False,
             )
@@ -1192,6 +1216,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="si-bench-", dir=os.environ.get("BENCH_WORK_DIR")))
     bench = Bench(work, shape, rounds, cpus="0" if args.cpu0 else None)
     servers = Servers(work)
+    servers.cpus = server_cpus(bench)
+    bench.extra["_server_cpus"] = servers.home_cpus()  # where a moved server goes back to
     started = time.monotonic()
     log(f"work dir {work}; model {shape.describe()}; {rounds} rounds; load {os.getloadavg()}")
     sizes: dict[str, int] = {}
@@ -1220,7 +1246,9 @@ def main(argv: list[str] | None = None) -> int:
                     stock_env = clean_env(server.env() | {"BENCH_AZURE_ENDPOINT": server.endpoint})
                     scenario_simple(bench, "azure", uri, env, stock_env)
                 elif backend == "http":
-                    nginx = bench.extra.get("_nginx") or start_nginx(servers, None)
+                    nginx = bench.extra.get("_nginx") or start_nginx(
+                        servers, None, cpus=servers.cpus
+                    )
                     bench.extra["_nginx"] = nginx
                     shard = next(n for n in files if n.endswith(".safetensors"))
                     os.link(files[shard], nginx.docroot / "model.safetensors")

@@ -247,7 +247,7 @@ def scenario_limits(
         _measure(bench, mod, endpoint, files, args, cgroups=reason is None)
     finally:
         if pinned:
-            _pin(weed_pid, f"0-{(os.cpu_count() or 1) - 1}")
+            _pin(weed_pid, mod.server_home(bench))
     if not pinned:
         bench.notes.append("limits: SeaweedFS could not be moved to CPU 1")
 
