@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from tests.servers.seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, start_seaweedfs  # noqa: E402
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Fork + exec ``cmd`` and read the kernel's rusage of it."""
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Fork + exec ``cmd`` and read the kernel's rusage of it: wall, user and system seconds."""
     began = time.monotonic()
     err = tempfile.TemporaryFile()  # noqa: SIM115 - shared with the forked child
     pid = os.fork()
@@ -55,7 +55,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         err.seek(0)
         raise RuntimeError(f"{cmd}: {status}: {err.read().decode()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_utime, usage.ru_stime
 
 
 def main() -> int:
@@ -98,7 +98,8 @@ def main() -> int:
             AWS_SECRET_ACCESS_KEY=SECRET_KEY,
             AWS_DEFAULT_REGION=REGION,
         )
-        results: dict[tuple[str, str], list[float]] = {}
+        #: (variant, "many"/"one", "cpu"/"user"/"sys") -> seconds of each round
+        results: dict[tuple[str, str, str], list[float]] = {}
         for round_index in range(args.rounds):
             order = list(variants.items())
             if round_index % 2:
@@ -111,24 +112,25 @@ def main() -> int:
                         "taskset", "-c", args.cpu, sys.executable, "-m",
                         "storage_initializer.entrypoint", f"s3://{bucket}/{what}", str(dest),
                     ]  # fmt: skip
-                    _, cpu = timed(cmd, env)
-                    results.setdefault((name, what), []).append(cpu)
+                    _, user, system = timed(cmd, env)
+                    for kind, value in (("cpu", user + system), ("user", user), ("sys", system)):
+                        results.setdefault((name, what, kind), []).append(value)
                     # Kept until the end: see scripts/bench_limits.py (_alternate's ``keep``).
-                many, one = results[(name, "many")][-1], results[(name, "one")][-1]
-                per = (many - one) * 1000 / args.count
-                print(f"round {round_index} {name}: {many:.3f} - {one:.3f} s -> {per:.3f} ms/file")
+                line = []
+                for kind in ("cpu", "user", "sys"):
+                    many = results[(name, "many", kind)][-1]
+                    one = results[(name, "one", kind)][-1]
+                    line.append(f"{kind} {(many - one) * 1000 / args.count:.3f}")
+                print(f"round {round_index} {name}: ms per file: " + ", ".join(line), flush=True)
         for name in variants:
-            many = statistics.median(results[(name, "many")])
-            one = statistics.median(results[(name, "one")])
-            per = (many - one) * 1000 / args.count
-            spread = sorted(
-                (m - o) * 1000 / args.count
-                for m, o in zip(results[(name, "many")], results[(name, "one")], strict=True)
-            )
-            print(
-                f"{name}: median many {many:.3f} CPU-s, one {one:.3f} CPU-s -> "
-                f"{per:.3f} ms CPU per file (per-round {spread[0]:.2f}..{spread[-1]:.2f})"
-            )
+            line = []
+            for kind in ("cpu", "user", "sys"):
+                many = results[(name, "many", kind)]
+                one = results[(name, "one", kind)]
+                per = sorted((m - o) * 1000 / args.count for m, o in zip(many, one, strict=True))
+                median = (statistics.median(many) - statistics.median(one)) * 1000 / args.count
+                line.append(f"{kind} {median:.3f} ({per[0]:.2f}..{per[-1]:.2f})")
+            print(f"{name}: ms per file, median (per-round range): " + "; ".join(line))
         if args.profile:
             out = Path(args.profile)
             out.mkdir(parents=True, exist_ok=True)
