@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from storage_initializer import checksums, resume, stall, writer
-from storage_initializer.engine_plan import Planner, _chain, _FileJob
+from storage_initializer.engine_plan import Cancelled, Planner, _FileJob
 from storage_initializer.engine_verify import INTEGRITY_ATTEMPTS, Verifier  # noqa: F401
 from storage_initializer.errors import (
     InitializerError,
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
 #: Least seconds between lease checks before new requests and files (Engine._guard_if_due).
 GUARD_INTERVAL = 1.0
-
-
-class Cancelled(Exception):
-    """Another task failed, or the lease was lost: stop quietly."""
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -134,42 +130,6 @@ class Engine(Planner, Verifier):
                         with contextlib.suppress(OSError):
                             os.close(job.fd)
         return self.results
-
-    def _work(self, staging: Staging) -> None:
-        """One worker: takes the next task of the plan until none is left. Workers take tasks
-        themselves, instead of the main thread handing out a future per task and waking at
-        each one's end: on a model of many small files that bookkeeping (a future, a waiter
-        on every task in flight, a switch to the main thread and back) cost 30-40 us a file
-        on 1 CPU. A worker that finds nothing to do while others are busy waits: a file
-        that failed verification comes back with all its chunks (see _chunk)."""
-        more = self._more
-        while True:
-            with more:
-                while True:
-                    if self.cancel.is_set() or self._stopping:
-                        raise Cancelled()
-                    task = next(self._queue, None)
-                    if task is not None:
-                        self._busy += 1
-                        break
-                    if not self._busy:
-                        return
-                    self._idle += 1
-                    more.wait()
-                    self._idle -= 1
-            again = None
-            failed = True
-            try:
-                again = self._chunk(*task, staging)
-                failed = False
-            finally:
-                with more:
-                    self._busy -= 1
-                    self._stopping = self._stopping or failed  # the others take no new task
-                    if again is not None:  # failed verification: fetch the file again
-                        self._queue = _chain(self._tasks([again]), self._queue)
-                    if self._idle and (failed or again is not None or not self._busy):
-                        more.notify_all()
 
     def _make_parent(self, path: Path) -> None:
         """Create ``path``'s directory once per run (a model of many small files in one
