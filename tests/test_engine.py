@@ -326,28 +326,26 @@ def test_chunked_crc_of_a_resumed_file_covers_the_kept_chunks(tmp: Path, tamper:
 
 
 class _CorruptOnce(_MemorySource):
-    """Flips one byte of ``target`` the first time a read covers ``corrupt``."""
+    """Flips the byte at ``corrupt`` of ``target`` the first time a read covers it (only the
+    worker reading that range touches ``corrupt``: no other thread can disarm it)."""
 
     def __init__(self, files: dict[str, bytes], sums: dict[str, dict[str, str]], target: str):
         super().__init__(files, sums)
         self.target = target
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        armed = file.path == self.target and self.corrupt is not None
-        if not armed:
-            saved, self.corrupt = self.corrupt, None
-            try:
-                yield from super().read(file, start, end)
-            finally:
-                self.corrupt = saved
-            return
-        yield from super().read(file, start, end)
-        if self.corrupt is not None and start <= self.corrupt < (end or len(self.files[file.path])):
+        self.reads.append((file.path, start, end))
+        data = bytearray(self.files[file.path][start:end])
+        at = self.corrupt
+        if file.path == self.target and at is not None and start <= at < start + len(data):
+            data[at - start] ^= 0xFF
             self.corrupt = None  # once
+        for offset in range(0, len(data), 1000):
+            yield bytes(data[offset : offset + 1000])
 
 
 def test_a_file_failing_verification_is_fetched_again_by_the_workers(tmp: Path) -> None:
-    """Workers take their tasks themselves (engine.Engine._work): a file that fails
+    """Workers take their tasks themselves (engine_plan.Planner._work): a file that fails
     verification puts all its chunks back, and the workers that found nothing left to do
     wait for them instead of ending. The bad file is the last task, so the other workers are
     idle when its chunks come back; every file ends verified and byte-identical."""
