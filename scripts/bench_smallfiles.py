@@ -13,7 +13,7 @@ baseline are measured in the same minutes, interleaved. The trees pulled are rem
 the end: on ext4 without a journal, creating files right after deleting as many costs the next
 run up to a millisecond of system CPU a file (see scripts/bench_limits.py).
 
-    python3 scripts/bench_smallfiles.py --rounds 7 base=/tmp/base new=.
+    python3 scripts/bench_smallfiles.py --rounds 24 base=/tmp/base new=.  # paired too
     python3 scripts/bench_smallfiles.py --profile /tmp/prof new=.   # py-spy raw stacks too
 """
 
@@ -131,6 +131,20 @@ def main() -> int:
                 median = (statistics.median(many) - statistics.median(one)) * 1000 / args.count
                 line.append(f"{kind} {median:.3f} ({per[0]:.2f}..{per[-1]:.2f})")
             print(f"{name}: ms per file, median (per-round range): " + "; ".join(line))
+        if len(variants) == 2:  # each round ran both: the pairs cancel most of the drift
+            first, second = variants
+            for kind in ("cpu", "user"):
+                pairs = [
+                    b - a
+                    for a, b in zip(
+                        results[(first, "many", kind)], results[(second, "many", kind)], strict=True
+                    )
+                ]
+                print(
+                    f"{second} - {first}, {kind} of the {args.count}-file pull, paired: median "
+                    f"{statistics.median(pairs) * 1000:+.1f} ms, lower in "
+                    f"{sum(p < 0 for p in pairs)} of {len(pairs)} rounds"
+                )
         if args.profile:
             out = Path(args.profile)
             out.mkdir(parents=True, exist_ok=True)
