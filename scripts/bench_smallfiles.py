@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", help="directory for py-spy raw profiles (one run each)")
     parser.add_argument("--cpu", default="0", help="the CPU the tool runs on")
+    parser.add_argument(
+        "--many-only", action="store_true", help="no 1-object pulls: the paired figures only"
+    )
     args = parser.parse_args()
     variants = {}
     for item in args.variants:
@@ -106,7 +109,7 @@ def main() -> int:
                 order.reverse()
             for name, root in order:
                 env = {**base_env, "PYTHONPATH": root}
-                for what in ("many", "one"):
+                for what in ("many",) if args.many_only else ("many", "one"):
                     dest = work / f"{name}-{what}-{round_index}"
                     cmd = [
                         "taskset", "-c", args.cpu, sys.executable, "-m",
@@ -116,13 +119,15 @@ def main() -> int:
                     for kind, value in (("cpu", user + system), ("user", user), ("sys", system)):
                         results.setdefault((name, what, kind), []).append(value)
                     # Kept until the end: see scripts/bench_limits.py (_alternate's ``keep``).
+                if args.many_only:
+                    continue
                 line = []
                 for kind in ("cpu", "user", "sys"):
                     many = results[(name, "many", kind)][-1]
                     one = results[(name, "one", kind)][-1]
                     line.append(f"{kind} {(many - one) * 1000 / args.count:.3f}")
                 print(f"round {round_index} {name}: ms per file: " + ", ".join(line), flush=True)
-        for name in variants:
+        for name in [] if args.many_only else variants:
             line = []
             for kind in ("cpu", "user", "sys"):
                 many = results[(name, "many", kind)]
@@ -131,6 +136,12 @@ def main() -> int:
                 median = (statistics.median(many) - statistics.median(one)) * 1000 / args.count
                 line.append(f"{kind} {median:.3f} ({per[0]:.2f}..{per[-1]:.2f})")
             print(f"{name}: ms per file, median (per-round range): " + "; ".join(line))
+            many_cpu = statistics.median(results[(name, "many", "cpu")])
+            one_cpu = statistics.median(results[(name, "one", "cpu")])
+            print(
+                f"{name}: median CPU-s of the pulls: {many_cpu:.3f} ({args.count} files), "
+                f"{one_cpu:.3f} (1 file)"
+            )
         if len(variants) == 2:  # each round ran both: the pairs cancel most of the drift
             first, second = variants
             for kind in ("cpu", "user"):
