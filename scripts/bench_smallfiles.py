@@ -66,6 +66,9 @@ def main() -> int:
     parser.add_argument("--profile", help="directory for py-spy raw profiles (one run each)")
     parser.add_argument("--cpu", default="0", help="the CPU the tool runs on")
     parser.add_argument(
+        "--settle", type=float, default=0.0, help="seconds to wait after the upload"
+    )
+    parser.add_argument(
         "--many-only", action="store_true", help="no 1-object pulls: the paired figures only"
     )
     args = parser.parse_args()
@@ -94,6 +97,7 @@ def main() -> int:
                 )
             )
         client.put_object(Bucket=bucket, Key="one/f.bin", Body=os.urandom(16384))
+        time.sleep(args.settle)  # a server still busy with what was just written answers slower
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STORAGE_"))}
         base_env.update(
             AWS_ENDPOINT_URL=server.endpoint,
