@@ -26,11 +26,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from storage_initializer import checksums, resume, stall, writer
-from storage_initializer.engine_plan import Planner, _chain, _FileJob
+from storage_initializer.engine_plan import Cancelled, Planner, _FileJob
 from storage_initializer.engine_verify import INTEGRITY_ATTEMPTS, Verifier  # noqa: F401
 from storage_initializer.errors import (
     InitializerError,
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 RETRYABLE = (TransientError, ConnectionError, TimeoutError)
 #: Least seconds between lease checks before new requests and files (Engine._guard_if_due).
 GUARD_INTERVAL = 1.0
-
-
-class Cancelled(Exception):
-    """Another task failed, or the lease was lost: stop quietly."""
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -92,6 +88,12 @@ class Engine(Planner, Verifier):
         self.results: dict[str, dict[str, str]] = {}
         self._results_lock = threading.Lock()
         self._made_dirs: set[Path] = set()
+        #: The plan's tasks, taken by the workers themselves (see _work) under ``_more``.
+        self._queue: Iterator[tuple[_FileJob, int, int | None]] = iter(())
+        self._more = threading.Condition()
+        self._busy = 0
+        self._idle = 0
+        self._stopping = False
         #: Cuts transfers that make too little progress, and cancels us at the deadline.
         self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
         self.writer = writer.Writer(settings.write_size, settings.direct_io)
@@ -107,32 +109,19 @@ class Engine(Planner, Verifier):
         self._resumable = staging.chunks()
         jobs = [self._job(f, staging) for f in files]
         checkpoints = self._checkpoints = resume.Checkpointer(staging)
-        queue = self._tasks(jobs)
-        in_flight: dict[Future[_FileJob | None], tuple[_FileJob, int, int | None]] = {}
-        window = self.workers * 2
+        self._queue = self._tasks(jobs)
         with self.stalls, _pool(self.workers) as pool:
+            loops = [pool.submit(self._work, staging) for _ in range(self.workers)]
             try:
-                while True:
-                    while len(in_flight) < window:
-                        task = next(queue, None)
-                        if task is None:
-                            break
-                        in_flight[pool.submit(self._chunk, *task, staging)] = task
-                    if not in_flight:
-                        break
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        in_flight.pop(future)
-                        again = future.result()
-                        if again is not None:  # failed verification: fetch the file again
-                            queue = _chain(self._tasks([again]), queue)
+                done, _ = wait(loops, return_when=FIRST_EXCEPTION)
+                failed = [e for e in (f.exception() for f in done) if e is not None]
+                if failed:  # the failure itself, not the Cancelled of a worker it stopped
+                    raise next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
             except BaseException:
                 self.cancel.set()
-                for future in in_flight:
-                    future.cancel()
                 # Workers stop at their next block; one stuck in a request to a stalled
                 # server is not waited for (see _pool).
-                wait(in_flight, timeout=STOP_GRACE)
+                wait(loops, timeout=STOP_GRACE)
                 raise
             finally:
                 checkpoints.close()  # journals the last progress: a failed pull resumes there

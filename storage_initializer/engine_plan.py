@@ -2,8 +2,9 @@
 
 A job says how one file is fetched (one stream, or ranged chunks of ``chunk_size``), which
 checksum verifies it, and what a previous owner already wrote durably (resume.py). The chunks
-of a few large files at a time are then handed out in turn, so their in-order hashes keep up.
-Split from engine.py, which runs the plan; the engine inherits :class:`Planner`.
+of a few large files at a time are then handed out in turn, so their in-order hashes keep up;
+the workers take them one after another (:meth:`Planner._work`). Split from engine.py, which
+fetches; the engine inherits :class:`Planner`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ ACTIVE_FILES = 4
 #: owner fetches it again whole, which costs less than the ``fdatasync`` and journal line that
 #: would save it (a third of what a 16 KiB file costs; the file is fsynced when complete).
 CHECKPOINT_MIN = 8 << 20
+
+
+class Cancelled(Exception):
+    """Another task failed, or the lease was lost: stop quietly."""
 
 
 @dataclass
@@ -82,7 +87,19 @@ class Planner:
     progress: Progress
     ranged: bool
     workers: int
+    cancel: threading.Event
     _resumable: dict[str, set[tuple[int, int]]]
+    #: The plan's tasks, taken by the workers themselves (see _work) under ``_more``.
+    _queue: Iterator[tuple[_FileJob, int, int | None]]
+    _more: threading.Condition
+    _busy: int
+    _idle: int
+    _stopping: bool
+
+    def _chunk(
+        self, job: _FileJob, start: int, end: int | None, staging: Staging
+    ) -> _FileJob | None:
+        raise NotImplementedError  # engine.Engine fetches
 
     def _job(self, file: RemoteFile, staging: Staging) -> _FileJob:
         algorithm = checksums.choose(file.checksums) or checksums.local_default()
@@ -150,6 +167,42 @@ class Planner:
             if task is not None:
                 yield task
                 active.append(tasks)
+
+    def _work(self, staging: Staging) -> None:
+        """One worker: takes the next task of the plan until none is left. Workers take tasks
+        themselves, instead of the main thread handing out a future per task and waking at
+        each one's end: on a model of many small files that bookkeeping (a future, a waiter
+        on every task in flight, a switch to the main thread and back) cost 30-40 us a file
+        on 1 CPU. A worker that finds nothing to do while others are busy waits: a file
+        that failed verification comes back with all its chunks (see _chunk)."""
+        more = self._more
+        while True:
+            with more:
+                while True:
+                    if self.cancel.is_set() or self._stopping:
+                        raise Cancelled()
+                    task = next(self._queue, None)
+                    if task is not None:
+                        self._busy += 1
+                        break
+                    if not self._busy:
+                        return
+                    self._idle += 1
+                    more.wait()
+                    self._idle -= 1
+            again = None
+            failed = True
+            try:
+                again = self._chunk(*task, staging)
+                failed = False
+            finally:
+                with more:
+                    self._busy -= 1
+                    self._stopping = self._stopping or failed  # the others take no new task
+                    if again is not None:  # failed verification: fetch the file again
+                        self._queue = _chain(self._tasks([again]), self._queue)
+                    if self._idle and (failed or again is not None or not self._busy):
+                        more.notify_all()
 
 
 def _job_tasks(job: _FileJob) -> Iterator[tuple[_FileJob, int, int | None]]:

@@ -323,3 +323,44 @@ def test_chunked_crc_of_a_resumed_file_covers_the_kept_chunks(tmp: Path, tamper:
         assert len(second.reads) > 9  # the kept chunks were fetched again after the mismatch
     else:
         assert len(second.reads) < 9  # kept chunks were not fetched again
+
+
+class _CorruptOnce(_MemorySource):
+    """Flips the byte at ``corrupt`` of ``target`` the first time a read covers it (only the
+    worker reading that range touches ``corrupt``: no other thread can disarm it)."""
+
+    def __init__(self, files: dict[str, bytes], sums: dict[str, dict[str, str]], target: str):
+        super().__init__(files, sums)
+        self.target = target
+
+    def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        self.reads.append((file.path, start, end))
+        data = bytearray(self.files[file.path][start:end])
+        at = self.corrupt
+        if file.path == self.target and at is not None and start <= at < start + len(data):
+            data[at - start] ^= 0xFF
+            self.corrupt = None  # once
+        for offset in range(0, len(data), 1000):
+            yield bytes(data[offset : offset + 1000])
+
+
+def test_a_file_failing_verification_is_fetched_again_by_the_workers(tmp: Path) -> None:
+    """Workers take their tasks themselves (engine_plan.Planner._work): a file that fails
+    verification puts all its chunks back, and the workers that found nothing left to do
+    wait for them instead of ending. The bad file is the last task, so the other workers are
+    idle when its chunks come back; every file ends verified and byte-identical."""
+    small = {f"small-{index:03d}.bin": pattern(100 + index, index) for index in range(40)}
+    big = pattern(12 * 4096 + 5, 99)
+    files = {**small, "zz-big.bin": big}
+    source = _CorruptOnce(files, _crc_sums(files, "sha256"), "zz-big.bin")
+    source.corrupt = 5 * 4096 + 17
+    results, staging = _run_engine(source, tmp / "root")
+    assert set(results) == set(files)
+    for name, data in files.items():
+        assert (staging.data / name).read_bytes() == data, name
+        assert results[name]["sha256"] == hashlib.sha256(data).hexdigest()
+    big_reads = [(start, end) for path, start, end in source.reads if path == "zz-big.bin"]
+    assert sorted(set(big_reads)) == sorted(big_reads[:13]) and len(set(big_reads)) == 13
+    assert len(big_reads) == 26  # every chunk twice: the whole file fetched again
+    others = [path for path, _, _ in source.reads if path != "zz-big.bin"]
+    assert sorted(others) == sorted(small)  # the small files once each

@@ -126,7 +126,7 @@ def commit(
             remove_path(entry.root / name)
     for name in items:
         target = entry.root / name
-        if target.exists() or target.is_symlink():
+        if os.path.lexists(target):  # anything there, a dangling link too: one lstat
             remove_path(target)
         os.rename(staging.data / name, target)
     set_dir_modes([entry.root / name for name in items], read_only)

@@ -138,6 +138,11 @@ class Index:
             if candidate.size <= GITSHA1_MAX:
                 self._by_size.setdefault(candidate.size, []).append(candidate)
 
+    @property
+    def empty(self) -> bool:
+        """No candidate at all (a first pull into a fresh volume): nothing can match."""
+        return not self._by_digest and not self._by_size
+
     def matches(
         self, size: int, checksums: Mapping[str, str], source: str, path: str = ""
     ) -> Iterator[tuple[Candidate, str, str]]:

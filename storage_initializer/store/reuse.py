@@ -80,6 +80,8 @@ def from_volume(
     except OSError as exc:
         log.info("not looking for reusable files on the volume: %s", exc)
         return Outcome(list(files))
+    if index.empty:  # a pool of threads and a lookup per file, for no candidate at all
+        return Outcome(list(files))
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="reuse") as pool:
         taken = list(
@@ -247,6 +249,8 @@ def dedupe_fetched(
     try:
         index = content.volume_index(entry)
     except OSError:
+        return 0
+    if index.empty:
         return 0
     replaced = 0
     for item in wanted:
