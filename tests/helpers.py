@@ -354,7 +354,7 @@ def read_tree(source: Any, listing: Any) -> dict[str, bytes]:
     return {f.path: read_all(source, f) for f in listing.files}
 
 
-def payload(size: int, seed: int = 0) -> bytes:
+def payload(size: int, seed: int | str = 0) -> bytes:
     """Deterministic, non-repeating bytes, so a misplaced range cannot go unnoticed."""
     out = bytearray()
     counter = 0

@@ -22,6 +22,7 @@ from tests.helpers import (
     NO_STOCK_REASON,
     clean_env,
     entrypoint,
+    payload,
     poll_until,
     stock_download,
     stock_python,
@@ -36,20 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LFS_MIN = 64 * 1024
 
 
-def _blob(seed: str, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
 MODEL = {
     "config.json": b'{"hidden_size": 8}\n',
-    "tokenizer.json": _blob("tokenizer", 20_000),
-    "model-00001-of-00002.safetensors": _blob("w1", 3 * 1024 * 1024 + 7),
-    "sub/model-00002-of-00002.safetensors": _blob("w2", 1024 * 1024),
+    "tokenizer.json": payload(20_000, "tokenizer"),
+    "model-00001-of-00002.safetensors": payload(3 * 1024 * 1024 + 7, "w1"),
+    "sub/model-00002-of-00002.safetensors": payload(1024 * 1024, "w2"),
 }
 
 
