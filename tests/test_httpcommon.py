@@ -5,6 +5,7 @@ the per-thread sessions and the metadata backoff."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,6 +92,14 @@ def test_retry_after_in_both_forms_from_a_real_429(
     error = httpcommon.status_error(response, f"{URI}: busy")
     assert isinstance(error, TransientError)
     assert error.retry_after == expected
+
+
+def test_an_http_date_ahead_is_the_seconds_until_it_read_as_utc_without_a_zone() -> None:
+    """The HTTP-date form is parsed by the standard library (no urllib3 on the lean paths)."""
+    ahead = formatdate(time.time() + 120, usegmt=True)
+    for header in (ahead, ahead.removesuffix(" GMT")):  # no zone: UTC, as urllib3 reads it
+        waited = httpcommon.retry_after({"Retry-After": header})
+        assert waited is not None and 117 <= waited <= 120, (header, waited)
 
 
 @pytest.mark.parametrize(
