@@ -70,6 +70,12 @@ def _zlib_ng() -> ModuleType | None:
     return zlib_ng
 
 
+def crc32_update() -> Callable[[bytes, int], int]:
+    """``update(data, crc) -> crc`` for CRC-32: zlib-ng's when installed, else zlib's."""
+    fast = _zlib_ng()
+    return zlib.crc32 if fast is None else fast.crc32
+
+
 def native_crc32() -> bool:
     """Whether CRC-32 is computed by zlib-ng (fast) rather than zlib (~2 GiB/s)."""
     return _zlib_ng() is not None
@@ -116,8 +122,7 @@ def matrix_combine(algorithm: str, first: int, second: int, second_length: int) 
 def updater(algorithm: str) -> Callable[[bytes, int], int] | None:
     """``update(data, crc) -> crc`` for a combinable algorithm (None if not available)."""
     if algorithm == "crc32":
-        fast = _zlib_ng()
-        return zlib.crc32 if fast is None else fast.crc32
+        return crc32_update()
     native = _awscrt()
     if algorithm in ("crc32c", "crc64nvme") and native is not None:
         function = getattr(native, algorithm)
