@@ -76,7 +76,8 @@ for _command in (status, verify, gc):
 @click.option("--workers", help="Parallel requests. [backend default]")
 @click.option("--chunk-size", help="Size of ranged chunks of large files, e.g. 32MiB. [32MiB]")
 @click.option("--retries", help="Retries of a failing request. [5]")
-@click.option("--write-size", help="Size of each write into the page cache, e.g. 256KiB. [256KiB]")
+@click.option("--write-size", help="Size of each write into the page cache, e.g. 32KiB. [32KiB]")
+@click.option("--read-size", help="Size of the blocks read from the network, e.g. 256KiB. [256KiB]")
 @click.option(
     "--direct-io/--no-direct-io",
     default=None,

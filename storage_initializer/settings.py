@@ -34,7 +34,10 @@ class Settings:
     workers: int = 0
     chunk_size: int = 32 * 1024 * 1024
     #: Size of each write into the page cache (writer.py; the benchmark's sweep chose it).
-    write_size: int = 256 * 1024
+    write_size: int = 32 * 1024
+    #: Size of the blocks read from the network: a provider's GET body arrives in blocks of
+    #: this size, each checksummed and counted once, then written in ``write_size`` pieces.
+    read_size: int = 256 * 1024
     #: Write large files with O_DIRECT (writer.py): for models much larger than free memory.
     direct_io: bool = False
     retries: int = 5
@@ -228,6 +231,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "workers": (_positive(int), ("STORAGE_INITIALIZER_WORKERS",)),
     "chunk_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_CHUNK_SIZE",)),
     "write_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_WRITE_SIZE",)),
+    "read_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_READ_SIZE",)),
     "direct_io": (_bool, ("STORAGE_INITIALIZER_DIRECT_IO",)),
     "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
     "stall_timeout": (_positive(float), ("STORAGE_INITIALIZER_STALL_TIMEOUT",)),

@@ -1,10 +1,14 @@
 """How received bytes reach the file: page-cache writes in pieces, or direct I/O.
 
 Most of a pull's CPU goes into copying received bytes into the page cache. How much that copy
-costs depends on the size of each ``pwrite`` (cache residency of the source bytes, folio
-allocation), so the size is a setting (``write_size``, ``STORAGE_INITIALIZER_WRITE_SIZE``);
-its default comes from the sweep in ``scripts/bench`` (docs/performance.md). Each block a
-provider yields is written in pieces of that size.
+costs depends on the size of each ``pwrite``: since Linux 6.x a buffered write allocates page
+cache folios as large as the write, and large fresh folios can cost far more per byte (in a
+VM whose free memory goes back to the host, every first touch of such a folio is a host page
+fault). So the size is a setting (``write_size``, ``STORAGE_INITIALIZER_WRITE_SIZE``); its
+default comes from the sweep in ``scripts/bench`` (docs/performance.md). It is separate from
+the size of the blocks providers read from the network (``read_size``): each block is
+checksummed and counted once, in Python, so reading in small blocks costs per block what
+writing in small pieces saves per byte. Each block is written in pieces of ``write_size``.
 
 ``direct_io`` (``STORAGE_INITIALIZER_DIRECT_IO``) writes the large files with ``O_DIRECT``
 instead: received bytes are copied into a page-aligned buffer and written from it straight to
@@ -31,7 +35,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 #: The default piece size of page-cache writes (the benchmark's sweep, docs/performance.md).
-DEFAULT_WRITE_SIZE = 256 * 1024
+DEFAULT_WRITE_SIZE = 32 * 1024
 #: Offsets, lengths and buffer addresses of O_DIRECT writes are multiples of this (4 KiB
 #: covers 512-byte and 4 KiB logical sectors).
 ALIGN = 4096

@@ -278,8 +278,8 @@ def test_ranged_reads_from_many_threads_reassemble_exactly(
     ranges = [(start, min(start + step, len(BIG))) for start in range(0, len(BIG), step)]
     ranges[-1] = (ranges[-1][0], None)  # the last one reads "to the end"
 
-    # The SDK path hands out the transport's blocks, the lean one the engine's write size.
-    BLOCK = source.settings.write_size if lean else azure_common.BLOCK
+    # The SDK path hands out the transport's blocks, the lean one the engine's read size.
+    BLOCK = source.settings.read_size if lean else azure_common.BLOCK
 
     def span_length(span: tuple[int, int | None]) -> int:
         return (span[1] if span[1] is not None else len(BIG)) - span[0]

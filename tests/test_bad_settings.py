@@ -28,6 +28,7 @@ BAD = {
     "min-rate": ("fast", "is not a size; use e.g. 32MiB"),
     "timeout": ("inf", "is not a finite number"),
     "write-size": ("big", "is not a size; use e.g. 32MiB"),
+    "read-size": ("0", "is zero; use a value > 0"),
 }
 PYTHON_WORDS = ("invalid literal", "could not convert", "ValueError", "Traceback", "base 10")
 

@@ -144,9 +144,12 @@ def faulty(proxy: CountingProxy) -> list[Fault]:
     return faults
 
 
-@pytest.mark.parametrize("write_size", ["4097", "16KiB", "1MiB"])
-def test_every_write_size_reassembles_files_byte_identically(
-    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path, write_size: str
+@pytest.mark.parametrize(
+    ("read_size", "write_size"),
+    [("256KiB", "4097"), ("16KiB", "16KiB"), ("4097", "1MiB"), ("1MiB", "32KiB")],
+)
+def test_every_read_and_write_size_reassembles_files_byte_identically(
+    s3_server: S3Server, proxy: CountingProxy, tmp_path: Path, read_size: str, write_size: str
 ) -> None:
     files = {
         "model/a.bin": payload(10 * CHUNK + 7, 1),
@@ -160,6 +163,7 @@ def test_every_write_size_reassembles_files_byte_identically(
     env = {
         **small_chunks(s3_server),
         **s3_server.env(proxy.url),
+        "STORAGE_INITIALIZER_READ_SIZE": read_size,
         "STORAGE_INITIALIZER_WRITE_SIZE": write_size,
         "STORAGE_INITIALIZER_RETRIES": "12",
     }

@@ -81,10 +81,10 @@ def test_lean_get_is_the_default_and_pinned(gcs_env: GcsServer, via_proxy: Count
     assert all(authorization(g) is None for g in gets)  # the emulator: anonymous
 
 
-def test_lean_blocks_are_the_write_size(gcs_env: GcsServer) -> None:
+def test_lean_blocks_are_the_read_size(gcs_env: GcsServer) -> None:
     data = payload(MiB + 5, 4)
     bucket = gcs_env.new_bucket({"m/a": data})
-    source = source_for(f"gs://{bucket}/m", write_size=64 * 1024)
+    source = source_for(f"gs://{bucket}/m", read_size=64 * 1024)
     (file,) = source.list().files
     sizes = [len(block) for block in source.read(file)]
     assert max(sizes) == 64 * 1024

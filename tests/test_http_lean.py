@@ -85,14 +85,14 @@ def test_reads_take_the_lean_path_with_the_same_headers(
     data = pattern(3 * MiB + 17, 21)
     folder, url = _publish(nginx, front, "model.bin", data)
     monkeypatch.setenv("127.0.0.1-headers", json.dumps({"X-Api-Key": PRIVATE["X-Api-Key"]}))
-    source = source_for(url.replace("http://", "http://user:p%40ss@"), write_size=64 * 1024)
+    source = source_for(url.replace("http://", "http://user:p%40ss@"), read_size=64 * 1024)
     try:
         (file,) = source.list().files
         assert source._lean is not None, "the lean path is not in use"
         no_requests_path(source, monkeypatch)
         blocks = list(source.read(file, MiB, 2 * MiB))
         assert b"".join(blocks) == data[MiB : 2 * MiB]
-        assert max(len(b) for b in blocks) <= 64 * 1024  # blocks of write_size
+        assert max(len(b) for b in blocks) <= 64 * 1024  # blocks of read_size
         (connection,) = source._lean.connections._mine().values()
         assert read_all(source, file) == data
         # Both answers read to their end: the second GET went on the same connection.

@@ -7,7 +7,7 @@ than the stock initializer (docs/performance.md). Here the SDK keeps what it is 
 container client's URL (endpoint, path-style Azurite or private endpoints, quoting), its API
 version and User-Agent, the credential (SAS in the URI, account key, token credential) and the
 error semantics; the request itself goes through :mod:`lean_http` (one keep-alive
-``http.client`` connection per worker thread) and the body is read in ``write_size`` blocks.
+``http.client`` connection per worker thread) and the body is read in ``read_size`` blocks.
 
 Authorisation per credential mode (azure_credentials.select_credential):
 

@@ -88,7 +88,7 @@ class AzureSource(Source):
     ) -> Iterator[bytes]:
         assert self._lean is not None
         whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
-        block = self.settings.write_size
+        block = self.settings.read_size
         yield from self._lean.read(file.handle, version, start, end, whole, block, what)
 
     def _check_credential(self, credential: Any) -> None:

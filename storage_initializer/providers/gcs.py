@@ -298,7 +298,7 @@ class GcsSource(GcsErrorMapping, Source):
         where = f"{self.uri.redacted} ({file.path})"
         whole = start == 0 and (end is None or (file.size is not None and end >= file.size))
         if self._lean is not None and not transcoded:
-            block = self.settings.write_size
+            block = self.settings.read_size
             url = self.media_url(name)
             yield from self._lean.read(url, generation, start, end, whole, block, where)
             return

@@ -319,6 +319,6 @@ class HfSource(HfErrors, HfCache, Source):
             raise self._transport_error(failed, what) from None
         if answer.status not in (200, 206):
             raise self._http_error(hf_lean.as_response(answer), what)
-        block = self.settings.write_size
+        block = self.settings.read_size
         whole = start == 0 and end is None
         yield from lean_http.ranged_body(answer, start, end, whole, block, label, eager=True)

@@ -1,7 +1,7 @@
 """The lean read of ``hf://`` files: lean_http's connections instead of a requests session.
 
 The same shape as the lean S3 GET and the lean HTTP read (one keep-alive ``http.client``
-connection per worker thread and origin, the body in ``write_size`` blocks as it arrives), for
+connection per worker thread and origin, the body in ``read_size`` blocks as it arrives), for
 ``GET {endpoint}/{repo}/resolve/{sha}/{path}``. The Hub answers small files itself and
 redirects LFS/Xet files to a CDN: redirects are followed here, and the bearer token goes to the
 Hub's own origin (scheme, host, port) only, never to the CDN nor anywhere else a redirect

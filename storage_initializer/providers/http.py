@@ -11,7 +11,7 @@ a file replaced during the download is fetched again whole, never stitched. A UR
 refused (a presigned GET URL answers 403) is listed with a one-byte ranged GET instead.
 
 The listing and the reads take the lean path (http_lean: one ``http.client`` connection per
-worker, blocks of ``write_size``) unless a proxy is configured, ``STORAGE_INITIALIZER_HTTP_LEAN``
+worker, blocks of ``read_size``) unless a proxy is configured, ``STORAGE_INITIALIZER_HTTP_LEAN``
 is false, or the server redirects: then they go through requests, which is imported only then
 (with urllib3 it costs ~80 ms of CPU, a tenth of a 512 MiB pull on one CPU).
 """
@@ -300,7 +300,7 @@ class HttpSource(Source):
             raise
         left = None if end is None else end - start
         where = self.uri.redacted
-        block = self.settings.write_size
+        block = self.settings.read_size
         yield from lean_http.read_body(answer, 0, left, block, where, eager=True)
 
     def _check(

@@ -3,8 +3,8 @@
 A read through requests costs Python per request (the session's hooks, merging of settings,
 urllib3's pool) and copies every 1 MiB block out of urllib3 before the engine cuts it into
 ``write_size`` pieces. Here the GET goes over one keep-alive ``http.client`` connection per
-worker thread (:mod:`lean_http`) and the body is read in blocks of ``write_size``, which the
-engine writes as they are. What the requests path sends is sent here too: the
+worker thread (:mod:`lean_http`) and the body is read in blocks of ``read_size``, which the
+engine writes in ``write_size`` pieces. What the requests path sends is sent here too: the
 ``<hostname>-headers`` of the stock initializer, ``Basic`` authorization from the URI's
 ``user:password@``, ``Accept-Encoding: identity`` and our User-Agent; the answer is pinned and
 mapped by the same code (HttpSource._check, http_pin, httpcommon's status table).

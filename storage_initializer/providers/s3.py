@@ -146,7 +146,7 @@ class S3Source(S3Listing, S3ErrorMapping, Source):
             etag, _, listed_version = file.version.partition("@")
             version_id = version_id or listed_version or None  # a file rebuilt from a marker
             where = f"{self.uri.redacted} ({file.path})"
-            block = self.settings.write_size
+            block = self.settings.read_size
             yield from self._lean.read(
                 key, version_id, etag or None, start, end, whole, block, where
             )
