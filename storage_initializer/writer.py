@@ -78,11 +78,15 @@ class BufferedSink:
     def write(self, data: bytes, offset: int) -> None:
         size = len(data)
         piece = self.piece
-        if size <= piece:
+        # Pieces end on multiples of ``piece`` in the file, so each fills whole page-cache
+        # folios: blocks that arrive in arbitrary sizes (an eager read) stay aligned.
+        first = piece - offset % piece
+        if size <= first:
             _pwrite_all(self.fd, data, offset)
             return
         view = memoryview(data)
-        for position in range(0, size, piece):
+        _pwrite_all(self.fd, view[:first], offset)
+        for position in range(first, size, piece):
             _pwrite_all(self.fd, view[position : position + piece], offset + position)
 
     def written_to(self, offset: int) -> int:

@@ -188,6 +188,36 @@ def test_buffered_sink_writes_blocks_in_pieces(tmp_path: Path) -> None:
     assert path.read_bytes() == data
 
 
+def test_buffered_pieces_end_on_write_size_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks read eagerly arrive in any size: the pieces are cut so that each ends on a
+    multiple of the write size, filling whole page-cache folios, and every byte lands."""
+    data = payload(50_000, 6)
+    path = tmp_path / "f"
+    writes: list[tuple[int, int]] = []
+    real = writer._pwrite_all
+
+    def recording(fd: int, chunk: bytes | memoryview, offset: int) -> None:
+        writes.append((offset, len(chunk)))
+        real(fd, chunk, offset)
+
+    monkeypatch.setattr(writer, "_pwrite_all", recording)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        sink = writer.Writer(write_size=4096).open(fd, path, 0, len(data))
+        cuts = [0, 1000, 1001, 9000, 20_480, 45_000, 50_000]  # blocks of odd sizes
+        for start, end in itertools.pairwise(cuts):
+            sink.write(data[start:end], start)
+        sink.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert all(size <= 4096 for _, size in writes)
+    interior = [offset + size for offset, size in writes if offset + size not in cuts]
+    assert interior and all(end % 4096 == 0 for end in interior), writes
+
+
 def _direct_or_skip(directory: Path) -> None:
     if not writer.direct_io_supported(directory):
         pytest.skip(f"the filesystem of {directory} does not support O_DIRECT")
