@@ -32,10 +32,12 @@ import mmap
 import os
 from typing import Protocol
 
+from storage_initializer.settings import Settings
+
 log = logging.getLogger(__name__)
 
 #: The default piece size of page-cache writes (the benchmark's sweep, docs/performance.md).
-DEFAULT_WRITE_SIZE = 32 * 1024
+DEFAULT_WRITE_SIZE = Settings.write_size
 #: Offsets, lengths and buffer addresses of O_DIRECT writes are multiples of this (4 KiB
 #: covers 512-byte and 4 KiB logical sectors).
 ALIGN = 4096
