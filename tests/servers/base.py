@@ -23,6 +23,9 @@ class QuietHandler(BaseHTTPRequestHandler):
     the server records instead."""
 
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: headers and body go out as two writes, and with
+    #: Nagle the body would wait for the client's delayed ACK (40 ms an answer on loopback).
+    disable_nagle_algorithm = True
     server: OwnedServer
 
     def log_message(self, format: str, *args: object) -> None:
