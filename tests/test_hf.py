@@ -222,9 +222,11 @@ def test_lfs_sha256_matches_content_and_ranges_reassemble(hub: Hub, hf_env: dict
     small = next(f for f in listing.files if f.path == "config.json")
     assert b"".join(src.read(small, 2, 9)) == b'{"hidden_size": 8, "version": 1}\n'[2:9]
     src.close()
-    # LFS bytes came from the CDN via the redirect, at the commit, never at the branch.
+    # LFS bytes came from the CDN via the redirect, at the commit, never at the branch; the
+    # lean path asks the Hub once and reads the CDN location it gave for the other ranges.
     assert hub.server.count("GET", "/cdn/") >= 6
-    assert hub.server.count("GET", f"/resolve/{hub.v1}/model.safetensors") >= 6
+    resolved = hub.server.count("GET", f"/resolve/{hub.v1}/model.safetensors")
+    assert resolved == (1 if src._lean is not None else hub.server.count("GET", "/cdn/"))
     assert hub.server.count("GET", "/resolve/v1/") == 0
 
 
@@ -408,6 +410,31 @@ def test_file_reads_take_the_lean_path_and_the_token_stays_on_the_hub(
         assert read_all(src, files["w.bin"], 100, 4000) == b"w" * 3900
         assert read_all(src, files["w.bin"]) == b"w" * 5000
         assert hub.server.count("GET", "/cdn/") == 2
+        assert hub.server.cdn_authorization_seen == 0
+    finally:
+        src.close()
+
+
+def test_a_file_s_ranges_ask_the_hub_once_then_go_to_the_cdn(
+    hub: Hub, hf_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks of one LFS file: one ``resolve`` at the Hub, then the CDN location it gave;
+    a location the CDN refuses (an expired signature) is resolved again, and the bytes are
+    right either way."""
+    monkeypatch.setenv("HF_TOKEN", PRIVATE_TOKEN)
+    src = source("hf://acme/private")
+    try:
+        weights = {f.path: f for f in src.list().files}["w.bin"]
+        assert src._lean is not None, "the lean path is not in use"
+        hub.server.reset_counts()
+        for start in range(0, 5000, 1000):
+            assert read_all(src, weights, start, start + 1000) == b"w" * 1000
+        assert hub.server.count("GET", "/resolve/") == 1
+        assert hub.server.count("GET", "/cdn/") == 5
+        hub.server.inject("/cdn/", 403)  # the signed URL expired
+        assert read_all(src, weights, 1000, 4000) == b"w" * 3000
+        assert hub.server.count("GET", "/resolve/") == 2
+        assert hub.server.count("GET", "/cdn/") == 7  # the refused one, then the new location
         assert hub.server.cdn_authorization_seen == 0
     finally:
         src.close()
