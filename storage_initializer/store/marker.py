@@ -58,11 +58,10 @@ class Marker:
 
     def to_json(self) -> str:
         # What ``dataclasses.asdict`` gives, without its recursive deep copy (half of the
-        # marker's cost on a model of many files; json.dumps only reads).
+        # marker's cost on a model of many files; json.dumps only reads, so the fields' own
+        # dicts serve as they are).
         data = dict(vars(self))
-        data["files"] = [
-            {"path": f.path, "size": f.size, "checksums": f.checksums} for f in self.files
-        ]
+        data["files"] = [vars(f) for f in self.files]
         data["total_size"] = self.total_size
         data["completed_at_iso"] = time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.completed_at)
