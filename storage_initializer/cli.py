@@ -84,6 +84,11 @@ for _command in (status, verify, gc):
     help="Write files of 8 MiB or more with O_DIRECT, bypassing the page cache. [no]",
 )
 @click.option(
+    "--splice/--no-splice",
+    default=None,
+    help="Move plain-http bodies from the socket into files in the kernel (Linux). [yes]",
+)
+@click.option(
     "--stall-timeout",
     help="Cut and retry a transfer slower than --min-rate over this many seconds; 0: never. [30]",
 )

@@ -1,8 +1,9 @@
 """The transfer engine: moves bytes from a source into staging, verified, with bounded memory.
 
 Many files run in parallel and large files in concurrent ranged chunks on one bounded pool.
-Each worker streams blocks straight to the file with ``pwrite``; memory is about
-``workers × block``, whatever the model's size. Checksums are computed while bytes arrive: a
+Each worker streams blocks straight to the file with ``pwrite`` (or, for a plain-http body,
+lets the kernel splice it there: splice.py); memory is about ``workers × block``, whatever the
+model's size. Checksums are computed while bytes arrive: a
 file read in one stream is hashed block by block; a chunked file verified by a CRC is hashed
 chunk by chunk as bytes arrive and the CRCs are combined at the end (crcmath); other chunked
 files are hashed in order as soon as the chunks before them are complete (reading back from
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from storage_initializer import checksums, resume, stall, writer
+from storage_initializer import checksums, resume, splice, stall, writer
 from storage_initializer.engine_plan import Cancelled, Planner, _FileJob
 from storage_initializer.engine_verify import INTEGRITY_ATTEMPTS, Verifier  # noqa: F401
 from storage_initializer.errors import (
@@ -96,7 +97,7 @@ class Engine(Planner, Verifier):
         self._stopping = False
         #: Cuts transfers that make too little progress, and cancels us at the deadline.
         self.stalls = stall.Guard(settings.stall_timeout, settings.min_rate, cancel)
-        self.writer = writer.Writer(settings.write_size, settings.direct_io)
+        self.writer = writer.Writer(settings.write_size, settings.direct_io, settings.splice)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -216,29 +217,45 @@ class Engine(Planner, Verifier):
             try:
                 blocks = source.read(job.file, offset, end) if end is None or offset < end else ()
                 sink = self.writer.open(job.fd, job.path, offset, job.file.size)
+                landing = sink.landing(offset)
                 try:
-                    for block in watch.blocks(blocks, job.file.path):
-                        if self.cancel.is_set():
-                            raise Cancelled()
-                        size = len(block)
-                        limit = end if end is not None else job.file.size
-                        if limit is not None and offset + size > limit:
-                            raise IntegrityError(
-                                f"{job.file.path}: the source sent more bytes than the "
-                                f"{limit} it announced"
-                            )
-                        sink.write(block, offset)
-                        if crc_update is not None:
-                            crc = crc_update(block, crc)
-                        elif job.inline_hash and job.hasher is not None:
-                            job.hasher.update(block)
-                            if job.sha256 is not None:
-                                job.sha256.update(block)
-                            job.hashed_to = offset + size
-                        offset += size
-                        self.progress.transferred(size)
-                        # Journal only what reached the kernel, never bytes the sink buffers.
-                        self._note(job, start, sink.written_to(offset))
+                    with splice.offered(landing):
+                        for block in watch.blocks(blocks, job.file.path):
+                            if self.cancel.is_set():
+                                raise Cancelled()
+                            size = len(block)
+                            limit = end if end is not None else job.file.size
+                            if limit is not None and offset + size > limit:
+                                raise IntegrityError(
+                                    f"{job.file.path}: the source sent more bytes than the "
+                                    f"{limit} it announced"
+                                )
+                            if type(block) is splice.Landed:  # already in the file
+                                if block.offset != offset:
+                                    raise AssertionError(
+                                        f"{job.file.path}: {size} bytes landed at "
+                                        f"{block.offset}, expected at {offset}"
+                                    )
+                                data = block.view if crc_update or job.inline_hash else b""
+                                if block.spliced:
+                                    self.progress.spliced(size)
+                            else:
+                                sink.write(block, offset)
+                                data = block
+                                if landing is not None:
+                                    landing.offset = offset + size
+                            if crc_update is not None:
+                                crc = crc_update(data, crc)
+                            elif job.inline_hash and job.hasher is not None:
+                                job.hasher.update(data)
+                                if job.sha256 is not None:
+                                    job.sha256.update(data)
+                                job.hashed_to = offset + size
+                            offset += size
+                            self.progress.transferred(size)
+                            # Journal only what reached the kernel, never bytes the sink
+                            # buffers.
+                            self._note(job, start, sink.written_to(offset))
                 finally:
                     sink.close()  # what it buffered is written before any retry from offset
                 self._note(job, start, offset)

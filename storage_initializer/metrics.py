@@ -15,6 +15,8 @@ The names below are documented in docs/cache.md and checked by a test; keep the 
   file, summed over files — it overlaps ``transfer``, as files verify while others still
   arrive; on the fast path, the marker check), ``extract`` (a single archive), ``commit``, and
   ``total`` (the whole pull)
+* ``storage_initializer_bytes_spliced_total`` — of the bytes from the origin, those moved from
+  the socket into the file by the kernel (plain-http bodies, ``splice.py``)
 * ``storage_initializer_retries_total`` — retried requests
 * ``storage_initializer_takeovers_total`` — stale leases this process took over
 * ``storage_initializer_verify_failures_total`` — files that failed verification (fetched again)
@@ -51,6 +53,7 @@ def write(path: str | Path, runs: Iterable[dict[str, Any]]) -> None:
     reused = counter("bytes_reused", "Bytes found in place, waited for, or resumed")
     files = gauge("files", "Files of the model")
     phases = gauge("phase_seconds", "Seconds spent in each phase", ("phase",))
+    spliced = counter("bytes_spliced", "Bytes from the origin moved into files by splice")
     retries = counter("retries", "Retried requests")
     takeovers = counter("takeovers", "Stale leases taken over")
     verify_failures = counter("verify_failures", "Files that failed verification")
@@ -65,6 +68,7 @@ def write(path: str | Path, runs: Iterable[dict[str, Any]]) -> None:
         seconds["total"] = run.get("seconds", 0.0)
         for phase, value in seconds.items():
             phases.labels(*key, phase).set(value)
+        spliced.labels(*key).inc(run.get("bytes_spliced", 0))
         retries.labels(*key).inc(run.get("retries", 0))
         takeovers.labels(*key).inc(run.get("takeovers", 0))
         verify_failures.labels(*key).inc(run.get("verify_failures", 0))

@@ -20,6 +20,8 @@ class Progress:
         self.files_done = 0
         self.retries = 0
         self.verify_failures = 0
+        #: Of ``bytes_from_origin``, those moved from socket to file by the kernel (splice.py).
+        self.bytes_spliced = 0
         #: Seconds spent in each phase, closed when the next phase starts (see set_phase).
         self.phases: dict[str, float] = {}
         self._phase_started = self.started
@@ -48,6 +50,11 @@ class Progress:
         with self._lock:
             self.bytes_done += count
             self.bytes_from_origin += count
+
+    def spliced(self, count: int) -> None:
+        """``count`` transferred bytes went from the socket to the file without a copy."""
+        with self._lock:
+            self.bytes_spliced += count
 
     def rewound(self, count: int) -> None:
         """Bytes that must be fetched again (a source without ranges restarted a file)."""

@@ -40,6 +40,8 @@ class Settings:
     read_size: int = 256 * 1024
     #: Write large files with O_DIRECT (writer.py): for models much larger than free memory.
     direct_io: bool = False
+    #: Move plain-http bodies from the socket into the file with splice (splice.py).
+    splice: bool = True
     retries: int = 5
     #: A transfer receiving less than ``min_rate`` bytes/s over this many seconds is cut and
     #: retried from its last byte (stall.py); 0 turns the guard off.
@@ -233,6 +235,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "write_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_WRITE_SIZE",)),
     "read_size": (_positive(_size, allow_zero=False), ("STORAGE_INITIALIZER_READ_SIZE",)),
     "direct_io": (_bool, ("STORAGE_INITIALIZER_DIRECT_IO",)),
+    "splice": (_bool, ("STORAGE_INITIALIZER_SPLICE",)),
     "retries": (_positive(int), ("STORAGE_INITIALIZER_RETRIES",)),
     "stall_timeout": (_positive(float), ("STORAGE_INITIALIZER_STALL_TIMEOUT",)),
     "min_rate": (_positive(_size), ("STORAGE_INITIALIZER_MIN_RATE",)),

@@ -99,6 +99,18 @@ def install() -> None:
         _installed = True
 
 
+@contextlib.contextmanager
+def reading(sock: socket.socket) -> Iterator[None]:
+    """This thread reads ``sock`` without :class:`socket.SocketIO` (``splice.py``): let the
+    guard and the deadline see it, so they can cut it as they cut any other read."""
+    ident = threading.get_ident()
+    _reading[ident] = sock
+    try:
+        yield
+    finally:
+        _reading.pop(ident, None)
+
+
 def _shut(sock: socket.socket) -> None:
     """Make a blocked read on ``sock`` return now (TLS sockets too, without touching their
     TLS state, which the reading thread owns)."""

@@ -32,6 +32,7 @@ import mmap
 import os
 from typing import Protocol
 
+from storage_initializer import splice
 from storage_initializer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class Sink(Protocol):
 
     def close(self) -> None: ...
 
+    def landing(self, offset: int) -> splice.Landing | None:
+        """Where a body may be spliced straight into the file from ``offset`` (splice.py);
+        None when this sink must see every byte."""
+        ...
+
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """``pwrite`` until every byte is written (a regular file may take fewer at once)."""
@@ -71,11 +77,12 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 class BufferedSink:
     """Writes through the page cache in ``piece``-sized ``pwrite``s."""
 
-    __slots__ = ("fd", "piece")
+    __slots__ = ("fd", "piece", "splice")
 
-    def __init__(self, fd: int, piece: int) -> None:
+    def __init__(self, fd: int, piece: int, splice: bool = False) -> None:
         self.fd = fd
         self.piece = piece
+        self.splice = splice
 
     def write(self, data: bytes, offset: int) -> None:
         size = len(data)
@@ -96,6 +103,11 @@ class BufferedSink:
 
     def close(self) -> None:
         return None
+
+    def landing(self, offset: int) -> splice.Landing | None:
+        if not self.splice or not splice.enabled():
+            return None
+        return splice.Landing(self.fd, offset, self.piece)
 
 
 class DirectSink:
@@ -157,18 +169,24 @@ class DirectSink:
             self.buffer.close()
             os.close(self.direct_fd)
 
+    def landing(self, offset: int) -> splice.Landing | None:
+        return None  # direct writes go from an aligned buffer of ours
+
 
 class Writer:
     """Opens the sink for each attempt at a chunk, as the settings ask."""
 
-    def __init__(self, write_size: int = DEFAULT_WRITE_SIZE, direct: bool = False) -> None:
+    def __init__(
+        self, write_size: int = DEFAULT_WRITE_SIZE, direct: bool = False, splice: bool = False
+    ) -> None:
         self.write_size = max(1, write_size)
         self.direct = direct and hasattr(os, "O_DIRECT")
+        self.splice = splice
         self._warned = False
 
     def open(self, fd: int, path: os.PathLike[str] | str, offset: int, size: int | None) -> Sink:
         if not self.direct or size is None or size < DIRECT_MIN_SIZE or offset % ALIGN:
-            return BufferedSink(fd, self.write_size)
+            return BufferedSink(fd, self.write_size, self.splice)
         try:
             direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:  # EINVAL: the filesystem does not do O_DIRECT
@@ -179,7 +197,7 @@ class Writer:
                     os.path.dirname(path),
                     exc.strerror,
                 )
-            return BufferedSink(fd, self.write_size)
+            return BufferedSink(fd, self.write_size, self.splice)
         try:
             buffer = mmap.mmap(-1, DIRECT_BUFFER)  # anonymous mappings are page-aligned
         except BaseException:

@@ -26,13 +26,16 @@ import contextlib
 import http.client
 import os
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
+from storage_initializer import splice
 from storage_initializer.errors import TransientError
 from storage_initializer.providers.block_window import take_window
 from storage_initializer.redact import redact
@@ -77,6 +80,8 @@ class Answer:
     response: http.client.HTTPResponse
     address: tuple[str, str]
     connections: Connections
+    #: The connection's socket (a plain one can be spliced from: splice.py).
+    sock: socket.socket | None = None
 
     @property
     def status(self) -> int:
@@ -154,7 +159,7 @@ class Connections:
                 connection.request(method, target, headers=headers)
                 if connection.sock is not None:
                     connection.sock.settimeout(self.read_timeout)
-                return Answer(connection.getresponse(), address, self)
+                return Answer(connection.getresponse(), address, self, connection.sock)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.drop(address)
                 if reused and not fresh_try:
@@ -223,15 +228,39 @@ def read_body(
     response = answer.response
     read = response.read1 if eager else response.read
     budget = None if remaining is None else skip + remaining  # never read past the window
+    landing = _landing(answer, skip, remaining)
     finished = False
     try:
-        yield from take_window(_received(response, read, budget, block, where), skip, remaining)
+        if landing is not None and remaining is not None and answer.sock is not None:
+            # Landed blocks, typed as the bytes they stand for: only the engine offers a
+            # landing, and it tells them apart (splice.py).
+            yield from cast(
+                Iterator[bytes], splice.land(response, answer.sock, landing, remaining, where)
+            )
+        else:
+            yield from take_window(_received(response, read, budget, block, where), skip, remaining)
         if response.length == 0:
             response.close()  # read1 leaves a fully read answer open; read() closes it
         finished = response.isclosed()  # the whole answer read: the connection is reusable
     finally:
         if not finished:
             answer.connections.drop(answer.address)  # a half-read body cannot carry more
+
+
+def _landing(answer: Answer, skip: int, remaining: int | None) -> splice.Landing | None:
+    """The engine's landing for this body, when the body can be spliced into it: a plain
+    socket, a Content-Length body of at least :data:`splice.MIN_BODY` in the window, nothing
+    to drop at its head."""
+    response = answer.response
+    if (
+        skip
+        or remaining is None
+        or response.chunked
+        or response.length is None
+        or min(remaining, response.length) < splice.MIN_BODY
+    ):
+        return None
+    return splice.take(answer.sock)
 
 
 def _received(

@@ -54,6 +54,7 @@ def as_holder(
         result.phases = phase_seconds(claimed - started, progress)
         result.retries = progress.retries
         result.verify_failures = progress.verify_failures
+        result.bytes_spliced = progress.bytes_spliced
         result.takeovers = int(took_over)
         if waited and result.outcome == "complete":
             result.outcome = "waited"

@@ -34,6 +34,8 @@ class Result:
     retries: int = 0
     takeovers: int = 0
     verify_failures: int = 0
+    #: Of ``bytes_from_origin``, those moved from socket to file by splice (splice.py).
+    bytes_spliced: int = 0
     #: Files fetched from the origin, and files reused from the volume or a staging area.
     files_fetched: int = 0
     files_reused: int = 0
@@ -81,6 +83,7 @@ def holder_failure_stats(progress: Any, wait: float, took_over: bool) -> dict[st
         "files": snap["files_done"],
         "retries": snap["retries"],
         "verify_failures": progress.verify_failures,
+        "bytes_spliced": progress.bytes_spliced,
         "takeovers": int(took_over),
         "phases": phase_seconds(wait, progress),
     }
