@@ -7,7 +7,14 @@ its progress is journalled in the staging area's ``chunks.jsonl`` as ``{"path", 
 durable: a :class:`Checkpointer` thread collects the offsets the workers reached, ``fdatasync``s
 those files, and only then appends the lines (one ``O_APPEND`` write per round; a torn last line
 is skipped by the reader). The workers never wait for the disk; what a kill loses is what was
-written since the last round began — about one block per worker on a local disk.
+written since the last round began: at most :data:`ROUND_INTERVAL` of transfer, plus the round
+under way.
+
+Rounds are at least :data:`ROUND_INTERVAL` apart, except when a worker waits for its finished
+chunk to be on record (:meth:`Checkpointer.settle`). Back to back, they were an ``fdatasync`` of
+every file in flight each few milliseconds (1 200 for a 2 GiB pull): each one writes the dirty
+pages back in the pull's own context, charged to its CPU limit, where the kernel's flusher
+would otherwise do it (about a tenth of a pull's CPU, docs/performance.md).
 
 The journal is in the group-writable state directory, so it is input, not truth
 (:func:`kept_prefixes`): a claim past the file's size, past the staged file's end or over a hole
@@ -26,6 +33,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,6 +42,8 @@ from storage_initializer.store.staging import Staging
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
+#: Least seconds between two journal rounds unless a worker is waiting for one.
+ROUND_INTERVAL = 0.2
 
 
 def kept_prefixes(
@@ -155,6 +165,8 @@ class Checkpointer:
         #: Rounds that took their batch / that finished journalling it (see settle).
         self._started = 0
         self._finished = 0
+        #: The round a worker waits for in settle: when not started yet, it starts at once.
+        self._wanted = 0
         self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
         self._thread.start()
 
@@ -171,6 +183,9 @@ class Checkpointer:
         with self._wake:
             # Still pending: the next round takes it; otherwise the round under way has it.
             target = self._started + 1 if (name, start) in self._pending else self._started
+            if target > self._wanted:
+                self._wanted = target
+                self._wake.notify_all()
             self._wake.wait_for(lambda: self._finished >= target or self._stopped)
 
     def close(self) -> None:
@@ -182,9 +197,15 @@ class Checkpointer:
 
     def _run(self) -> None:
         try:
+            due = 0.0
             while True:
                 with self._wake:
+                    self._wake.wait_for(
+                        lambda: self._wanted > self._started or self._closed,
+                        timeout=max(0.0, due - time.monotonic()),
+                    )
                     self._wake.wait_for(lambda: self._pending or self._closed)
+                    due = time.monotonic() + ROUND_INTERVAL
                     batch, self._pending = self._pending, {}
                     last = self._closed and not batch
                     self._started += 1

@@ -374,3 +374,31 @@ def test_a_file_of_one_range_resumes_in_chunks_when_the_chunk_size_changed(tmp: 
     assert (staging.data / "w.bin").read_bytes() == data
     assert results["w.bin"] == second.sums
     assert min(start for start, _end in second.reads) == 15_000, second.reads
+
+
+def test_journal_rounds_are_spaced_but_a_finished_chunk_is_recorded_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With rounds an hour apart, progress noted between them waits for the next round (one
+    ``fdatasync`` per file per round, not per block), yet a worker settling its finished chunk
+    gets its round now, and closing journals what is pending."""
+    from storage_initializer import resume
+    from storage_initializer.store import layout
+    from storage_initializer.store.staging import Staging
+
+    monkeypatch.setattr(resume, "ROUND_INTERVAL", 3600.0)
+    staging = Staging(layout.direct(tmp_path / "dest", "k"), "0123456789ab")
+    staging.data.mkdir(parents=True)
+    staged = staging.data / "w.bin"
+    staged.write_bytes(b"x" * 4096)
+    checkpoints = resume.Checkpointer(staging)
+    try:
+        checkpoints.note(staged, "w.bin", 0, 1024)
+        checkpoints.settle("w.bin", 0)  # returns once journalled: no hour's wait
+        assert staging.chunks() == {"w.bin": {(0, 1024)}}
+        for offset in range(1025, 2049):  # a block each: nothing is journalled before a round
+            checkpoints.note(staged, "w.bin", 1024, offset)
+        assert staging.chunks() == {"w.bin": {(0, 1024)}}
+    finally:
+        checkpoints.close()
+    assert staging.chunks() == {"w.bin": {(0, 1024), (1024, 2048)}}
