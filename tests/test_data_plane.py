@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,32 @@ def faulty(proxy: CountingProxy) -> list[Fault]:
     return faults
 
 
+def pull_through_faults(
+    s3_server: S3Server,
+    proxy: CountingProxy,
+    dest: Path,
+    files: dict[str, bytes],
+    env: dict[str, str],
+    *flags: str,
+) -> subprocess.CompletedProcess[str]:
+    """``files`` (keys under ``model/``) pulled through ``proxy`` with :func:`faulty`'s cuts
+    and 500s, with ``env`` over :func:`small_chunks`: the pull must succeed byte-identically
+    and at least one fault must have been injected. Returns the pull's run."""
+    bucket = s3_server.new_bucket(files)
+    faults = faulty(proxy)
+    env = {
+        **small_chunks(s3_server),
+        **s3_server.env(proxy.url),
+        "STORAGE_INITIALIZER_RETRIES": "12",
+        **env,
+    }
+    result = run_pull(f"s3://{bucket}/model", dest, *flags, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
+    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
+    return result
+
+
 @pytest.mark.parametrize(
     ("read_size", "write_size"),
     [("256KiB", "4097"), ("16KiB", "16KiB"), ("4097", "1MiB"), ("1MiB", "32KiB")],
@@ -157,20 +184,11 @@ def test_every_read_and_write_size_reassembles_files_byte_identically(
         "model/small.json": payload(5000, 3),
         "model/empty": b"",
     }
-    bucket = s3_server.new_bucket(files)
-    faults = faulty(proxy)
-    dest = tmp_path / "out"
-    env = {
-        **small_chunks(s3_server),
-        **s3_server.env(proxy.url),
+    sizes = {
         "STORAGE_INITIALIZER_READ_SIZE": read_size,
         "STORAGE_INITIALIZER_WRITE_SIZE": write_size,
-        "STORAGE_INITIALIZER_RETRIES": "12",
     }
-    result = run_pull(f"s3://{bucket}/model", dest, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
-    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
+    pull_through_faults(s3_server, proxy, tmp_path / "out", files, sizes)
 
 
 def test_buffered_sink_writes_blocks_in_pieces(tmp_path: Path) -> None:
@@ -257,23 +275,12 @@ def test_direct_io_pull_with_faults_is_byte_identical(
         "model/big.bin": payload(writer.DIRECT_MIN_SIZE + 3 * MiB + 4097, 6),
         "model/small.bin": payload(100_000, 7),
     }
-    bucket = s3_server.new_bucket(files)
-    faults = faulty(proxy)
-    dest = tmp_path / "out"
-    env = {
-        **small_chunks(s3_server),
-        **s3_server.env(proxy.url),
-        "STORAGE_INITIALIZER_CHUNK_SIZE": "1MiB",
-        "STORAGE_INITIALIZER_RETRIES": "12",
-    }
+    env = {"STORAGE_INITIALIZER_CHUNK_SIZE": "1MiB"}
     if asked_by == "env":
         env["STORAGE_INITIALIZER_DIRECT_IO"] = "true"
     flags = ("--direct-io", "--write-size", "64KiB") if asked_by == "flag" else ()
-    result = run_pull(f"s3://{bucket}/model", dest, *flags, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert tree(dest) == {k[len("model/") :]: v for k, v in files.items()}
+    result = pull_through_faults(s3_server, proxy, tmp_path / "out", files, env, *flags)
     assert "direct I/O is not possible" not in result.stderr
-    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
 
 
 # -- the lean S3 GET ----------------------------------------------------------------------------

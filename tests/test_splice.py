@@ -22,8 +22,7 @@ from tests.servers.nginx import Nginx
 from tests.servers.proxy import CountingProxy, Fault
 from tests.servers.s3 import S3Server, proxy, s3_server
 from tests.test_cache_ops import read_metrics
-from tests.test_data_plane import faulty, tree
-from tests.test_s3 import run_pull
+from tests.test_data_plane import pull_through_faults
 
 __all__ = ["proxy", "s3_server"]  # fixtures, imported so that pytest finds them
 
@@ -81,21 +80,13 @@ def test_spliced_chunks_cut_or_failed_by_the_proxy_resume_byte_identically(
         "model/b.bin": pattern(3 * MiB, 2),
         "model/small.json": pattern(5000, 3),
     }
-    bucket = s3_server.new_bucket(files)
-    faults = faulty(proxy)
     metrics = tmp_path / "m.prom"
     env = {
-        **clean_env(),
-        **s3_server.env(proxy.url),
         "STORAGE_INITIALIZER_CHUNK_SIZE": "2MiB",
         "STORAGE_INITIALIZER_WORKERS": "3",
-        "STORAGE_INITIALIZER_RETRIES": "12",
         "STORAGE_INITIALIZER_METRICS_FILE": str(metrics),
     }
-    result = run_pull(f"s3://{bucket}/model", tmp_path / "out", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert tree(tmp_path / "out") == {k[len("model/") :]: v for k, v in files.items()}
-    assert sum(f.hits for f in faults) > 0, "no fault was injected: the test proves nothing"
+    pull_through_faults(s3_server, proxy, tmp_path / "out", files, env)
     assert spliced(metrics) > 5 * MiB
 
 
