@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from storage_initializer import stall
 from storage_initializer.errors import TransientError
 from storage_initializer.redact import redact
+from storage_initializer.writer import pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def land(
     early is a :class:`TransientError`, as on the ordinary path."""
     left = min(want, response.length or 0)
     for head in _buffered_head(response, left, where):
-        _pwrite_all(landing.fd, head, landing.offset)
+        pwrite_all(landing.fd, head, landing.offset)
         block = Landed(landing.fd, landing.offset, len(head), head)
         landing.offset += len(head)
         left -= len(head)
@@ -265,7 +266,7 @@ def _rescue(read_end: int, landing: Landing, end: int) -> None:
         data = os.read(read_end, min(SEGMENT, end - landing.offset))
         if not data:
             raise OSError(errno.EIO, "the pipe ended before its bytes were written")
-        _pwrite_all(landing.fd, data, landing.offset)
+        pwrite_all(landing.fd, data, landing.offset)
         landing.offset += len(data)
 
 
@@ -280,7 +281,7 @@ def _read_rest(
             raise _broke_off(where, exc) from None
         if not data:
             raise _cut(where, response)
-        _pwrite_all(landing.fd, data, landing.offset)
+        pwrite_all(landing.fd, data, landing.offset)
         block = Landed(landing.fd, landing.offset, len(data), data)
         landing.offset += len(data)
         left -= len(data)
@@ -298,13 +299,6 @@ def _cut(where: str, response: http.client.HTTPResponse) -> TransientError:
         f"{where}: the transfer broke off: the connection closed with "
         f"{response.length} bytes of the answer missing"
     )
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written:], offset + written)
 
 
 class _Pipe:

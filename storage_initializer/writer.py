@@ -30,10 +30,12 @@ import contextlib
 import logging
 import mmap
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from storage_initializer import splice
 from storage_initializer.settings import Settings
+
+if TYPE_CHECKING:
+    from storage_initializer import splice
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Sink(Protocol):
         ...
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """``pwrite`` until every byte is written (a regular file may take fewer at once)."""
     written = os.pwrite(fd, data, offset)
     if written == len(data):
@@ -91,12 +93,12 @@ class BufferedSink:
         # folios: blocks that arrive in arbitrary sizes (an eager read) stay aligned.
         first = piece - offset % piece
         if size <= first:
-            _pwrite_all(self.fd, data, offset)
+            pwrite_all(self.fd, data, offset)
             return
         view = memoryview(data)
-        _pwrite_all(self.fd, view[:first], offset)
+        pwrite_all(self.fd, view[:first], offset)
         for position in range(first, size, piece):
-            _pwrite_all(self.fd, view[position : position + piece], offset + position)
+            pwrite_all(self.fd, view[position : position + piece], offset + position)
 
     def written_to(self, offset: int) -> int:
         return offset  # every write is a pwrite before it returns
@@ -105,9 +107,11 @@ class BufferedSink:
         return None
 
     def landing(self, offset: int) -> splice.Landing | None:
-        if not self.splice or not splice.enabled():
+        if not self.splice:
             return None
-        return splice.Landing(self.fd, offset, self.piece)
+        from storage_initializer import splice  # splice.py writes with pwrite_all (below)
+
+        return splice.Landing(self.fd, offset, self.piece) if splice.enabled() else None
 
 
 class DirectSink:
@@ -126,7 +130,7 @@ class DirectSink:
         if offset != self.base + self.fill:  # not sequential (cannot happen in the engine)
             self._flush_all()
             if offset % ALIGN:
-                _pwrite_all(self.fd, data, offset)
+                pwrite_all(self.fd, data, offset)
                 self.base = -1  # stays buffered: every later write differs from base + fill
                 return
             self.base = offset
@@ -139,7 +143,7 @@ class DirectSink:
             self.fill += take
             position += take
             if self.fill == capacity:
-                _pwrite_all(self.direct_fd, self.view, self.base)
+                pwrite_all(self.direct_fd, self.view, self.base)
                 self.base += capacity
                 self.fill = 0
 
@@ -155,9 +159,9 @@ class DirectSink:
             return
         aligned = self.fill - self.fill % ALIGN
         if aligned:
-            _pwrite_all(self.direct_fd, self.view[:aligned], self.base)
+            pwrite_all(self.direct_fd, self.view[:aligned], self.base)
         if aligned < self.fill:
-            _pwrite_all(self.fd, self.view[aligned : self.fill], self.base + aligned)
+            pwrite_all(self.fd, self.view[aligned : self.fill], self.base + aligned)
         self.base += self.fill
         self.fill = 0
 

@@ -214,13 +214,13 @@ def test_buffered_pieces_end_on_write_size_boundaries(
     data = payload(50_000, 6)
     path = tmp_path / "f"
     writes: list[tuple[int, int]] = []
-    real = writer._pwrite_all
+    real = writer.pwrite_all
 
     def recording(fd: int, chunk: bytes | memoryview, offset: int) -> None:
         writes.append((offset, len(chunk)))
         real(fd, chunk, offset)
 
-    monkeypatch.setattr(writer, "_pwrite_all", recording)
+    monkeypatch.setattr(writer, "pwrite_all", recording)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         sink = writer.Writer(write_size=4096).open(fd, path, 0, len(data))
