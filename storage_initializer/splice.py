@@ -54,9 +54,6 @@ SEGMENT = 1 << 20
 #: Bodies shorter than this take the ordinary path: for a few kilobytes, the pipe and the
 #: extra system calls cost more than the copy they save.
 MIN_BODY = 1 << 20
-#: Most bytes ``http.client``'s reader buffers past the headers (``io.DEFAULT_BUFFER_SIZE``),
-#: written the ordinary way before the rest of a body is spliced (:func:`_buffered_head`).
-HEAD = 8 * 1024
 #: fcntl's F_SETPIPE_SZ (Linux); the pipe holds one segment.
 _F_SETPIPE_SZ = 1031
 _SPLICE_F_MOVE = 1
@@ -78,7 +75,7 @@ class Landing:
     offset: int
     #: Size of each move into the file (the sink's ``write_size``): the kernel allocates
     #: page-cache folios as large as each write, as with ``pwrite`` (writer.py).
-    piece: int = 32 * 1024
+    piece: int
 
 
 class Landed:
@@ -171,9 +168,10 @@ def land(
 
 
 def _buffered_head(response: http.client.HTTPResponse, left: int, where: str) -> Iterator[bytes]:
-    """What ``http.client``'s reader holds past the headers (``peek`` returns what it buffered,
-    or makes one socket read when it holds nothing), taken through ``read1`` so the answer
-    counts it; the reader is empty afterwards, so the socket holds the rest of the body."""
+    """What ``http.client``'s reader holds past the headers (at most its buffer,
+    ``io.DEFAULT_BUFFER_SIZE``: ``peek`` returns what it buffered, or makes one socket read
+    when it holds nothing), taken through ``read1`` so the answer counts it; the reader is
+    empty afterwards, so the socket holds the rest of the body."""
     reader = response.fp
     if reader is None or left <= 0:
         return
@@ -205,7 +203,7 @@ def _splice_body(
     clean = False
     try:
         with stall.reading(sock):
-            while left > 0:
+            while left > 0 and _available:
                 try:
                     count = os.splice(source, write_end, min(left, SEGMENT), flags=_NONBLOCKING)
                 except BlockingIOError:
@@ -213,12 +211,10 @@ def _splice_body(
                         raise _broke_off(where, TimeoutError("timed out")) from None
                     continue
                 except OSError as exc:
-                    if exc.errno in _UNSUPPORTED:
-                        _available = False  # nothing was taken from the socket
-                        clean = True
-                        yield from _read_rest(response, landing, left, where)
-                        return
-                    raise _broke_off(where, exc) from None
+                    if exc.errno not in _UNSUPPORTED:
+                        raise _broke_off(where, exc) from None
+                    _available = False  # nothing was taken from the socket
+                    break
                 if count == 0:
                     response.length = left  # for the message; the connection is dropped
                     raise _cut(where, response)
@@ -231,12 +227,6 @@ def _splice_body(
                     log.info("%s: splice into this filesystem refused (%s)", where, exc)
                     _available = False
                     _rescue(read_end, landing, start + count)
-                    clean = True
-                    left -= count
-                    response.length = (response.length or 0) - count
-                    yield Landed(landing.fd, start, count)
-                    yield from _read_rest(response, landing, left, where)
-                    return
                 left -= count
                 response.length = (response.length or 0) - count
                 yield Landed(landing.fd, start, count)
@@ -244,6 +234,8 @@ def _splice_body(
     finally:
         if not clean:
             _drop_pipe()  # bytes may be left in it: the next body needs an empty pipe
+    # Splicing turned out impossible here (or elsewhere in the process): the rest as usual.
+    yield from _read_rest(response, landing, left, where)
 
 
 def _drain(read_end: int, landing: Landing, count: int) -> None:
@@ -276,7 +268,7 @@ def _read_rest(
     """The rest of the body through ``http.client`` (splice turned out impossible here)."""
     while left > 0:
         try:
-            data = response.read(min(left, 256 * 1024))
+            data = response.read(min(left, SEGMENT))
         except (OSError, http.client.HTTPException) as exc:
             raise _broke_off(where, exc) from None
         if not data:

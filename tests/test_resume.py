@@ -376,12 +376,14 @@ def test_a_file_of_one_range_resumes_in_chunks_when_the_chunk_size_changed(tmp: 
     assert min(start for start, _end in second.reads) == 15_000, second.reads
 
 
-def test_journal_rounds_are_spaced_but_a_finished_chunk_is_recorded_at_once(
+def test_with_rounds_an_hour_apart_a_finished_chunk_and_close_are_journalled_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With rounds an hour apart, progress noted between them waits for the next round (one
-    ``fdatasync`` per file per round, not per block), yet a worker settling its finished chunk
-    gets its round now, and closing journals what is pending."""
+    """Journal rounds are spaced (resume.ROUND_INTERVAL; what that saves is measured in
+    docs/performance.md, not asserted here), but never at a worker's expense: a worker
+    settling its finished chunk gets its round now, and closing journals what is pending.
+    With rounds an hour apart, a settle or a close that waited for the interval would hang
+    this test until its timeout."""
     from storage_initializer import resume
     from storage_initializer.store import layout
     from storage_initializer.store.staging import Staging
@@ -394,11 +396,12 @@ def test_journal_rounds_are_spaced_but_a_finished_chunk_is_recorded_at_once(
     checkpoints = resume.Checkpointer(staging)
     try:
         checkpoints.note(staged, "w.bin", 0, 1024)
-        checkpoints.settle("w.bin", 0)  # returns once journalled: no hour's wait
+        checkpoints.settle("w.bin", 0)  # right after the first round: within the interval
         assert staging.chunks() == {"w.bin": {(0, 1024)}}
-        for offset in range(1025, 2049):  # a block each: nothing is journalled before a round
-            checkpoints.note(staged, "w.bin", 1024, offset)
-        assert staging.chunks() == {"w.bin": {(0, 1024)}}
+        checkpoints.note(staged, "w.bin", 1024, 1536)
+        checkpoints.settle("w.bin", 1024)  # a second settle, still within the interval
+        assert staging.chunks() == {"w.bin": {(0, 1024), (1024, 1536)}}
+        checkpoints.note(staged, "w.bin", 1024, 2048)
     finally:
         checkpoints.close()
-    assert staging.chunks() == {"w.bin": {(0, 1024), (1024, 2048)}}
+    assert staging.chunks() == {"w.bin": {(0, 1024), (1024, 1536), (1024, 2048)}}
