@@ -21,11 +21,13 @@ How it fits the engine, which otherwise only sees blocks of bytes:
   were just written, cheap next to a copy from the socket).
 
 Everything else stays as on the ordinary path: the stall guard sees the socket being read
-(``stall.reading``) and cuts it when the transfer stalls, the read timeout bounds every wait,
-a body cut short is a :class:`TransientError` and the engine resumes the range at its last
-byte, and the connection is kept only when the whole body was read. A filesystem that cannot
-take a splice (``EINVAL``) turns the path off for the process, after the bytes already in the
-pipe are written the ordinary way.
+(``stall.reading``) and counts the bytes taken from it (``stall.received``), and cuts it when
+the transfer stalls; the read timeout bounds every wait; a body cut short is a
+:class:`TransientError` and the engine resumes the range at its last byte; the connection is
+kept only when the whole body was read. TCP urgent data in a body (splice stops at its mark
+while ``poll`` keeps reporting the socket readable) sends the rest of that body the ordinary
+way. A filesystem that cannot take a splice (``EINVAL``) turns the path off for the process,
+after the bytes already in the pipe are written the ordinary way.
 """
 
 from __future__ import annotations
@@ -199,16 +201,28 @@ def _splice_body(
     wait_ms = -1 if timeout is None else max(1, int(timeout * 1000))
     source = sock.fileno()
     poller = select.poll()
-    poller.register(source, select.POLLIN)
+    poller.register(source, select.POLLIN | select.POLLPRI)
     clean = False
+    ready = False  # poll said the socket was readable, and splice has not taken from it since
     try:
         with stall.reading(sock):
             while left > 0 and _available:
                 try:
                     count = os.splice(source, write_end, min(left, SEGMENT), flags=_NONBLOCKING)
                 except BlockingIOError:
-                    if not poller.poll(wait_ms):
+                    if ready:
+                        # Readable, yet splice takes nothing: TCP urgent data (splice stops at
+                        # its mark, poll keeps saying POLLIN). recv reads past it (lean_http
+                        # sets SO_OOBINLINE): the rest of this body the ordinary way.
+                        log.info("%s: the socket holds what splice cannot take", where)
+                        break
+                    events = poller.poll(wait_ms)
+                    if not events:
                         raise _broke_off(where, TimeoutError("timed out")) from None
+                    if any(event & select.POLLPRI for _, event in events):
+                        log.info("%s: urgent data in the body; reading it the ordinary way", where)
+                        break
+                    ready = True
                     continue
                 except OSError as exc:
                     if exc.errno not in _UNSUPPORTED:
@@ -218,6 +232,8 @@ def _splice_body(
                 if count == 0:
                     response.length = left  # for the message; the connection is dropped
                     raise _cut(where, response)
+                ready = False
+                stall.received(count)
                 start = landing.offset
                 try:
                     _drain(read_end, landing, count)
@@ -234,7 +250,8 @@ def _splice_body(
     finally:
         if not clean:
             _drop_pipe()  # bytes may be left in it: the next body needs an empty pipe
-    # Splicing turned out impossible here (or elsewhere in the process): the rest as usual.
+    # Splicing turned out impossible here (or elsewhere in the process), or the socket holds
+    # what splice cannot take: the rest as usual (the pipe is empty: each segment was drained).
     yield from _read_rest(response, landing, left, where)
 
 

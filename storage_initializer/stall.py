@@ -111,6 +111,15 @@ def reading(sock: socket.socket) -> Iterator[None]:
         _reading.pop(ident, None)
 
 
+def received(count: int) -> None:
+    """``count`` bytes arrived on this thread's socket without :class:`socket.SocketIO`
+    (``splice.py``): count them as progress, so a transfer whose bytes still move is not
+    taken for a stalled one while they are written out."""
+    watch = _watches.get(threading.get_ident())
+    if watch is not None:
+        watch.socket_bytes += count
+
+
 def _shut(sock: socket.socket) -> None:
     """Make a blocked read on ``sock`` return now (TLS sockets too, without touching their
     TLS state, which the reading thread owns)."""

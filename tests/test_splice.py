@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from storage_initializer import splice
+from storage_initializer import splice, stall
 from storage_initializer.providers import lean_http
 from tests.helpers import clean_env, entrypoint, pattern, sha256
 from tests.servers.nginx import Nginx
@@ -164,6 +164,24 @@ def test_landed_blocks_keep_the_connection_for_the_next_request(
         assert connections._mine()[("http", f"127.0.0.1:{nginx.http_port}")] is kept
     finally:
         os.close(fd)
+
+
+def test_spliced_bytes_count_as_received_for_the_stall_guard(nginx: Nginx, tmp_path: Path) -> None:
+    """The guard judges a transfer by the bytes its socket delivered. Spliced bytes never pass
+    through socket.SocketIO, so they are counted where splice takes them from the socket;
+    otherwise a body whose segments take long to write out would look stalled."""
+    data = pattern(3 * MiB + 5, 12)
+    url = nginx.url(nginx.put(f"{nginx.new_dir()}/m.bin", data))
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    guard = stall.Guard(3600, 1, threading.Event())  # registers the watch; never started
+    try:
+        with guard.watch() as watch:
+            blocks, _ = _read_into(nginx, url, fd, len(data))
+    finally:
+        os.close(fd)
+    landed = sum(len(b) for b in blocks if isinstance(b, splice.Landed) and b.spliced)
+    assert landed > 0
+    assert watch.socket_bytes >= landed
 
 
 def test_a_file_the_kernel_will_not_splice_into_is_written_the_ordinary_way(
