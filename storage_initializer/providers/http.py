@@ -333,6 +333,16 @@ class HttpSource(Source):
             raise http_pin.ranges_ignored(where, file, status)
         if ranged:
             http_pin.check_content_range(where, headers, start)
+        elif status == 200 and file.size is not None:
+            # One stream for the whole file: a length other than the listed one is another
+            # version (taking the listed size of it would publish a cut or mixed file).
+            length = (headers.get("Content-Length") or "").strip()
+            coding = (headers.get("Content-Encoding") or "identity").strip().lower()
+            if coding == "identity" and length.isdigit() and int(length) != file.size:
+                raise SourceChangedError(
+                    f"{where}: the server now sends {length} bytes of {file.path} where it "
+                    f"listed {file.size}: the file changed during the pull"
+                )
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,10 +8,15 @@ providers keep what their SDK is good at (endpoints, credentials, signing, listi
 messages) and hand a URL plus headers to this module, which only moves bytes:
 
 - :class:`Connections`: this thread's keep-alive connection per (scheme, host), re-opened once
-  when the server closed an idle one, dropped whenever a body is left half-read.
+  when the server closed an idle one, dropped whenever a body is left half-read, and not
+  reused when it is readable before we asked anything (bytes queued there would be taken for
+  the next answer). Sockets keep TCP urgent data in the stream (``SO_OOBINLINE``): ``recv``
+  would otherwise skip an urgent byte and shift the rest of the body.
 - :func:`read_body`: the blocks of an answer, cut to the wanted window (a server that ignored
   ``Range`` sends the whole object: the head is dropped here), a cut body a
-  :class:`TransientError` so the engine resumes the chunk.
+  :class:`TransientError` so the engine resumes the chunk; a ``Transfer-Encoding`` other than
+  a plain ``chunked`` (which http.client would leave in the body) refused; a one-stream answer
+  of another length than listed a :class:`SourceChangedError`.
 - :func:`error_answer`: status, headers and (bounded) body of an error, for the provider's own
   status mapping.
 
@@ -26,6 +31,7 @@ import contextlib
 import http.client
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from storage_initializer import splice
-from storage_initializer.errors import TransientError
+from storage_initializer.errors import SourceChangedError, TransientError
 from storage_initializer.providers.block_window import take_window
 from storage_initializer.redact import redact
 
@@ -129,7 +135,9 @@ class Connections:
         mine = self._mine()
         found = mine.get(address)
         if found is not None:
-            return found, True
+            if not _holds_unasked(found.sock):
+                return found, True
+            self.drop(address)  # closed by the server, or bytes nobody asked for: not reused
         scheme, netloc = address
         connection: http.client.HTTPConnection
         if scheme == "https":
@@ -159,6 +167,10 @@ class Connections:
                 connection.request(method, target, headers=headers)
                 if connection.sock is not None:
                     connection.sock.settimeout(self.read_timeout)
+                    if not reused:
+                        # TCP urgent data stays in the byte stream: without this, recv skips
+                        # the urgent byte and every later byte of the body lands one too early.
+                        connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
                 return Answer(connection.getresponse(), address, self, connection.sock)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.drop(address)
@@ -176,6 +188,21 @@ class Connections:
             with contextlib.suppress(OSError):
                 connection.close()
         self._mine().clear()
+
+
+def _holds_unasked(sock: socket.socket | None) -> bool:
+    """Whether an idle keep-alive connection is readable before we asked anything: the server
+    closed it, or sent bytes no request of ours asked for (a stale or forged answer, which
+    would be taken for the answer to the next request). Either way it is not reused."""
+    if sock is None:
+        return False  # http.client opens a new one itself
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def check_start(answer: Answer, start: int, where: str) -> None:
@@ -204,6 +231,13 @@ def ranged_body(
         skip = start
     elif answer.status == 206:
         check_start(answer, start, where)
+    length = answer.response.length
+    if whole and answer.status == 200 and end is not None and length not in (None, end - start):
+        answer.connections.drop(answer.address)
+        raise SourceChangedError(
+            f"{where}: the server now sends {length} bytes where the listing said "
+            f"{end - start}: the file changed during the pull"
+        )
     remaining = None if end is None else end - start
     yield from read_body(answer, skip, remaining, block, where, eager=eager)
 
@@ -226,6 +260,15 @@ def read_body(
     rather than from its last whole block (the guard drops the block it cut short). On a fast
     link the socket holds a whole block at each read anyway."""
     response = answer.response
+    coding = response.getheader("Transfer-Encoding")
+    if coding is not None and not response.chunked:
+        # http.client undoes only a plain "chunked"; any other coding (a list, gzip) would
+        # leave its framing or compression in the file, whatever Content-Length says.
+        answer.connections.drop(answer.address)
+        raise TransientError(
+            f"{where}: the server sent the body with Transfer-Encoding {coding!r}, which "
+            "this tool does not decode (only 'chunked' is)"
+        )
     read = response.read1 if eager else response.read
     budget = None if remaining is None else skip + remaining  # never read past the window
     landing = _landing(answer, skip, remaining)
