@@ -1,5 +1,5 @@
 """Answers a plain-http data path must survive, from a server whose every byte the test chooses
-(tests/servers/raw_http.py), each with splice on and off:
+(tests/servers/raw_http.py), on each read path (lean with and without splice, requests):
 
 - one byte of a body sent as TCP urgent data: ``recv`` would skip it (every later byte one
   off) and ``splice`` stops at its mark while ``poll`` keeps saying readable (a busy loop);
@@ -27,9 +27,18 @@ MiB = 1 << 20
 DATA = pattern(5 * MiB + 123, 21)
 
 
-@pytest.fixture(params=["splice", "no-splice"])
+#: The read paths of a plain-http file: lean with splice, lean without, and requests (the
+#: provider's path behind a proxy or with the lean path off).
+PATHS = {
+    "splice": {},
+    "no-splice": {"STORAGE_INITIALIZER_SPLICE": "false"},
+    "requests": {"STORAGE_INITIALIZER_HTTP_LEAN": "false"},
+}
+
+
+@pytest.fixture(params=list(PATHS))
 def splice_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    return {} if request.param == "splice" else {"STORAGE_INITIALIZER_SPLICE": "false"}
+    return PATHS[request.param]
 
 
 def _pull(server: RawHttp, dest: Path, **env: str) -> Run:

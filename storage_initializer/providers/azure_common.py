@@ -107,10 +107,11 @@ def client_options(retry_class: Any) -> dict[str, Any]:
     import requests
     from azure.core.pipeline.transport import RequestsTransport
 
+    from storage_initializer.providers.http_adapter import StreamAdapter
     from storage_initializer.tls import combined_bundle
 
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+    adapter = StreamAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     options: dict[str, Any] = {

@@ -38,7 +38,6 @@ from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
-from requests.adapters import HTTPAdapter
 
 from storage_initializer import checksums, tls
 from storage_initializer.blocks import BLOCK
@@ -63,6 +62,7 @@ from storage_initializer.providers.gcs_errors import (
     _status_of,
     is_connect_failure,
 )
+from storage_initializer.providers.http_adapter import StreamAdapter
 from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
 from storage_initializer.redact import redact
 
@@ -148,7 +148,9 @@ class GcsSource(GcsErrorMapping, Source):
         self.session = AuthorizedSession(
             credentials, refresh_status_codes=() if anonymous else (401,)
         )
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, workers + 4), max_retries=0)
+        adapter = StreamAdapter(
+            pool_connections=4, pool_maxsize=max(10, workers + 4), max_retries=0
+        )
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self.session.verify = tls.requests_verify()

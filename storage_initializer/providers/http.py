@@ -326,6 +326,9 @@ class HttpSource(Source):
         if error is not None:
             raise error
         http_pin.check_same_version(where, file, headers)
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise lean_http.framing_error(where, coding)  # e.g. gzip: not the file's bytes
         if ranged and status != 206:
             # Ranges advertised but ignored: the file is fetched again in one stream.
             self._ranges_ignored = True

@@ -214,10 +214,11 @@ class SessionPool:
         session = getattr(self._local, "session", None)
         if session is None:
             import requests
-            from requests.adapters import HTTPAdapter
+
+            from storage_initializer.providers.http_adapter import StreamAdapter
 
             session = requests.Session()
-            adapter = HTTPAdapter(
+            adapter = StreamAdapter(
                 pool_connections=self._pool_size, pool_maxsize=self._pool_size, max_retries=0
             )
             session.mount("http://", adapter)

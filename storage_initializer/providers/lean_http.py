@@ -265,10 +265,7 @@ def read_body(
         # http.client undoes only a plain "chunked"; any other coding (a list, gzip) would
         # leave its framing or compression in the file, whatever Content-Length says.
         answer.connections.drop(answer.address)
-        raise TransientError(
-            f"{where}: the server sent the body with Transfer-Encoding {coding!r}, which "
-            "this tool does not decode (only 'chunked' is)"
-        )
+        raise framing_error(where, coding)
     read = response.read1 if eager else response.read
     budget = None if remaining is None else skip + remaining  # never read past the window
     landing = _landing(answer, skip, remaining)
@@ -288,6 +285,15 @@ def read_body(
     finally:
         if not finished:
             answer.connections.drop(answer.address)  # a half-read body cannot carry more
+
+
+def framing_error(where: str, coding: str) -> TransientError:
+    """A body sent with a Transfer-Encoding we do not undo (anything but a plain ``chunked``):
+    its bytes are not the file's."""
+    return TransientError(
+        f"{where}: the server sent the body with Transfer-Encoding {coding!r}, which this "
+        "tool does not decode (only 'chunked' is)"
+    )
 
 
 def _landing(answer: Answer, skip: int, remaining: int | None) -> splice.Landing | None:
