@@ -90,9 +90,8 @@ def install() -> None:
                 count = original(self, b)
             finally:
                 _reading.pop(ident, None)
-            watch = _watches.get(ident)
-            if watch is not None and count:
-                watch.socket_bytes += count
+            if count:
+                received(count)
             return count
 
         socket.SocketIO.readinto = readinto  # type: ignore[method-assign]
@@ -112,9 +111,10 @@ def reading(sock: socket.socket) -> Iterator[None]:
 
 
 def received(count: int) -> None:
-    """``count`` bytes arrived on this thread's socket without :class:`socket.SocketIO`
-    (``splice.py``): count them as progress, so a transfer whose bytes still move is not
-    taken for a stalled one while they are written out."""
+    """``count`` bytes arrived on this thread's socket: progress for its watch. Called by the
+    ``SocketIO`` wrapper, and by ``splice.py`` for the bytes it takes from the socket without
+    ``SocketIO`` (so a transfer whose bytes still move is not taken for a stalled one while
+    they are written out)."""
     watch = _watches.get(threading.get_ident())
     if watch is not None:
         watch.socket_bytes += count

@@ -166,6 +166,25 @@ def test_landed_blocks_keep_the_connection_for_the_next_request(
         os.close(fd)
 
 
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_keep_alive_connection_is_reused_after_whole_answers(nginx: Nginx, https: bool) -> None:
+    """An idle connection readable before we ask is dropped (lean_http._holds_unasked): one
+    that read its answers to the end is not, over TLS too (no handshake per request)."""
+    data = pattern(64 * 1024 + 3, 13)
+    url = nginx.url(nginx.put(f"{nginx.new_dir()}/small.bin", data), https=https)
+    connections = lean_http.Connections(str(nginx.cert) if https else True, 5, 5)
+    try:
+        kept = None
+        for _ in range(5):
+            answer = connections.get(url, {})
+            assert answer.response.read() == data
+            (connection,) = connections._mine().values()
+            assert kept is None or connection is kept
+            kept = connection
+    finally:
+        connections.close()
+
+
 def test_spliced_bytes_count_as_received_for_the_stall_guard(nginx: Nginx, tmp_path: Path) -> None:
     """The guard judges a transfer by the bytes its socket delivered. Spliced bytes never pass
     through socket.SocketIO, so they are counted where splice takes them from the socket;

@@ -337,15 +337,12 @@ class HttpSource(Source):
         if ranged:
             http_pin.check_content_range(where, headers, start)
         elif status == 200 and file.size is not None:
-            # One stream for the whole file: a length other than the listed one is another
-            # version (taking the listed size of it would publish a cut or mixed file).
+            # One stream for the whole file: its length must be the listed one (a compressed
+            # answer, which requests inflates, is checked by its written length instead).
             length = (headers.get("Content-Length") or "").strip()
             coding = (headers.get("Content-Encoding") or "identity").strip().lower()
             if coding == "identity" and length.isdigit() and int(length) != file.size:
-                raise SourceChangedError(
-                    f"{where}: the server now sends {length} bytes of {file.path} where it "
-                    f"listed {file.size}: the file changed during the pull"
-                )
+                raise lean_http.other_length(f"{where}: {file.path}", int(length), file.size)
 
 
 def _reason(exc: BaseException) -> str:

@@ -231,14 +231,11 @@ def ranged_body(
         skip = start
     elif answer.status == 206:
         check_start(answer, start, where)
-    length = answer.response.length
-    if whole and answer.status == 200 and end is not None and length not in (None, end - start):
-        answer.connections.drop(answer.address)
-        raise SourceChangedError(
-            f"{where}: the server now sends {length} bytes where the listing said "
-            f"{end - start}: the file changed during the pull"
-        )
     remaining = None if end is None else end - start
+    sent = answer.response.length
+    if whole and answer.status == 200 and None not in (sent, remaining) and sent != remaining:
+        answer.connections.drop(answer.address)
+        raise other_length(where, sent or 0, remaining or 0)
     yield from read_body(answer, skip, remaining, block, where, eager=eager)
 
 
@@ -285,6 +282,15 @@ def read_body(
     finally:
         if not finished:
             answer.connections.drop(answer.address)  # a half-read body cannot carry more
+
+
+def other_length(where: str, sent: int, listed: int) -> SourceChangedError:
+    """A one-stream answer of another length than the listing's: another version of the file
+    (taking the listed length of it would publish a cut or mixed file)."""
+    return SourceChangedError(
+        f"{where}: the server now sends {sent} bytes where the listing said {listed}: the "
+        "file changed during the pull"
+    )
 
 
 def framing_error(where: str, coding: str) -> TransientError:
