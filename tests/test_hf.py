@@ -23,6 +23,7 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceError,
     TransientError,
     UsageError,
 )
@@ -251,6 +252,21 @@ def test_listing_follows_pagination(hub: Hub, hf_env: dict[str, str]) -> None:
     assert paginated == unpaginated == contents(V1_FILES)
     assert len(listing.files) == len(V1_FILES)
     assert pages >= 5  # 8 files and 3 directories in pages of 2
+
+
+def test_a_listing_whose_pages_link_back_is_refused_not_followed_forever(
+    hub: Hub, hf_env: dict[str, str]
+) -> None:
+    """A broken mirror whose last page links to the first: followed, the listing would never
+    end (and its entries would fill memory)."""
+    hub.server.page_size = 2
+    hub.server.cycle_pages = True
+    try:
+        with pytest.raises(SourceError, match="leads back to a page it sent already"):
+            download("hf://acme/tiny:v1")
+    finally:
+        hub.server.page_size = 1000
+        hub.server.cycle_pages = False
 
 
 @pytest.mark.parametrize(

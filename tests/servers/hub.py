@@ -146,6 +146,8 @@ class HubServer(CountingHub):
         self.repos: dict[tuple[str, str], HubRepo] = {}
         self.valid_tokens: set[str] = set()
         self.page_size = 1000
+        #: A broken mirror: the last page of a listing links back to its first page.
+        self.cycle_pages = False
         self.cdn_authorization_seen = 0
         super().__init__(self._handler_class(), host, port)
         #: The CDN's base: another host name for the same socket, as the Hub's CDN is elsewhere
@@ -329,9 +331,10 @@ class HubServer(CountingHub):
                 cursor = int(query.get("cursor", ["0"])[0])
                 page = entries[cursor : cursor + server.page_size]
                 extra = {}
-                if cursor + server.page_size < len(entries):
+                more = cursor + server.page_size < len(entries)
+                if more or server.cycle_pages:  # cycle_pages: the last page links to the first
                     params = {"recursive": str(recursive).lower(), "expand": "false"}
-                    params["cursor"] = str(cursor + server.page_size)
+                    params["cursor"] = str(cursor + server.page_size if more else 0)
                     path = urlsplit(self.path).path
                     extra["Link"] = f'<{server.url}{path}?{urlencode(params)}>; rel="next"'
                 return self._json(page, head, extra)
