@@ -635,6 +635,66 @@ def test_file_share_identity_uses_the_backup_token_intent(
     assert "DefaultAzureCredential" in source.credential_mode
 
 
+def test_file_share_listing_whose_pages_link_back_is_refused(
+    files_server: FileShareServer,
+) -> None:
+    """A last page whose NextMarker leads back to the first: followed, the walk would list the
+    same entries for ever (the server here stops after 20 rounds; the old walk then failed on
+    names listed twice, not on what was wrong)."""
+    files_server.put("share", {f"m/{n}.txt": b"x" for n in "abcde"})
+    files_server.cycle_pages = 20
+    with pytest.raises(SourceError, match="leads back to a page it sent already") as caught:
+        file_source("share/m").list()
+    assert "AZURE_STORAGE_FILE_ENDPOINT" in caught.value.describe()
+
+
+@pytest.mark.parametrize("name", [".", "..", "x/y", ""])
+def test_file_share_entry_that_is_no_plain_name_is_refused_not_walked(
+    files_server: FileShareServer, name: str
+) -> None:
+    """A directory entry named "." or ".." would, walked, list a directory again and again."""
+    files_server.put("share", {"m/a.txt": b"a"})
+    files_server.phantom_directories = [name]
+    with pytest.raises(SourceError, match="lists an entry named"):
+        file_source("share/m").list()
+
+
+def test_blob_listing_whose_pages_link_back_is_refused(
+    azurite: azurite_server.Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that answers every List Blobs with a page whose NextMarker is the marker it was
+    asked for: the SDK would follow it for ever, the list growing until the pod is killed."""
+    clear_azure_env(monkeypatch)
+    container = azurite.new_container_name("cycle")
+    azurite.upload(container, {"m/a.bin": b"a"})
+    page = (
+        '<?xml version="1.0" encoding="utf-8"?><EnumerationResults ServiceEndpoint="x" '
+        f'ContainerName="{container}"><Prefix>m/</Prefix><Blobs><Blob><Name>m/a.bin</Name>'
+        "<Properties><Last-Modified>Mon, 07 Dec 2026 10:00:00 GMT</Last-Modified>"
+        "<Etag>0x8DD0000000000A1</Etag><Content-Length>1</Content-Length>"
+        "<BlobType>BlockBlob</BlobType></Properties><Metadata /></Blob></Blobs>"
+        "<NextMarker>loop</NextMarker></EnumerationResults>"
+    ).encode()
+    with CountingProxy(f"http://127.0.0.1:{azurite.port}") as proxy:
+        for name, value in azurite.env(endpoint=f"{proxy.url}/{azurite.account}").items():
+            monkeypatch.setenv(name, value)
+        # 20 canned pages, then Azurite answers the bogus marker: old code failed otherwise.
+        proxy.set_faults(
+            Fault(
+                status=200,
+                body=page,
+                headers={"Content-Type": "application/xml", "x-ms-version": "2025-01-05"},
+                method="GET",
+                predicate=lambda record: "comp=list" in record.query,
+                times=20,
+            )
+        )
+        with pytest.raises(SourceError, match="leads back to a page it sent already") as caught:
+            blob_source(azurite.uri(container, "m")).list()
+    assert "AZURE_STORAGE_BLOB_ENDPOINT" in caught.value.describe()
+    assert proxy.count(method="GET") == 2  # the first page and the one that leads back
+
+
 def test_file_share_errors(files_server: FileShareServer, monkeypatch: pytest.MonkeyPatch) -> None:
     files_server.put("share", {"m/a.txt": b"a"})
     with pytest.raises(NotFoundError, match="ShareNotFound"):

@@ -456,6 +456,35 @@ def test_persistent_listing_outage_is_transient(
     assert via_proxy.count(status=429) >= 2  # it did retry before giving up
 
 
+def test_listing_whose_pages_link_back_is_refused(
+    gcs_env: GcsServer, via_proxy: CountingProxy
+) -> None:
+    """A proxy that answers every listing with a page whose nextPageToken is the token it was
+    asked for: google-api-core's iterator would follow it for ever, the list growing until the
+    pod is killed."""
+    bucket = gcs_env.new_bucket({"m/a": b"1"})
+    page = {
+        "kind": "storage#objects",
+        "items": [{"name": "m/a", "size": "1", "generation": "1"}],
+        "nextPageToken": "loop",
+    }
+    # 20 canned pages, then the real server answers the bogus token: old code failed otherwise.
+    via_proxy.set_faults(
+        Fault(
+            status=200,
+            body=json.dumps(page).encode(),
+            headers={"Content-Type": "application/json"},
+            method="GET",
+            predicate=lambda record: record.path.endswith(f"/b/{bucket}/o"),
+            times=20,
+        )
+    )
+    with pytest.raises(SourceError, match="leads back to a page it sent already") as caught:
+        listing(f"gs://{bucket}/m")
+    assert "STORAGE_EMULATOR_HOST" in caught.value.describe()
+    assert via_proxy.count(method="GET") == 2  # the first page and the one that leads back
+
+
 def test_body_cut_off_mid_stream_is_transient(gcs_env: GcsServer, via_proxy: CountingProxy) -> None:
     data = payload(3 * BLOCK, 6)
     bucket = gcs_env.new_bucket({"m/big": data})

@@ -70,13 +70,17 @@ class AzureBlobSource(AzureSource):
     def _list_directory(self, prefix: str) -> builtins.list[RemoteFile]:
         directory = f"{prefix}/" if prefix else ""
         files = []
-        for blob in self._client.list_blobs(
+        pages = self._client.list_blobs(
             name_starts_with=directory or None, include=["metadata"]
-        ):
-            if _is_folder_marker(blob):
-                continue
-            path = safe_relative_path(blob.name[len(directory) :], "blob")
-            files.append(self._remote(blob, path))
+        ).by_page()
+        trail = self._page_trail(f"the {self.container_word}")
+        for page in pages:
+            for blob in page:
+                if _is_folder_marker(blob):
+                    continue
+                path = safe_relative_path(blob.name[len(directory) :], "blob")
+                files.append(self._remote(blob, path))
+            trail.follow(pages.continuation_token)
         return files
 
     def _remote(self, blob: BlobProperties, path: str) -> RemoteFile:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from storage_initializer.errors import AccessDeniedError
+from storage_initializer.errors import AccessDeniedError, SourceError
 from storage_initializer.providers.azure_common import client_options, safe_relative_path, translate
 from storage_initializer.providers.azure_source import AzureSource, remote_file
 from storage_initializer.providers.base import RemoteFile
@@ -78,12 +78,13 @@ class AzureFileSource(AzureSource):
         while stack:
             directory = stack.pop()
             client = self._client.get_directory_client(directory)
-            for item in client.list_directories_and_files():
-                full = f"{directory}/{item.name}" if directory else item.name
-                if item.is_directory:
-                    stack.append(full)
-                else:
-                    names.append(full)
+            pages = client.list_directories_and_files().by_page()
+            trail = self._page_trail(f"directory {directory or '/'!r}")
+            for page in pages:
+                for item in page:
+                    full = self._entry_path(directory, str(item.name or ""))
+                    (stack if item.is_directory else names).append(full)
+                trail.follow(pages.continuation_token)
         below = f"{prefix}/" if prefix else ""
         paths = [safe_relative_path(name[len(below) :], "file") for name in names]
         with ThreadPoolExecutor(PROPERTY_WORKERS, thread_name_prefix="azure-file-head") as pool:
@@ -94,6 +95,21 @@ class AzureFileSource(AzureSource):
             remote_file(props, path, name)
             for props, name, path in zip(found, names, paths, strict=True)
         ]
+
+    def _entry_path(self, directory: str, name: str) -> str:
+        """The share path of an entry a directory listing named. A name that is not one plain
+        segment ("", ".", "..", "a/b") is refused: walked, "." or ".." would list a directory
+        again, for ever, and no share holds such a name."""
+        if not name or "/" in name or name in (".", ".."):
+            raise SourceError(
+                redact(
+                    f"{self._where()}: directory {directory or '/'!r} lists an entry named "
+                    f"{name!r}, which no share can hold"
+                ),
+                f"Check what answers for {self.service} ({self.endpoint_env} if set, a proxy in "
+                "between)",
+            )
+        return f"{directory}/{name}" if directory else name
 
     def read(self, file: RemoteFile, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if (end is not None and end <= start) or file.size == 0:

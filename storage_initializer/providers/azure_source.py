@@ -24,6 +24,7 @@ from storage_initializer.providers.azure_common import (
     translate,
 )
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
+from storage_initializer.providers.page_trail import PageTrail
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
@@ -109,6 +110,14 @@ class AzureSource(Source):
 
     def _where(self) -> str:
         return self.uri.redacted
+
+    def _page_trail(self, what: str) -> PageTrail:
+        """The guard of one paginated listing (of the container, or of one directory)."""
+        return PageTrail(
+            f"{self._where()}: listing {what}",
+            f"Check what answers for {self.service} ({self.endpoint_env} if set, a proxy in "
+            "between): its pagination is broken",
+        )
 
     def list(self) -> Listing:
         try:

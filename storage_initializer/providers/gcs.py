@@ -64,6 +64,7 @@ from storage_initializer.providers.gcs_errors import (
 )
 from storage_initializer.providers.http_adapter import StreamAdapter
 from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
+from storage_initializer.providers.page_trail import PageTrail
 from storage_initializer.redact import redact
 
 if TYPE_CHECKING:
@@ -229,10 +230,17 @@ class GcsSource(GcsErrorMapping, Source):
                 retry=_listing_retry(),
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
             )
-            for blob in pages:
-                if blob.name.endswith("/"):
-                    continue  # a console "folder": no content, the directory exists anyway
-                found.append(blob)
+            trail = PageTrail(
+                f"{self.uri.redacted}: listing {self._where(prefix)}",
+                "Check what answers for GCS (STORAGE_EMULATOR_HOST, a proxy in between): its "
+                "pagination is broken",
+            )
+            for page in pages.pages:
+                for blob in page:
+                    if blob.name.endswith("/"):
+                        continue  # a console "folder": no content, the directory exists anyway
+                    found.append(blob)
+                trail.follow(pages.next_page_token)
         except Exception as exc:
             raise self._map_error(exc, self.uri.redacted) from exc
         return found

@@ -61,6 +61,7 @@ from storage_initializer.providers.hub_common import (
     range_headers,
     raw_bytes,
 )
+from storage_initializer.providers.page_trail import PageTrail
 from storage_initializer.redact import register_secret
 
 if TYPE_CHECKING:
@@ -183,15 +184,12 @@ class HfSource(HfErrors, HfCache, Source):
         url: str | None = first
         params: dict[str, str] | None = {"recursive": "true" if recursive else "false"}
         what = f"listing {path or 'the repository'} at {commit[:12]}"
-        read: set[str] = set()  # a next link back to a page read already would never end
+        trail = PageTrail(
+            f"{self.uri.redacted}: {what}",
+            "Check the Hub endpoint (HF_ENDPOINT): a mirror's pagination is broken",
+        )
         while url:
-            if url in read:
-                raise SourceError(
-                    f"{self.uri.redacted}: {what}: the Hub's next-page link leads back to a "
-                    "page it sent already (a listing that would never end)",
-                    "Check the Hub endpoint (HF_ENDPOINT): a mirror's pagination is broken",
-                )
-            read.add(url)
+            trail.follow(url)
             response = self._get_api(url, what, params)
             try:
                 page = response.json()

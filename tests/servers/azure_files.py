@@ -22,6 +22,7 @@ import base64
 import datetime
 import hashlib
 import hmac
+import posixpath
 import secrets
 import threading
 from collections.abc import Iterator, Mapping
@@ -64,6 +65,12 @@ class FileShareServer:
         self.shares: dict[str, dict[str, bytes]] = {}
         self.md5: dict[tuple[str, str], bool] = {}
         self.page_size = page_size
+        #: Hostile listings: with ``cycle_pages`` N > 0, the last page of a directory links back
+        #: to its first page, N times (a broken proxy's pagination); ``phantom_directories``
+        #: are entry names every listing adds as directories (".", "..", "a/b"), and a listed
+        #: directory path is normalised as a careless server would (so "m/." lists "m").
+        self.cycle_pages = 0
+        self.phantom_directories: list[str] = []
         self.requests: list[tuple[str, str]] = []
         #: path from the share root -> bytes sent in file bodies (to prove a download happened once)
         self.bytes_served: dict[str, int] = {}
@@ -193,6 +200,8 @@ class FileShareServer:
         directory: str,
         query: dict[str, str],
     ) -> tuple[int, dict[str, str], bytes]:
+        directory = posixpath.normpath(directory).lstrip("/") if directory else ""
+        directory = "" if directory in (".", "..") else directory
         below = f"{directory}/" if directory else ""
         if directory and not any(p.startswith(below) for p in share):
             raise _ApiError(404, "ResourceNotFound", "The specified resource does not exist.")
@@ -202,11 +211,16 @@ class FileShareServer:
                 continue
             head, sep, _ = path[len(below) :].partition("/")
             entries[head] = None if sep else len(data)
+        entries.update(dict.fromkeys(self.phantom_directories))
         names = sorted(entries)
         start = int(query.get("marker") or 0)
         page_size = min(self.page_size, int(query.get("maxresults") or self.page_size))
         page = names[start : start + page_size]
         next_marker = str(start + page_size) if start + page_size < len(names) else ""
+        if not next_marker and self.cycle_pages > 0 and start > 0:
+            with self._lock:
+                self.cycle_pages -= 1
+            next_marker = "0"
         items = []
         for index, name in enumerate(page):
             file_id = str(start + index + 1)
