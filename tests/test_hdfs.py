@@ -134,6 +134,21 @@ def test_single_file_is_saved_under_its_name(server: WebHdfs, hdfs_env: dict) ->
     assert download("hdfs://models/single/model.joblib") == {"model.joblib": b"joblib bytes"}
 
 
+@pytest.mark.parametrize("name", [".", "..", "x/y"])
+def test_a_listed_entry_that_is_no_plain_name_is_refused_not_walked(
+    server: WebHdfs, hdfs_env: dict, name: str
+) -> None:
+    """A namenode (or a gateway in front of it) listing a directory entry "." or "..": walked,
+    the listing never ends; "x/y" would reach a directory the URI did not name."""
+    server.phantom_directories = [name]
+    try:
+        with pytest.raises(SourceError, match="names an entry") as caught:
+            source("hdfs://models/m1").list()
+    finally:
+        server.phantom_directories = []
+    assert "HDFS_NAMENODE" in caught.value.describe()
+
+
 def test_root_path_prefixes_the_uri_path(
     server: WebHdfs, hdfs_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -296,6 +296,14 @@ class HdfsSource(WebHdfsErrors, Source):
                     name = str(entry.get("pathSuffix", ""))
                     if not name:
                         continue
+                    if "/" in name or name in (".", ".."):
+                        # Walked, "." or ".." lists a directory again, for ever; HDFS has no
+                        # such names, so the namenode (or what answers for it) is broken.
+                        raise SourceError(
+                            f"{self.uri.redacted}: LISTSTATUS of {directory} names an entry "
+                            f"{name!r}, which HDFS cannot hold",
+                            "Check HDFS_NAMENODE: what answers there is not a sane namenode",
+                        )
                     relative = f"{prefix}{name}"
                     full = posixpath.join(directory, name)
                     entry_type = str(entry.get("type", "")).upper()

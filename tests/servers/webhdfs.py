@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import ssl
 import threading
 import time
@@ -96,6 +97,9 @@ class WebHdfs:
         #: Every doas/user.name value seen by a namenode (for USER_PROXY tests).
         self.users_seen: list[tuple[str | None, str | None]] = []
         self.datanode_authorization_seen = 0
+        #: A hostile namenode: names every directory listing adds as DIRECTORY entries (".",
+        #: "..", "a/b"), with the asked path normalised as a careless server would ("m/." is "m").
+        self.phantom_directories: list[str] = []
         #: (offset, length) of every datanode read, as query strings gave them.
         self.reads: list[tuple[str, str | None, str | None]] = []
         self.scheme = "https" if ssl_context else "http"
@@ -301,6 +305,8 @@ class WebHdfs:
                 if op == "GETHOMEDIRECTORY":
                     return self.send_json({"Path": f"/user/{user}"})
                 with server._lock:
+                    if server.phantom_directories:
+                        path = posixpath.normpath(path)
                     server._check_access(path, user)
                     status = server._status(path, "")
                     if op == "GETFILESTATUS":
@@ -312,6 +318,11 @@ class WebHdfs:
                             entries = [
                                 server._status(f"{path.rstrip('/')}/{name}", name)
                                 for name in server._children(path)
+                            ]
+                            phantom = server._status(path, "")
+                            entries += [
+                                {**phantom, "pathSuffix": name}
+                                for name in server.phantom_directories
                             ]
                         return self.send_json({"FileStatuses": {"FileStatus": entries}})
                 if op == "OPEN":
