@@ -24,10 +24,11 @@ from storage_initializer.errors import (
     AccessDeniedError,
     InitializerError,
     NotFoundError,
+    SourceError,
     TransientError,
     UsageError,
 )
-from storage_initializer.providers import open_source
+from storage_initializer.providers import modelscope, open_source
 from storage_initializer.providers.modelscope import (
     ModelScopeSource,
     configured_endpoint,
@@ -203,6 +204,37 @@ def test_ranges_reassemble_through_the_storage_redirect(hub: Hub, ms_env: dict) 
     assert hub.server.count("GET", "/oss/") >= 6
     # Ranges reached the storage host, not only the Hub.
     assert any(key.startswith("/oss/") for key, _ in hub.server.ranges)
+
+
+DEEP = {"a/1.txt": b"a1", "a/2.txt": b"a2", "b/1.txt": b"b1", "b/2.txt": b"b2", "c/x/1.txt": b"x"}
+
+
+@pytest.fixture
+def truncating_hub(hub: Hub, ms_env: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    """The Hub cuts listings at 5 entries, as the real one does at 3000: acme/deep's recursive
+    listing (4 directories, 5 files) is cut, so the model is walked directory by directory."""
+    hub.server.add_repo("acme/deep").add_commit(DEEP, branches=("master",))
+    monkeypatch.setattr(modelscope, "TRUNCATION_LIMIT", 5)
+    hub.server.list_limit = 5
+    try:
+        yield hub
+    finally:
+        hub.server.list_limit = None
+        hub.server.phantom_trees = []
+
+
+def test_a_truncated_listing_is_walked_directory_by_directory(truncating_hub: Hub) -> None:
+    assert download("modelscope://acme/deep") == DEEP
+
+
+@pytest.mark.parametrize("phantom", ["a", ".", "a/..", "", "a/b/../.."])
+def test_a_walk_that_would_never_end_is_refused(truncating_hub: Hub, phantom: str) -> None:
+    """A listing that names a directory already walked ("a" in the listing of "a"), the
+    directory itself or one above it: followed, the walk would never end."""
+    truncating_hub.server.phantom_trees = [phantom]
+    with pytest.raises(SourceError, match="not a new directory below it") as caught:
+        source("modelscope://acme/deep").list()
+    assert "MODELSCOPE_ENDPOINT" in caught.value.describe()
 
 
 def test_missing_revision_lists_the_valid_ones(hub: Hub, ms_env: dict) -> None:

@@ -200,6 +200,7 @@ class ModelScopeSource(ModelScopeErrors, Source):
         log.info("%s: listing truncated by the Hub; walking directories", self.uri.redacted)
         found: dict[str, dict[str, Any]] = {}
         pending: list[str | None] = [None]
+        queued: set[str] = set()
         while pending:
             root = pending.pop()
             shallow = self._files_page(root, recursive=False)
@@ -211,10 +212,30 @@ class ModelScopeSource(ModelScopeErrors, Source):
             for entry in shallow:
                 path = str(entry.get("Path") or entry.get("Name") or "")
                 if (entry.get("Type") or "blob") == "tree":
+                    self._check_subdirectory(root, path, queued)
+                    queued.add(path)
                     pending.append(path)
                 elif path:
                     found[path] = entry
         return list(found.values())
+
+    def _check_subdirectory(self, root: str | None, path: str, queued: set[str]) -> None:
+        """Refuse a directory the listing of ``root`` names that is not a new directory below
+        it: walked, one listed twice, or ".", "..", or ``root`` itself, would never end."""
+        below = path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+        segments = below.split("/")
+        if (
+            path in queued
+            or (root and below == path)
+            or any(segment in ("", ".", "..") for segment in segments)
+        ):
+            raise SourceError(
+                f"{self.uri.redacted}: the Hub's listing of {root or '/'} names the directory "
+                f"{path!r}, which is not a new directory below it (a listing that would never "
+                "end)",
+                "Check MODELSCOPE_ENDPOINT (or MODELSCOPE_DOMAIN): what answers there is not "
+                "a sane ModelScope Hub",
+            )
 
     def _remote_file(self, entry: Mapping[str, Any]) -> RemoteFile:
         path = str(entry.get("Path") or entry.get("path") or entry.get("Name") or "")

@@ -104,6 +104,10 @@ class ModelScopeHub(CountingHub):
         self.repos: dict[str, MsRepo] = {}
         self.valid_tokens: set[str] = set()
         self.oss_credentials_seen = 0
+        #: Listings hold at most this many entries, cut silently (the real Hub stops at 3000).
+        self.list_limit: int | None = None
+        #: Hostile listings: "tree" entries with these paths every non-recursive listing adds.
+        self.phantom_trees: list[str] = []
         super().__init__(self._handler())
         #: Object storage: another host name for the same socket.
         self.oss_url = f"http://localhost:{self.port}"
@@ -286,7 +290,13 @@ class ModelScopeHub(CountingHub):
                     {"Name": d.rsplit("/", 1)[-1], "Path": d, "Type": "tree", "Size": 0}
                     for d in sorted(dirs)
                 ]
-                return self._json({"Files": trees + entries, "LatestCommitter": {}}, head)
+                if not recursive:
+                    trees += [
+                        {"Name": p.rsplit("/", 1)[-1], "Path": p, "Type": "tree", "Size": 0}
+                        for p in server.phantom_trees
+                    ]
+                files = (trees + entries)[: server.list_limit]
+                return self._json({"Files": files, "LatestCommitter": {}}, head)
 
             def _download(self, repo: MsRepo, query: dict[str, str], head: bool) -> None:
                 sha = self._commit(repo, query.get("Revision", "master"))
