@@ -8,11 +8,13 @@ import hashlib
 import importlib.util
 import itertools
 import os
+import re
 import subprocess
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -431,6 +433,59 @@ def test_checksum_heads_are_few(s3_env: S3Server, via_proxy: CountingProxy) -> N
     assert len(listing(f"s3://{bucket}/m").files) == 40
     # One sample HEAD (to detect KMS), not one per object.
     assert via_proxy.count(method="HEAD") == 1
+
+
+def _listing_page(bucket: str, next_token: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+        'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        f"<Name>{bucket}</Name><Prefix>m/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys>"
+        f"<IsTruncated>true</IsTruncated><NextContinuationToken>{next_token}"
+        "</NextContinuationToken><Contents><Key>m/a</Key>"
+        "<LastModified>2026-12-07T10:00:00.000Z</LastModified>"
+        '<ETag>"0cc175b9c0f1b6a831c399e269772661"</ETag><Size>1</Size>'
+        "<StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>"
+    ).encode()
+
+
+def test_a_listing_whose_pages_cycle_is_refused(s3_env: S3Server, via_proxy: CountingProxy) -> None:
+    """Pages whose continuation tokens go A, B, A, B...: botocore's paginator only refuses a
+    token equal to the one just before, so this listing would never end."""
+    bucket = s3_env.new_bucket({"m/a": b"a"})
+
+    def page_asked(token: str | None) -> Any:
+        def matches(record: Any) -> bool:
+            query = unquote(record.query)
+            if "list-type=2" not in query or "max-keys=1&" in query + "&":
+                return False
+            asked = re.search(r"continuation-token=([^&]*)", query)
+            return (asked.group(1) if asked else None) in ((token,) if token else (None, "B"))
+
+        return matches
+
+    # 20 canned pages each, then the real server answers the bogus token: old code ended so.
+    xml = {"Content-Type": "application/xml"}
+    via_proxy.set_faults(
+        Fault(
+            status=200,
+            body=_listing_page(bucket, "A"),
+            headers=xml,
+            predicate=page_asked(None),
+            times=20,
+        ),
+        Fault(
+            status=200,
+            body=_listing_page(bucket, "B"),
+            headers=xml,
+            predicate=page_asked("A"),
+            times=20,
+        ),
+    )
+    with pytest.raises(SourceError, match="leads back to a page it sent already") as caught:
+        listing(f"s3://{bucket}/m")
+    assert "AWS_ENDPOINT_URL" in caught.value.describe()
+    # The exact-object check, the first page, pages A and B; B's link back to A is refused.
+    assert via_proxy.count(method="GET") == 4
 
 
 def test_announced_checksums_verify_what_read_returns(s3_env: S3Server) -> None:

@@ -1,13 +1,15 @@
 """Listings that end: a paginated listing must never lead back to a page it sent already.
 
 Why: every listing API we read pages through (GCS's ``nextPageToken``, Azure's ``NextMarker``,
-the Hub's ``Link: rel=next``) trusts the server for where the next page is. A broken mirror or
-proxy that hands out a token it handed out before makes the SDK loop for ever, fetching the same
-objects again and again, with the file list growing until the pod is OOM-killed, and no stall
-guard notices, because bytes keep arriving. One token seen twice is enough to know the listing
-cannot end, so it is refused with an error naming the source instead.
+S3's ``NextContinuationToken``, the Hub's ``Link: rel=next``) trusts the server for where the
+next page is. A broken mirror or proxy that hands out a token it handed out before makes the
+SDK loop for ever, fetching the same objects again and again, with the file list growing until
+the pod is OOM-killed, and no stall guard notices, because bytes keep arriving. One token seen
+twice is enough to know the listing cannot end, so it is refused with an error naming the source
+instead.
 
-S3 needs nothing here: botocore's paginator already raises when a token repeats.
+botocore's paginator refuses a token equal to the one just before, not a longer cycle (A, B, A),
+so S3 goes through here too.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from storage_initializer.errors import NotFoundError
 from storage_initializer.paths import safe_relpath
 from storage_initializer.providers.base import Listing, RemoteFile, fingerprint_of
 from storage_initializer.providers.object_layout import claim_path, refuse_file_directory_clash
+from storage_initializer.providers.page_trail import PageTrail
 from storage_initializer.providers.s3_errors import S3ErrorMapping
 from storage_initializer.redact import redact
 
@@ -126,11 +127,19 @@ class S3Listing(S3ErrorMapping):
         objects = []
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+        # botocore's paginator only refuses a token equal to the one before: A, B, A... loops.
+        trail = PageTrail(
+            f"{self.uri.redacted}: listing {self._where(prefix)}",
+            "Check what answers for S3 (AWS_ENDPOINT_URL, a proxy in between): its "
+            "pagination is broken",
+        )
         for page in self._guard(pages):
             for item in page.get("Contents", []):
                 if item["Key"].endswith("/"):
                     continue  # a console "folder": no content, the directory exists anyway
                 objects.append(item)
+            if page.get("IsTruncated"):
+                trail.follow(str(page.get("NextContinuationToken") or ""))
         if not objects:
             raise NotFoundError(
                 f"no objects under {self._where(prefix)}",
