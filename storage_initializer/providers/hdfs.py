@@ -201,10 +201,13 @@ class HdfsSource(WebHdfsErrors, Source):
                     self._url(namenode, path),
                     params=self._params(op, extra),
                     allow_redirects=False,
-                    stream=op == "OPEN",
+                    stream=True,
                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                     verify=self._verify(),
                 )
+                if not (op == "OPEN" and response.status_code < 300):
+                    # JSON (a listing, a status, an error): read now, bounded.
+                    httpcommon.read_metadata(response, f"{self.uri.redacted}: {what}")
             except requests.RequestException as exc:
                 unreachable.append(namenode)
                 transport = exc

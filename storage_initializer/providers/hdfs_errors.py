@@ -53,10 +53,10 @@ class WebHdfsErrors:
 
     @staticmethod
     def _remote_exception(response: requests.Response) -> tuple[str, str]:
-        try:
-            body = response.json()
-        except ValueError:
-            return "", (response.text or "").strip().splitlines()[0][:300] if response.text else ""
+        body = httpcommon.error_json(response)
+        if body is None:
+            text = httpcommon.error_body(response).decode("utf-8", "replace").strip()
+            return "", text.splitlines()[0][:300] if text else ""
         remote = body.get("RemoteException") if isinstance(body, dict) else None
         if not isinstance(remote, dict):
             return "", ""

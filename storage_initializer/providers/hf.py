@@ -159,6 +159,7 @@ class HfSource(HfErrors, HfCache, Source):
                 timeout=(self._connect_timeout, self._read_timeout),
                 transport_error=lambda exc: self._transport_error(exc, what),
                 http_error=lambda response: self._http_error(response, what),
+                where=f"{self.uri.redacted}: {what}",
             )
 
         return httpcommon.with_backoff(attempt, METADATA_ATTEMPTS, self._give_up)

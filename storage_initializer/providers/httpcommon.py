@@ -1,7 +1,7 @@
 """The HTTP layer shared by the providers that speak HTTP themselves (http, hf, oci, hdfs,
 modelscope) and the Retry-After reading of the SDK-based ones (GCS, Azure).
 
-Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
+Each of these once, in the shape of huggingface_hub's ``utils/_http.py`` (``http_backoff``,
 ``hf_raise_for_status``) and pip's ``network/session.py``:
 
 - :func:`retry_after` (from :mod:`.retry_after`, which the SDK-based providers import without
@@ -12,6 +12,8 @@ Five things, each once, in the shape of huggingface_hub's ``utils/_http.py`` (``
   Retry-After, other 4xx refused); a provider words the message and may give a hint per status;
 - :func:`transport_error`: a request that got no answer (TLS refused, host unreachable, timeout)
   as the error a user can act on, each provider naming its peer and its hints (:class:`Peer`);
+- :func:`read_metadata` / :func:`error_body`: a metadata answer read whole but bounded
+  (:data:`MAX_METADATA_BYTES`), an error answer read only as far as its message needs;
 - :func:`secret_headers`: extra request headers from a JSON object, their values secrets;
 - :class:`SessionPool`: one ``requests.Session`` per thread (requests does not promise that a
   shared session is thread-safe), sending our User-Agent, never retrying by itself, all closed by
@@ -170,6 +172,70 @@ def transport_error(exc: requests.RequestException, what: str, peer: Peer) -> In
     if isinstance(exc, requests.exceptions.Timeout):
         return TransientError(f"{what}: {peer.name} did not answer in time")
     return SourceError(f"{what}: request failed ({reason})")
+
+
+#: The most bytes (decoded) one metadata answer may hold: a listing page, a revision, an error
+#: body. The largest real ones are a few MiB (a Hub page of 1,000 entries, a WebHDFS directory
+#: of 100,000 files is ~30 MiB); an answer past this is not metadata, and read whole it would
+#: take the pod's memory (an endless body, a gzip bomb), so it is refused.
+MAX_METADATA_BYTES = 64 << 20
+
+
+def read_metadata(response: requests.Response, what: str) -> None:
+    """Read a metadata answer's body (sent with ``stream=True``) into the response, at most
+    :data:`MAX_METADATA_BYTES` of it decoded, so ``.json()`` and ``.text`` work as usual.
+    More is a :class:`SourceError` naming ``what``; a transfer that breaks raises the requests
+    exception it is (the caller maps it as any transport failure)."""
+    declared = response.headers.get("Content-Length", "")
+    total = int(declared) if declared.isdigit() else 0
+    parts: list[bytes] = []
+    if total <= MAX_METADATA_BYTES:
+        total = 0
+        for block in response.iter_content(1 << 16):
+            total += len(block)
+            if total > MAX_METADATA_BYTES:
+                break
+            parts.append(block)
+    if total > MAX_METADATA_BYTES:
+        response.close()
+        raise SourceError(
+            f"{what}: the answer is larger than {MAX_METADATA_BYTES >> 20} MiB, which is no "
+            "listing or metadata this tool reads (an endless or compressed-bomb body?)",
+            "Check that the endpoint is the service it should be, not a file server or a "
+            "proxy answering in its place",
+        )
+    response._content = b"".join(parts)  # what requests itself keeps after reading
+    response._content_consumed = True
+
+
+#: How much of an error answer's body is read for its message: enough for any service's error
+#: document, and bounded, since an error answer is as much input as any other.
+ERROR_BODY_BYTES = 64 << 10
+
+
+def error_body(response: requests.Response) -> bytes:
+    """The body of an error answer, at most :data:`ERROR_BODY_BYTES` of it decoded (all of it
+    when it was read already, as :func:`read_metadata` does); the rest is never read. A body
+    that breaks off gives what arrived: the status says what matters."""
+    if response._content_consumed:
+        return response.content or b""
+    try:
+        data = response.raw.read(ERROR_BODY_BYTES, decode_content=True) or b""
+    except Exception:  # a broken or undecodable error body: the status still says enough
+        data = b""
+    response._content = data
+    response._content_consumed = True
+    response.close()
+    return data
+
+
+def error_json(response: requests.Response) -> Any:
+    """The JSON document of an error answer (bounded by :func:`error_body`); None if it is
+    not JSON."""
+    try:
+        return json.loads(error_body(response))
+    except ValueError:
+        return None
 
 
 def secret_headers(raw: str, name: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ import requests
 from storage_initializer import tls
 from storage_initializer.blocks import BLOCK
 from storage_initializer.errors import InitializerError, UsageError
+from storage_initializer.providers import httpcommon
 from storage_initializer.providers.ranged import stream_range
 
 if TYPE_CHECKING:
@@ -81,9 +82,12 @@ def get_ok(
     timeout: tuple[float, float],
     transport_error: Callable[[Exception], InitializerError],
     http_error: Callable[[requests.Response], InitializerError],
+    where: str,
 ) -> requests.Response:
     """One GET of a Hub API URL that must answer 200; any other outcome is raised as the error
-    the provider words (one attempt: the caller decides how often to try)."""
+    the provider words (one attempt: the caller decides how often to try). The body, error
+    bodies too, is read here, bounded (:func:`httpcommon.read_metadata`); ``where`` (the
+    redacted URI and what was asked) names the answer that is too large."""
     try:
         response = session.get(
             url,
@@ -91,7 +95,13 @@ def get_ok(
             headers=headers,
             timeout=timeout,
             verify=tls.requests_verify(),
+            stream=True,
         )
+        try:
+            httpcommon.read_metadata(response, where)
+        except BaseException:
+            response.close()
+            raise
     except requests.RequestException as exc:
         raise transport_error(exc) from None
     if response.status_code != 200:

@@ -148,6 +148,7 @@ class ModelScopeSource(ModelScopeErrors, Source):
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                 transport_error=lambda exc: self._transport_error(exc, what),
                 http_error=lambda answer: self._http_error(answer, what),
+                where=f"{self.uri.redacted}: {what}",
             )
             return self._data(response, what)
 

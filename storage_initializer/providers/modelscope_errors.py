@@ -35,10 +35,7 @@ class ModelScopeErrors:
 
     @staticmethod
     def _message(response: requests.Response) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            return ""
+        body = httpcommon.error_json(response)
         if isinstance(body, dict):
             for key in ("Message", "message", "msg"):
                 if isinstance(body.get(key), str):

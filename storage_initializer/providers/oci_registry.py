@@ -194,7 +194,9 @@ class RegistryClient:
         url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
         auth = self.credentials
         try:
-            response = self._sessions.get().get(url, auth=auth, timeout=TIMEOUT)
+            response = self._sessions.get().get(url, auth=auth, timeout=TIMEOUT, stream=True)
+            if response.status_code == 200:
+                httpcommon.read_metadata(response, what)
         except requests.exceptions.RequestException as exc:
             raise TransientError(f"{what}: the token service failed ({reason(exc)})") from None
         with response:
