@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from storage_initializer.errors import InitializerError, SourceError
+from storage_initializer.errors import InitializerError, SourceError, TransientError
 from tests.helpers import listing, read_all
 from tests.servers.hub import client_env
 from tests.servers.raw_http import RawHttp, Request
@@ -43,13 +43,14 @@ class Sent:
             self.bytes += count
 
 
-def endless_json(sent: Sent, status: str = "200 OK") -> Callable[..., bool]:
+def endless_json(
+    sent: Sent, status: str = "200 OK", headers: tuple[tuple[str, str], ...] = ()
+) -> Callable[..., bool]:
     """Every GET answered with a chunked JSON body of ENDLESS bytes of blanks after ``{``."""
 
     def answer(server: RawHttp, conn: socket.socket, request: Request) -> bool:
-        head = server.head(
-            status, [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]
-        )
+        framing = [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]
+        head = server.head(status, [*framing, *headers])
         conn.sendall(head + b"1\r\n{\r\n")
         chunk = b"%x\r\n%s\r\n" % (len(BLOCK), BLOCK)
         for _ in range(ENDLESS // len(BLOCK)):
@@ -128,6 +129,22 @@ def test_a_metadata_answer_past_the_limit_is_refused(
     assert uri in caught.value.describe()
     if body == "endless":
         assert sent.bytes < ENDLESS  # the client hung up: it did not read it all
+
+
+def test_a_hub_error_body_is_read_only_as_far_as_its_message(
+    serve: Callable[[Callable[..., bool]], RawHttp],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """ModelScope reads an error answer's body for its message: a 503 with an endless body is
+    the transient error it is, each attempt reading a bounded part of it."""
+    sent = Sent()
+    server = serve(endless_json(sent, "503 Service Unavailable", (("Retry-After", "0"),)))
+    uri = point_at("modelscope", server, monkeypatch, tmp_path)
+    with pytest.raises(TransientError, match="503"):
+        listing(uri)
+    assert server.gets >= 2  # retried: every attempt's body was cut, not read to its end
+    assert sent.bytes < ENDLESS
 
 
 def test_a_registry_token_answer_past_the_limit_is_refused(

@@ -85,9 +85,9 @@ def get_ok(
     where: str,
 ) -> requests.Response:
     """One GET of a Hub API URL that must answer 200; any other outcome is raised as the error
-    the provider words (one attempt: the caller decides how often to try). The body, error
-    bodies too, is read here, bounded (:func:`httpcommon.read_metadata`); ``where`` (the
-    redacted URI and what was asked) names the answer that is too large."""
+    the provider words (one attempt: the caller decides how often to try). The body of a 200 is
+    read here, bounded (:func:`httpcommon.read_metadata`); ``where`` (the redacted URI and what
+    was asked) names an answer that is too large."""
     try:
         response = session.get(
             url,
@@ -97,15 +97,17 @@ def get_ok(
             verify=tls.requests_verify(),
             stream=True,
         )
-        try:
-            httpcommon.read_metadata(response, where)
-        except BaseException:
-            response.close()
-            raise
+        if response.status_code == 200:
+            try:
+                httpcommon.read_metadata(response, where)
+            except BaseException:
+                response.close()
+                raise
     except requests.RequestException as exc:
         raise transport_error(exc) from None
     if response.status_code != 200:
-        raise http_error(response)
+        with response:  # its body is read, if at all, by httpcommon.error_body: bounded
+            raise http_error(response)
     return response
 
 
