@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage_initializer.errors import SourceError
 from storage_initializer.providers.azure_common import client_options, safe_relative_path, translate
-from storage_initializer.providers.azure_source import AzureSource, remote_file
+from storage_initializer.providers.azure_source import AzureSource, next_marker, remote_file
 from storage_initializer.providers.base import RemoteFile
 from storage_initializer.redact import redact
 
@@ -80,7 +80,7 @@ class AzureBlobSource(AzureSource):
                     continue
                 path = safe_relative_path(blob.name[len(directory) :], "blob")
                 files.append(self._remote(blob, path))
-            trail.follow(pages.continuation_token)
+            trail.follow(next_marker(pages))
         return files
 
     def _remote(self, blob: BlobProperties, path: str) -> RemoteFile:

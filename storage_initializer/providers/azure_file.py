@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage_initializer.errors import AccessDeniedError, SourceError
 from storage_initializer.providers.azure_common import client_options, safe_relative_path, translate
-from storage_initializer.providers.azure_source import AzureSource, remote_file
+from storage_initializer.providers.azure_source import AzureSource, next_marker, remote_file
 from storage_initializer.providers.base import RemoteFile
 from storage_initializer.redact import redact
 
@@ -84,7 +84,7 @@ class AzureFileSource(AzureSource):
                 for item in page:
                     full = self._entry_path(directory, str(item.name or ""))
                     (stack if item.is_directory else names).append(full)
-                trail.follow(pages.continuation_token)
+                trail.follow(next_marker(pages))
         below = f"{prefix}/" if prefix else ""
         paths = [safe_relative_path(name[len(below) :], "file") for name in names]
         with ThreadPoolExecutor(PROPERTY_WORKERS, thread_name_prefix="azure-file-head") as pool:

@@ -160,6 +160,13 @@ class AzureSource(Source):
         self._client.close()
 
 
+def next_marker(pages: Iterator[Any]) -> str | None:
+    """The marker of the page an SDK listing (``ItemPaged.by_page()``) asks for next. The SDK
+    types ``by_page()`` as a plain iterator; what it returns, azure-core's ``PageIterator``,
+    keeps the marker in ``continuation_token``."""
+    return getattr(pages, "continuation_token", None)
+
+
 def remote_file(properties: Any, path: str, handle: str) -> RemoteFile:
     """The listing entry of a blob's or file's properties (as listed or as a HEAD gives them)."""
     md5 = md5_hex(getattr(properties.content_settings, "content_md5", None))
