@@ -36,6 +36,13 @@ def safe_relpath(name: str, what: str = "file") -> str:
     return posixpath.join(*parts)
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is one entry a directory listing can name: not empty, not "." or "..",
+    no "/". Walking a listing that names anything else can list a directory again, for ever,
+    or one above it."""
+    return name not in ("", ".", "..") and "/" not in name
+
+
 def matches(path: str, patterns: Iterable[str]) -> bool:
     """fnmatch on the relative path, as the stock initializer does; a pattern without a slash
     also matches the base name, so ``*.bin`` finds ``shards/a.bin``."""

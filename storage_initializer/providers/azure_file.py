@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from storage_initializer.errors import AccessDeniedError, SourceError
+from storage_initializer.paths import is_plain_name
 from storage_initializer.providers.azure_common import client_options, safe_relative_path, translate
 from storage_initializer.providers.azure_source import AzureSource, next_marker, remote_file
 from storage_initializer.providers.base import RemoteFile
@@ -100,7 +101,7 @@ class AzureFileSource(AzureSource):
         """The share path of an entry a directory listing named. A name that is not one plain
         segment ("", ".", "..", "a/b") is refused: walked, "." or ".." would list a directory
         again, for ever, and no share holds such a name."""
-        if not name or "/" in name or name in (".", ".."):
+        if not is_plain_name(name):
             raise SourceError(
                 redact(
                     f"{self._where()}: directory {directory or '/'!r} lists an entry named "

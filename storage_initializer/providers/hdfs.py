@@ -57,7 +57,7 @@ from storage_initializer.errors import (
     SourceError,
     TransientError,
 )
-from storage_initializer.paths import safe_relpath
+from storage_initializer.paths import is_plain_name, safe_relpath
 from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import Listing, RemoteFile, Source, fingerprint_of
 from storage_initializer.providers.hdfs_config import (  # noqa: F401 (load_config: tests)
@@ -299,7 +299,7 @@ class HdfsSource(WebHdfsErrors, Source):
                     name = str(entry.get("pathSuffix", ""))
                     if not name:
                         continue
-                    if "/" in name or name in (".", ".."):
+                    if not is_plain_name(name):
                         # Walked, "." or ".." lists a directory again, for ever; HDFS has no
                         # such names, so the namenode (or what answers for it) is broken.
                         raise SourceError(

@@ -50,7 +50,7 @@ from storage_initializer.errors import (
     NotFoundError,
     SourceError,
 )
-from storage_initializer.paths import safe_relpath
+from storage_initializer.paths import is_plain_name, safe_relpath
 from storage_initializer.providers import httpcommon
 from storage_initializer.providers.base import (
     Listing,
@@ -224,11 +224,10 @@ class ModelScopeSource(ModelScopeErrors, Source):
         """Refuse a directory the listing of ``root`` names that is not a new directory below
         it: walked, one listed twice, or ".", "..", or ``root`` itself, would never end."""
         below = path[len(root) + 1 :] if root and path.startswith(root + "/") else path
-        segments = below.split("/")
         if (
             path in queued
             or (root and below == path)
-            or any(segment in ("", ".", "..") for segment in segments)
+            or not all(is_plain_name(segment) for segment in below.split("/"))
         ):
             raise SourceError(
                 f"{self.uri.redacted}: the Hub's listing of {root or '/'} names the directory "
