@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from storage_initializer.errors import RangesIgnoredError, SourceChangedError
 from storage_initializer.progress import Progress
-from storage_initializer.providers.base import Listing, RemoteFile, Source
+from storage_initializer.providers.base import Listing, RemoteFile
 from storage_initializer.store import staging as staging_mod
 from storage_initializer.store.fsutil import read_state_text
 from storage_initializer.store.marker import write_atomic
@@ -39,7 +39,7 @@ MAX_CHANGES = 3
 
 def transfer(
     where: str,
-    source: Source,
+    list_source: Callable[[], Listing],
     run: Callable[[list[RemoteFile]], dict[str, dict[str, str]]],
     select: Callable[[list[RemoteFile]], list[RemoteFile]],
     progress: Progress,
@@ -65,7 +65,7 @@ def transfer(
             continue
         except SourceChangedError as exc:
             changes += 1
-            listing, files = relist(where, source, select, files, staging, key, exc, changes)
+            listing, files = relist(where, list_source, select, files, staging, key, exc, changes)
             todo = remaining(files, staging)
             fetched |= {f.path for f in todo}
             results = verified_checksums(files, staging)
@@ -76,7 +76,7 @@ def transfer(
 
 def relist(
     where: str,
-    source: Source,
+    list_source: Callable[[], Listing],
     select: Callable[[list[RemoteFile]], list[RemoteFile]],
     before: list[RemoteFile],
     staging: Staging,
@@ -100,7 +100,7 @@ def relist(
         changes,
         MAX_CHANGES,
     )
-    listing = source.list()
+    listing = list_source()
     files = select(listing.files)
     stale = changed_paths(before, files)
     if error.path:

@@ -234,12 +234,14 @@ def _read_bounded(path: Path) -> bytes:
 def _fetch_signature(text: str, settings: Settings) -> bytes:
     """The signature kept apart from the model (``--signature-uri``): any URI we can pull,
     naming one file."""
+    from storage_initializer import stall
     from storage_initializer.providers import open_source
     from storage_initializer.uri import parse
 
     uri = parse(text)
     source = open_source(uri, settings)
-    try:
+
+    def fetch() -> bytes:
         files = source.list().files
         if len(files) != 1:
             raise SignatureError(
@@ -253,6 +255,11 @@ def _fetch_signature(text: str, settings: Settings) -> bytes:
                 raise SignatureError(f"{uri.redacted}: larger than {MAX_SIGNATURE_BYTES} bytes")
             chunks.append(block)
         return b"".join(chunks)
+
+    try:
+        # Outside the engine: its own stall guard, as a listing has.
+        what = f"the signature URI {uri.redacted}"
+        return stall.listing(settings.stall_timeout, settings.min_rate, what, fetch)
     finally:
         source.close()
 

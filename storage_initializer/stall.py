@@ -37,14 +37,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from storage_initializer.errors import TransientError
+from storage_initializer.errors import InitializerError, TransientError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds between two looks of the watchdog at the transfers in flight.
 TICK = 1.0
@@ -184,6 +186,29 @@ class Watch:
         return self.error(what) if self.stalled else exc
 
 
+class ReadWatch(Watch):
+    """The watch of a listing. Its requests, their retries and the waits between them run on
+    one thread, so only time spent inside a read counts (a Retry-After wait is no stall), and
+    a stalled read is cut without flagging the watch: the client's own retry gets a fresh
+    window. ``cuts`` counts the reads cut, for the error."""
+
+    def __init__(self, guard: Guard | None) -> None:
+        super().__init__(guard)
+        self.cuts = 0
+        self._outer: Watch | None = None
+
+    def __enter__(self) -> ReadWatch:
+        self._outer = _watches.get(self.thread)
+        super().__enter__()
+        self.samples.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(None, None, None)
+        if self._outer is not None:
+            _watches[self.thread] = self._outer
+
+
 def _rate_text(rate: int) -> str:
     return f"{rate} B/s" if rate < 1024 else f"{rate / 1024:g} KiB/s"
 
@@ -236,6 +261,9 @@ class Guard:
         for watch in list(_watches.values()):
             if watch.guard is not self:
                 continue
+            if isinstance(watch, ReadWatch):
+                self._check_reads(watch, now, window, least)
+                continue
             if watch.stalled:  # flagged while between reads: cut the read it is in now
                 sock = _reading.get(watch.thread)
                 if sock is not None:
@@ -258,6 +286,50 @@ class Guard:
                 sock = _reading.get(watch.thread)
                 if sock is not None:
                     _shut(sock)
+
+    @staticmethod
+    def _check_reads(watch: ReadWatch, now: float, window: float, least: int) -> None:
+        """A listing's read that received less than ``least`` bytes over ``window`` seconds
+        spent reading is cut; time between reads resets the window."""
+        sock = _reading.get(watch.thread)
+        samples = watch.samples
+        if sock is None:
+            samples.clear()
+            return
+        samples.append((now, watch.progress))
+        while len(samples) > 1 and samples[1][0] <= now - window:
+            samples.popleft()
+        since, then = samples[0]
+        if since <= now - window and watch.progress - then < least:
+            log.debug("a listing read of thread %d stalled: cut", watch.thread)
+            watch.cuts += 1
+            samples.clear()
+            _shut(sock)
+
+
+def listing(stall_timeout: float, min_rate: int, what: str, call: Callable[[], T]) -> T:
+    """``call()`` (a listing, or any metadata requests a pull makes on this thread) under a
+    guard of its own: a server that trickles its answer (each byte in time for the socket's
+    read timeout, the whole never) is cut as a trickling transfer is, and when the listing
+    then fails, it fails as a stall: one line naming ``what`` and the rate. Without it an
+    init container would wait in Init for ever on a listing. ``stall_timeout`` 0: no guard."""
+    guard = Guard(stall_timeout, min_rate, threading.Event())
+    if not guard.enabled:
+        return call()
+    watch = ReadWatch(guard)
+    with guard, watch:
+        try:
+            return call()
+        except Exception as exc:
+            if watch.cuts and (
+                isinstance(exc, TransientError) or not isinstance(exc, InitializerError)
+            ):
+                rate = _rate_text(min_rate)
+                raise StalledError(
+                    f"{what}: the server stalled (less than {rate} for {stall_timeout:g}s, "
+                    f"{watch.cuts} time{'s' if watch.cuts > 1 else ''})"
+                ) from exc
+            raise
 
 
 # -- the deadline of a run --------------------------------------------------------------------

@@ -15,13 +15,15 @@ from __future__ import annotations
 import gzip
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storage_initializer.errors import InitializerError, SourceError, TransientError
-from tests.helpers import listing, read_all
+from tests.helpers import clean_env, cli_argv, listing, read_all, run
 from tests.servers.hub import client_env
 from tests.servers.raw_http import RawHttp, Request
 
@@ -216,3 +218,81 @@ def test_a_datanode_error_body_is_read_only_as_far_as_its_message(
     finally:
         source.close()
     assert sent.bytes < 32 * MiB  # 64 KiB read, the rest at most what socket buffers held
+
+
+# -- answers that trickle ---------------------------------------------------------------------
+
+#: How long a trickling answer goes on before it ends (the old code waited all of it).
+TRICKLE_FOR = 40.0
+
+
+def trickling_json(sent: Sent, done: threading.Event) -> Callable[..., bool]:
+    """Every GET answered with ``{`` and then one blank every 0.2 s for TRICKLE_FOR seconds: each
+    byte in time for any socket read timeout, the answer never. ``done`` is set when the
+    client hung up before the end."""
+
+    def answer(server: RawHttp, conn: socket.socket, request: Request) -> bool:
+        head = server.head(
+            "200 OK", [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]
+        )
+        conn.sendall(head + b"1\r\n{\r\n")
+        end = time.monotonic() + TRICKLE_FOR
+        try:
+            while time.monotonic() < end:
+                conn.sendall(b"1\r\n \r\n")
+                sent.add(1)
+                time.sleep(0.2)  # the trickle's pace, not synchronisation with the client
+            conn.sendall(b"0\r\n\r\n")
+        except OSError:
+            done.set()  # the client cut the connection
+            raise
+        return True
+
+    return answer
+
+
+def hub_pull(server: RawHttp, tmp_path: Path, **env: str) -> Any:
+    url = f"http://127.0.0.1:{server.port}"
+    settings = {"STORAGE_INITIALIZER_STALL_TIMEOUT": "2", "STORAGE_INITIALIZER_RETRIES": "1"}
+    environment = clean_env(client_env(url, str(tmp_path / "hf-home")), **settings, **env)
+    return run(cli_argv("pull", "hf://acme/tiny", tmp_path / "dest"), environment)
+
+
+def test_a_trickling_listing_is_cut_as_a_stall(
+    serve: Callable[[Callable[..., bool]], RawHttp], tmp_path: Path
+) -> None:
+    """The Hub's revision answer trickles: a byte every 0.2 s passes every read timeout, and
+    the listing ran outside the engine's stall guard, so a pull (and an init container) waited
+    for as long as the server kept it up. The listing's own guard cuts it, and the pull fails
+    with one line saying it stalled."""
+    sent, done = Sent(), threading.Event()
+    server = serve(trickling_json(sent, done))
+    result = hub_pull(server, tmp_path)
+    assert result.returncode != 0
+    assert "hf://acme/tiny" in result.last_line
+    assert "stalled (less than 1 KiB/s for 2s" in result.last_line, result.last_line
+    assert done.is_set()  # the client hung up before the answer's end
+
+
+def test_a_retry_after_wait_during_a_listing_is_not_a_stall(
+    serve: Callable[[Callable[..., bool]], RawHttp], tmp_path: Path
+) -> None:
+    """Only time spent reading counts: the listing sleeps the server's Retry-After (3 s, longer
+    than the 2 s stall window) between two requests, and its next answer is read as it is."""
+
+    def busy_then_missing(server: RawHttp, conn: socket.socket, request: Request) -> bool:
+        if request.get_number == 1:
+            headers = [("Retry-After", "3"), ("Content-Length", "0")]
+            conn.sendall(server.head("503 Service Unavailable", headers))
+        else:
+            body = b'{"error": "Repository not found"}'
+            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            conn.sendall(server.head("404 Not Found", headers) + body)
+        return True
+
+    server = serve(busy_then_missing)
+    result = hub_pull(server, tmp_path)
+    assert result.returncode != 0
+    assert server.gets == 2
+    assert "stalled" not in result.stderr
+    assert "not found" in result.last_line.lower(), result.last_line

@@ -13,7 +13,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage_initializer import __version__, changes, diskspace, signals, storage_config, tls
+from storage_initializer import (
+    __version__,
+    changes,
+    diskspace,
+    signals,
+    stall,
+    storage_config,
+    tls,
+)
 from storage_initializer.archive import is_archive
 from storage_initializer.engine import Engine
 from storage_initializer.errors import DestinationError, NotFoundError, UsageError
@@ -113,7 +121,14 @@ def list_source(job: Job, source: Source) -> Listing:
     job.progress.set_phase("listing")
     job.lease.update(phase="listing")
     log.info("listing %s", job.uri.redacted)
-    return source.list()
+    return watched_listing(job, source)
+
+
+def watched_listing(job: Job, source: Source) -> Listing:
+    """``source.list()``, cut and failed as a stall when its server trickles (stall.listing)."""
+    settings = job.settings
+    what = f"{job.uri.redacted}: listing"
+    return stall.listing(settings.stall_timeout, settings.min_rate, what, source.list)
 
 
 def select(uri: SourceUri, files: list[RemoteFile], settings: Settings) -> list[RemoteFile]:
@@ -258,7 +273,7 @@ def transfer(
             # A source that changes meanwhile is followed, never stitched (changes.py).
             return changes.transfer(
                 uri.redacted,
-                source,
+                lambda: watched_listing(job, source),
                 lambda batch: Engine(
                     source, settings, progress, cancel_on_loss(lease), lease.ensure_held
                 ).run(batch, staging),
