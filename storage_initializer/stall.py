@@ -161,6 +161,17 @@ class Watch:
         if _watches.get(self.thread) is self:
             del _watches[self.thread]
 
+    def too_slow(self, now: float, window: float, least: int) -> bool:
+        """Sample the progress at ``now``: whether the samples span ``window`` seconds and the
+        transfer received fewer than ``least`` bytes over them."""
+        samples = self.samples
+        done = self.progress
+        samples.append((now, done))
+        while len(samples) > 1 and samples[1][0] <= now - window:
+            samples.popleft()
+        since, then = samples[0]
+        return since <= now - window and done - then < least
+
     def blocks(self, blocks: Iterable[bytes], what: str) -> Iterator[bytes]:
         """``blocks`` (a provider's read), watched: counted as they reach the engine, and
         StalledError at the next one once the guard found the transfer stalled. The watch
@@ -269,20 +280,9 @@ class Guard:
                 if sock is not None:
                     _shut(sock)
                 continue
-            done = watch.progress
-            samples = watch.samples
-            samples.append((now, done))
-            while len(samples) > 1 and samples[1][0] <= now - window:
-                samples.popleft()
-            since, then = samples[0]
-            if since <= now - window and done - then < least:
+            if watch.too_slow(now, window, least):
                 watch.stalled = True
-                log.debug(
-                    "transfer of thread %d stalled: %d bytes in %.0fs",
-                    watch.thread,
-                    done - then,
-                    now - since,
-                )
+                log.debug("transfer of thread %d stalled", watch.thread)
                 sock = _reading.get(watch.thread)
                 if sock is not None:
                     _shut(sock)
@@ -296,11 +296,7 @@ class Guard:
         if sock is None:
             samples.clear()
             return
-        samples.append((now, watch.progress))
-        while len(samples) > 1 and samples[1][0] <= now - window:
-            samples.popleft()
-        since, then = samples[0]
-        if since <= now - window and watch.progress - then < least:
+        if watch.too_slow(now, window, least):
             log.debug("a listing read of thread %d stalled: cut", watch.thread)
             watch.cuts += 1
             samples.clear()

@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 
 from storage_initializer.errors import InitializerError, SourceError, TransientError
+from storage_initializer.providers import open_source
+from storage_initializer.settings import Settings
+from storage_initializer.uri import parse
 from tests.helpers import clean_env, cli_argv, listing, read_all, run
 from tests.servers.hub import client_env
 from tests.servers.raw_http import RawHttp, Request
@@ -206,10 +209,6 @@ def test_a_datanode_error_body_is_read_only_as_far_as_its_message(
 
     server = serve(namenode_and_datanode)
     uri = point_at("hdfs", server, monkeypatch, tmp_path)
-    from storage_initializer.providers import open_source
-    from storage_initializer.settings import Settings
-    from storage_initializer.uri import parse
-
     source = open_source(parse(uri), Settings())
     try:
         (file,) = source.list().files

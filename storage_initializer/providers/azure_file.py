@@ -107,8 +107,7 @@ class AzureFileSource(AzureSource):
                     f"{self._where()}: directory {directory or '/'!r} lists an entry named "
                     f"{name!r}, which no share can hold"
                 ),
-                f"Check what answers for {self.service} ({self.endpoint_env} if set, a proxy in "
-                "between)",
+                self._answerer_hint,
             )
         return f"{directory}/{name}" if directory else name
 

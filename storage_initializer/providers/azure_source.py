@@ -111,12 +111,18 @@ class AzureSource(Source):
     def _where(self) -> str:
         return self.uri.redacted
 
+    @property
+    def _answerer_hint(self) -> str:
+        """The hint of a listing no sane service sends: who to look at."""
+        return (
+            f"Check what answers for {self.service} ({self.endpoint_env} if set, a proxy in "
+            "between)"
+        )
+
     def _page_trail(self, what: str) -> PageTrail:
         """The guard of one paginated listing (of the container, or of one directory)."""
         return PageTrail(
-            f"{self._where()}: listing {what}",
-            f"Check what answers for {self.service} ({self.endpoint_env} if set, a proxy in "
-            "between): its pagination is broken",
+            f"{self._where()}: listing {what}", f"{self._answerer_hint}: its pagination is broken"
         )
 
     def list(self) -> Listing:
